@@ -1,0 +1,5 @@
+"""``python -m imdsguard``."""
+
+from imdsguard.cli import main_exit
+
+main_exit()

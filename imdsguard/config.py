@@ -1,0 +1,493 @@
+"""Load and validate ``/etc/imdsguard/config.yaml`` into frozen dataclasses.
+
+Every key is optional. Every error is a :class:`~imdsguard.errors.ConfigError`
+naming the file, the dotted key and, where known, the line, so that a broken
+file is reported in one line and never half-applied.
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import os
+import pwd
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+from urllib.parse import urlsplit
+
+import yaml
+
+from imdsguard.errors import ConfigError
+
+DEFAULT_PATH = "/etc/imdsguard/config.yaml"
+DEFAULT_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
+DEFAULT_SOCKET = "/run/imdsguard/broker.sock"
+DEFAULT_IMDS_URL = "http://169.254.169.254"
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A user or group resolved to its numeric id (``name`` as configured or looked up)."""
+
+    name: str
+    id: int
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})" if self.name != str(self.id) else str(self.id)
+
+
+@dataclass(frozen=True)
+class AllowConfig:
+    """Who may reach IMDS directly."""
+
+    users: tuple[Principal, ...] = ()
+    groups: tuple[Principal, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrokerClients:
+    """Who may ask the broker for credentials."""
+
+    users: tuple[Principal, ...] = ()
+    groups: tuple[Principal, ...] = ()
+    exes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The credential broker (``broker:``)."""
+
+    enabled: bool = False
+    socket: str = DEFAULT_SOCKET
+    clients: BrokerClients = field(default_factory=BrokerClients)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics output (``metrics:``)."""
+
+    textfile: str | None = None
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration. ``path`` is where it came from."""
+
+    path: str = DEFAULT_PATH
+    mode: str = "enforce"
+    action: str = "reject"
+    endpoints: tuple[IPAddress, ...] = tuple(ipaddress.ip_address(e) for e in DEFAULT_ENDPOINTS)
+    backend: str = "auto"
+    allow: AllowConfig = field(default_factory=lambda: AllowConfig(users=(Principal("root", 0),)))
+    containers: str = "deny"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    imds_url: str = DEFAULT_IMDS_URL
+    log_format: str = "json"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration in the file's own shape, ids resolved."""
+
+        def principals(items: tuple[Principal, ...]) -> list[str]:
+            return [str(p) for p in items]
+
+        return {
+            "mode": self.mode,
+            "action": self.action,
+            "endpoints": [str(e) for e in self.endpoints],
+            "firewall": {"backend": self.backend},
+            "allow": {
+                "users": principals(self.allow.users),
+                "groups": principals(self.allow.groups),
+            },
+            "containers": self.containers,
+            "broker": {
+                "enabled": self.broker.enabled,
+                "socket": self.broker.socket,
+                "clients": {
+                    "users": principals(self.broker.clients.users),
+                    "groups": principals(self.broker.clients.groups),
+                    "exes": list(self.broker.clients.exes),
+                },
+            },
+            "imds": {"url": self.imds_url},
+            "logging": {"format": self.log_format},
+            "metrics": {
+                "textfile": self.metrics.textfile,
+                "listen": None
+                if self.metrics.listen is None
+                else _join_hostport(*self.metrics.listen),
+            },
+        }
+
+
+def _join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- reading YAML with line numbers -------------------------------------------------
+
+
+class _Doc:
+    """A parsed document: plain Python values plus the line of every dotted key."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lines: dict[str, int] = {}
+
+    def error(self, key: str, message: str) -> ConfigError:
+        line = self.lines.get(key)
+        while line is None and "." in key:
+            key_parent = key.rsplit(".", 1)[0]
+            line = self.lines.get(key_parent)
+            key = key_parent
+        return ConfigError(self.path, message, key=key or None, line=line)
+
+
+def _convert(node: yaml.Node, key: str, doc: _Doc) -> Any:
+    doc.lines.setdefault(key, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, Any] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise ConfigError(
+                    doc.path, "keys must be plain strings", line=knode.start_mark.line + 1
+                )
+            name = str(knode.value)
+            child = f"{key}.{name}" if key else name
+            if name in result:
+                raise ConfigError(
+                    doc.path, "duplicate key", key=child, line=knode.start_mark.line + 1
+                )
+            doc.lines[child] = knode.start_mark.line + 1
+            result[name] = _convert(vnode, child, doc)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(item, f"{key}[{i}]", doc) for i, item in enumerate(node.value)]
+    constructor = yaml.SafeLoader("")
+    try:
+        return constructor.construct_object(node, deep=True)
+    finally:
+        constructor.dispose()
+
+
+def _parse(text: str, path: str) -> tuple[dict[str, Any], _Doc]:
+    doc = _Doc(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = exc.problem or str(exc)
+        raise ConfigError(path, f"not valid YAML: {problem}", line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML: {exc}") from None
+    if root is None:
+        return {}, doc
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(
+            path, "the top level must be a mapping of keys (e.g. 'mode: enforce')", line=1
+        )
+    data = _convert(root, "", doc)
+    return data, doc
+
+
+# --- validation ---------------------------------------------------------------------
+
+
+def _check_keys(doc: _Doc, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise doc.error(key, f"must be a mapping with keys {', '.join(allowed)}")
+    for name in value:
+        if name not in allowed:
+            child = f"{key}.{name}" if key else name
+            raise doc.error(child, f"unknown key (expected one of: {', '.join(allowed)})")
+    return value
+
+
+def _choice(doc: _Doc, key: str, value: Any, choices: tuple[str, ...], default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in choices:
+        raise doc.error(key, f"must be one of {' | '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bool(doc: _Doc, key: str, value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise doc.error(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _abs_path(doc: _Doc, key: str, value: Any, default: str | None) -> str | None:
+    if value is None:
+        return default
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise doc.error(key, f"must be an absolute path, got {value!r}")
+    return os.path.normpath(value)
+
+
+def _list(doc: _Doc, key: str, value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise doc.error(key, f"must be a list of {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _resolve(
+    doc: _Doc,
+    key: str,
+    value: Any,
+    kind: str,
+    by_name: Callable[[str], int],
+    by_id: Callable[[int], str],
+) -> tuple[Principal, ...]:
+    result: list[Principal] = []
+    for i, item in enumerate(_list(doc, key, value, f"{kind} names or numeric ids")):
+        ikey = f"{key}[{i}]"
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise doc.error(ikey, f"must be a {kind} name or numeric id, got {item!r}")
+        text = str(item).strip()
+        if text.isdigit():
+            num = int(text)
+            if num > 0xFFFFFFFE:
+                raise doc.error(ikey, f"{kind} id {num} is out of range")
+            try:
+                name = by_id(num)
+            except KeyError:
+                name = text  # numeric ids need not exist in the local database (containers)
+            principal = Principal(name, num)
+        else:
+            try:
+                principal = Principal(text, by_name(text))
+            except KeyError:
+                raise doc.error(
+                    ikey, f"unknown {kind} {text!r}: create it first or use a numeric id"
+                ) from None
+        if principal.id not in {p.id for p in result}:
+            result.append(principal)
+    return tuple(result)
+
+
+def _users(doc: _Doc, key: str, value: Any) -> tuple[Principal, ...]:
+    return _resolve(
+        doc, key, value, "user", lambda n: pwd.getpwnam(n).pw_uid, lambda i: pwd.getpwuid(i).pw_name
+    )
+
+
+def _groups(doc: _Doc, key: str, value: Any) -> tuple[Principal, ...]:
+    return _resolve(
+        doc,
+        key,
+        value,
+        "group",
+        lambda n: grp.getgrnam(n).gr_gid,
+        lambda i: grp.getgrgid(i).gr_name,
+    )
+
+
+def _endpoints(doc: _Doc, value: Any) -> tuple[IPAddress, ...]:
+    if value is None:
+        return Config.endpoints
+    items = _list(doc, "endpoints", value, "IP addresses")
+    if not items:
+        raise doc.error("endpoints", "must name at least one IMDS address")
+    result: list[IPAddress] = []
+    for i, item in enumerate(items):
+        try:
+            addr = ipaddress.ip_address(str(item).strip())
+        except ValueError:
+            raise doc.error(f"endpoints[{i}]", f"{item!r} is not an IPv4 or IPv6 address") from None
+        if addr.is_unspecified or addr.is_multicast:
+            raise doc.error(f"endpoints[{i}]", f"{addr} cannot be an IMDS endpoint")
+        if addr not in result:
+            result.append(addr)
+    return tuple(result)
+
+
+def _imds_url(doc: _Doc, value: Any) -> str:
+    if value is None:
+        return DEFAULT_IMDS_URL
+    if not isinstance(value, str):
+        raise doc.error("imds.url", f"must be a URL like {DEFAULT_IMDS_URL}, got {value!r}")
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
+        raise doc.error(
+            "imds.url", f"must be http://HOST[:PORT] like {DEFAULT_IMDS_URL}, got {value!r}"
+        )
+    return value.rstrip("/")
+
+
+def _listen(doc: _Doc, value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    text = str(value)
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not 0 < port < 65536:
+        raise doc.error(
+            "metrics.listen", f"must be ADDRESS:PORT like 127.0.0.1:9721, got {value!r}"
+        )
+    return host, port
+
+
+def _validate(data: dict[str, Any], doc: _Doc) -> Config:
+    top = _check_keys(
+        doc,
+        "",
+        data,
+        (
+            "mode",
+            "action",
+            "endpoints",
+            "firewall",
+            "allow",
+            "containers",
+            "broker",
+            "imds",
+            "logging",
+            "metrics",
+        ),
+    )
+    firewall = _check_keys(doc, "firewall", top.get("firewall"), ("backend",))
+    allow_raw = _check_keys(doc, "allow", top.get("allow"), ("users", "groups"))
+    broker_raw = _check_keys(doc, "broker", top.get("broker"), ("enabled", "socket", "clients"))
+    clients_raw = _check_keys(
+        doc, "broker.clients", broker_raw.get("clients"), ("users", "groups", "exes")
+    )
+    imds = _check_keys(doc, "imds", top.get("imds"), ("url",))
+    logging_raw = _check_keys(doc, "logging", top.get("logging"), ("format",))
+    metrics_raw = _check_keys(doc, "metrics", top.get("metrics"), ("textfile", "listen"))
+
+    if "allow" in top and "users" in allow_raw:
+        allow_users = _users(doc, "allow.users", allow_raw["users"])
+    else:
+        allow_users = Config().allow.users
+    exes: list[str] = []
+    for i, exe in enumerate(_list(doc, "broker.clients.exes", clients_raw.get("exes"), "paths")):
+        path = _abs_path(doc, f"broker.clients.exes[{i}]", exe, None)
+        assert path is not None  # noqa: S101 - exe is not None here, so neither is path
+        exes.append(path)
+
+    return Config(
+        path=doc.path,
+        mode=_choice(doc, "mode", top.get("mode"), ("enforce", "audit"), "enforce"),
+        action=_choice(doc, "action", top.get("action"), ("reject", "drop"), "reject"),
+        endpoints=_endpoints(doc, top.get("endpoints")),
+        backend=_choice(
+            doc,
+            "firewall.backend",
+            firewall.get("backend"),
+            ("auto", "iptables", "nftables"),
+            "auto",
+        ),
+        allow=AllowConfig(
+            users=allow_users, groups=_groups(doc, "allow.groups", allow_raw.get("groups"))
+        ),
+        containers=_choice(doc, "containers", top.get("containers"), ("deny", "allow"), "deny"),
+        broker=BrokerConfig(
+            enabled=_bool(doc, "broker.enabled", broker_raw.get("enabled"), False),
+            socket=_abs_path(doc, "broker.socket", broker_raw.get("socket"), DEFAULT_SOCKET)
+            or DEFAULT_SOCKET,
+            clients=BrokerClients(
+                users=_users(doc, "broker.clients.users", clients_raw.get("users")),
+                groups=_groups(doc, "broker.clients.groups", clients_raw.get("groups")),
+                exes=tuple(exes),
+            ),
+        ),
+        imds_url=_imds_url(doc, imds.get("url")),
+        log_format=_choice(
+            doc, "logging.format", logging_raw.get("format"), ("json", "console"), "json"
+        ),
+        metrics=MetricsConfig(
+            textfile=_abs_path(doc, "metrics.textfile", metrics_raw.get("textfile"), None),
+            listen=_listen(doc, metrics_raw.get("listen")),
+        ),
+    )
+
+
+def parse_config(text: str, path: str = "<string>") -> Config:
+    """Validate configuration text; ``path`` is only used in messages."""
+    data, doc = _parse(text, path)
+    return _validate(data, doc)
+
+
+def check_trust(path: str) -> None:
+    """Refuse a config that anyone but root could have written.
+
+    The config decides who may reach credentials, so the file and every
+    directory above it must be owned by root and not writable by group or
+    others (a sticky directory such as /tmp is fine for the directories).
+    Only enforced when we run as root: an unprivileged ``check-config`` of a
+    draft is allowed.
+    """
+    if os.geteuid() != 0:
+        return
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            path,
+            f"refusing a config that is not owned by root or is writable by others "
+            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"run 'chown root: {real} && chmod 644 {real}'",
+        )
+    directory = os.path.dirname(real)
+    while True:
+        dst = os.stat(directory)
+        sticky = bool(dst.st_mode & stat.S_ISVTX)
+        if dst.st_uid != 0 or (dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky):
+            raise ConfigError(
+                path,
+                f"refusing a config in directory {directory} that is not owned by root or is "
+                f"writable by others (mode {stat.S_IMODE(dst.st_mode):04o}): "
+                f"run 'chown root: {directory} && chmod go-w {directory}'",
+            )
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
+
+
+def load_config(path: str | None = None, *, trust: bool = True) -> Config:
+    """Read and validate the configuration file.
+
+    With no ``path`` the default file is used, and its absence means "all
+    defaults". A path given explicitly must exist.
+    """
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(
+                path, "file not found: pass an existing file with -c/--config"
+            ) from None
+        return Config(path=path)
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    if trust:
+        check_trust(path)
+    return parse_config(text, path)

@@ -1,0 +1,91 @@
+"""Turn a :class:`~imdsguard.config.Config` into what the firewall must enforce.
+
+Pure: no I/O. The result, :class:`RuleSet`, is backend-neutral data that each
+firewall backend renders in its own terms, so that the same policy means the
+same thing on iptables and nftables and can be compared for drift.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass
+
+from imdsguard.config import Config
+
+FAMILIES = ("ipv4", "ipv6")
+
+#: netlink log group used for blocked-attempt capture (NFLOG); see imdsguard.events.
+NFLOG_GROUP = 5421
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """What to enforce, per address family.
+
+    ``allow_uids``/``allow_gids`` pass; everything else to ``endpoints`` is
+    logged (when ``log_group`` is set) and then, in enforce mode, denied with
+    ``action``. In audit mode nothing is denied.
+    """
+
+    endpoints_v4: tuple[str, ...]
+    endpoints_v6: tuple[str, ...]
+    allow_uids: tuple[int, ...]
+    allow_gids: tuple[int, ...]
+    action: str = "reject"
+    mode: str = "enforce"
+    log_group: int | None = None
+
+    @property
+    def enforcing(self) -> bool:
+        """True when denied traffic is actually blocked (not audit mode)."""
+        return self.mode == "enforce"
+
+    def endpoints(self, family: str) -> tuple[str, ...]:
+        """The endpoint addresses of one family (``ipv4`` or ``ipv6``)."""
+        return self.endpoints_v4 if family == "ipv4" else self.endpoints_v6
+
+    def families(self) -> tuple[str, ...]:
+        """The families that have at least one endpoint, in a fixed order."""
+        return tuple(f for f in FAMILIES if self.endpoints(f))
+
+    def to_json(self) -> str:
+        """A stable serialisation, used to record what the daemon applied."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RuleSet:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        return cls(
+            endpoints_v4=tuple(data["endpoints_v4"]),
+            endpoints_v6=tuple(data["endpoints_v6"]),
+            allow_uids=tuple(data["allow_uids"]),
+            allow_gids=tuple(data["allow_gids"]),
+            action=data["action"],
+            mode=data["mode"],
+            log_group=data.get("log_group"),
+        )
+
+
+def build_ruleset(
+    config: Config, *, extra_uids: tuple[int, ...] = (), log_group: int | None = None
+) -> RuleSet:
+    """The rule set for ``config``.
+
+    ``extra_uids`` are identities the daemon itself needs (for instance the
+    broker's) and are allowed in addition to the configured users.
+    """
+    v4 = [str(e) for e in config.endpoints if isinstance(e, ipaddress.IPv4Address)]
+    v6 = [str(e) for e in config.endpoints if isinstance(e, ipaddress.IPv6Address)]
+    uids = sorted({p.id for p in config.allow.users} | set(extra_uids))
+    gids = sorted({p.id for p in config.allow.groups})
+    return RuleSet(
+        endpoints_v4=tuple(v4),
+        endpoints_v6=tuple(v6),
+        allow_uids=tuple(uids),
+        allow_gids=tuple(gids),
+        action=config.action,
+        mode=config.mode,
+        log_group=log_group,
+    )
