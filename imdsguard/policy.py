@@ -15,8 +15,14 @@ from imdsguard.config import Config
 
 FAMILIES = ("ipv4", "ipv6")
 
-#: netlink log group used for blocked-attempt capture (NFLOG); see imdsguard.events.
-NFLOG_GROUP = 5421
+#: NFQUEUE queue the daemon reads denied (or, in audit mode, audited) packets from.
+QUEUE_NUM = 5421
+
+#: skb mark bit the daemon sets on a packet it has attributed before re-injecting it
+#: (NF_REPEAT), so the chain can tell "seen, now deny" from "not seen yet". Chosen
+#: clear of the bits kube-proxy (0x4000, 0x8000), Calico (0xffff0000) and Cilium
+#: (0x0f00) use.
+MARK_SEEN = 0x1000
 
 
 @dataclass(frozen=True)
@@ -24,8 +30,10 @@ class RuleSet:
     """What to enforce, per address family.
 
     ``allow_uids``/``allow_gids`` pass; everything else to ``endpoints`` is
-    logged (when ``log_group`` is set) and then, in enforce mode, denied with
-    ``action``. In audit mode nothing is denied.
+    handed to the daemon through NFQUEUE ``queue_num`` (when set) for
+    attribution and then, in enforce mode, denied with ``action``; with no
+    daemon listening the queue is bypassed straight to the deny. In audit
+    mode nothing is denied.
     """
 
     endpoints_v4: tuple[str, ...]
@@ -34,7 +42,7 @@ class RuleSet:
     allow_gids: tuple[int, ...]
     action: str = "reject"
     mode: str = "enforce"
-    log_group: int | None = None
+    queue_num: int | None = None
 
     @property
     def enforcing(self) -> bool:
@@ -64,12 +72,12 @@ class RuleSet:
             allow_gids=tuple(data["allow_gids"]),
             action=data["action"],
             mode=data["mode"],
-            log_group=data.get("log_group"),
+            queue_num=data.get("queue_num"),
         )
 
 
 def build_ruleset(
-    config: Config, *, extra_uids: tuple[int, ...] = (), log_group: int | None = None
+    config: Config, *, extra_uids: tuple[int, ...] = (), queue_num: int | None = QUEUE_NUM
 ) -> RuleSet:
     """The rule set for ``config``.
 
@@ -87,5 +95,5 @@ def build_ruleset(
         allow_gids=tuple(gids),
         action=config.action,
         mode=config.mode,
-        log_group=log_group,
+        queue_num=queue_num,
     )

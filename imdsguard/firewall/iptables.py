@@ -17,6 +17,7 @@ reload never lets a denied packet through.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -27,9 +28,11 @@ from typing import Any
 from imdsguard import _locks
 from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState, Inspection
-from imdsguard.policy import FAMILIES, RuleSet
+from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
 CHAIN = "IMDSGUARD"
+AUDITED = "IMDSGUARD-AUDITED"
+OUR_CHAINS = (CHAIN, AUDITED)
 
 Params = tuple[tuple[str, str], ...]
 
@@ -72,8 +75,24 @@ def _host(addr: str) -> str:
     return f"{addr}/32" if ipaddress.ip_address(addr).version == 4 else f"{addr}/128"
 
 
-def render(ruleset: RuleSet, family: str) -> tuple[list[XtRule], list[XtRule]]:
-    """The OUTPUT jumps and the chain's rules that ``ruleset`` asks for in ``family``."""
+@dataclass(frozen=True)
+class Rendered:
+    """Our rules for one family: the OUTPUT jumps and each chain of ours in order."""
+
+    jumps: list[XtRule]
+    chains: dict[str, list[XtRule]]
+
+    def lines(self) -> list[str]:
+        """``iptables-save`` lines (used by golden tests and ``check-config``)."""
+        out = [f"-N {name}" for name in self.chains]
+        out += [r.save() for r in self.jumps]
+        for rules in self.chains.values():
+            out += [r.save() for r in rules]
+        return out
+
+
+def render(ruleset: RuleSet, family: str) -> Rendered:
+    """What ``ruleset`` asks for in ``family``."""
     jumps = [XtRule("OUTPUT", CHAIN, dst=_host(ep)) for ep in ruleset.endpoints(family)]
     rules = [
         XtRule(CHAIN, "RETURN", matches=(("owner", (("uid-owner", str(uid)),)),))
@@ -88,47 +107,80 @@ def render(ruleset: RuleSet, family: str) -> tuple[list[XtRule], list[XtRule]]:
         for gid in ruleset.allow_gids
     ]
     rules += _deny_rules(ruleset, family)
-    return jumps, rules
+    chains = {CHAIN: rules}
+    if not ruleset.enforcing and ruleset.queue_num is not None:
+        chains[AUDITED] = _audited_rules()
+    return Rendered(jumps, chains)
+
+
+def _deny(ruleset: RuleSet, family: str, mark: bool) -> list[XtRule]:
+    seen: tuple[tuple[str, Params], ...] = (
+        (("mark", (("mark", f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"),)),) if mark else ()
+    )
+    if ruleset.action == "drop":
+        return [XtRule(CHAIN, "DROP", matches=seen)]
+    # A TCP reset makes connect() fail at once; anything else gets ICMP. The explicit
+    # "-m tcp" is what iptables adds itself, and python-iptables corrupts memory
+    # building a "-p tcp" rule without it after an owner-match rule.
+    return [
+        XtRule(
+            CHAIN,
+            "REJECT",
+            protocol="tcp",
+            matches=(("tcp", ()), *seen),
+            target_params=(("reject-with", "tcp-reset"),),
+        ),
+        XtRule(
+            CHAIN, "REJECT", matches=seen, target_params=(("reject-with", _reject_icmp(family)),)
+        ),
+    ]
 
 
 def _deny_rules(ruleset: RuleSet, family: str) -> list[XtRule]:
-    rules = []
-    if ruleset.log_group is not None:
-        rules.append(
+    """Everything after the allow rules.
+
+    Enforce: packets the daemon has attributed come back (NF_REPEAT) with
+    MARK_SEEN and are denied; new ones go to the queue; ``--queue-bypass``
+    lets them fall through to the final deny when no daemon listens, so the
+    host stays closed. Audit: attributed packets get their mark bit cleared
+    and RETURN; a packet the daemon never saw also just RETURNs.
+    """
+    rules: list[XtRule] = []
+    queue = (
+        []
+        if ruleset.queue_num is None
+        else [
             XtRule(
                 CHAIN,
-                "NFLOG",
-                # Only the group: python-iptables corrupts memory when a second
-                # option is parsed into the same target (valgrind, iptables 1.8.9).
-                target_params=(("nflog-group", str(ruleset.log_group)),),
+                "NFQUEUE",
+                target_params=(("queue-num", str(ruleset.queue_num)), ("queue-bypass", "")),
             )
-        )
+        ]
+    )
     if not ruleset.enforcing:
-        return rules
-    if ruleset.action == "drop":
-        rules.append(XtRule(CHAIN, "DROP"))
-    else:
-        # A TCP reset makes connect() fail at once; anything else gets ICMP. The explicit
-        # "-m tcp" is what iptables adds itself, and python-iptables corrupts memory
-        # building a "-p tcp" rule without it after an owner-match rule.
-        rules.append(
-            XtRule(
-                CHAIN,
-                "REJECT",
-                protocol="tcp",
-                matches=(("tcp", ()),),
-                target_params=(("reject-with", "tcp-reset"),),
-            )
-        )
-        rules.append(
-            XtRule(CHAIN, "REJECT", target_params=(("reject-with", _reject_icmp(family)),))
-        )
-    return rules
+        if queue:
+            rules.append(XtRule(CHAIN, AUDITED, matches=_seen_match()))
+        return rules + queue
+    if queue:
+        rules += _deny(ruleset, family, mark=True)
+    return rules + queue + _deny(ruleset, family, mark=False)
+
+
+def _seen_match() -> tuple[tuple[str, Params], ...]:
+    return (("mark", (("mark", f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"),)),)
+
+
+def _audited_rules() -> list[XtRule]:
+    """The audit-mode sub-chain: clear our mark bit, then back to OUTPUT."""
+    return [
+        XtRule(AUDITED, "MARK", target_params=(("set-xmark", f"0x0/{MARK_SEEN:#x}"),)),
+        XtRule(AUDITED, "RETURN"),
+    ]
 
 
 def _required(ruleset: RuleSet, family: str) -> list[XtRule]:
-    """The rules without which the chain does not do its job at all."""
-    return _deny_rules(ruleset, family)
+    """The rules without which our chain does not deny at all."""
+    return _deny(ruleset, family, mark=False) if ruleset.enforcing else []
 
 
 # --- talking to libiptc ----------------------------------------------------------
@@ -166,20 +218,30 @@ def _from_iptc(rule: Any, chain: str) -> XtRule:
     )
 
 
-def _set_parameter(module: Any, key: str, value: str | None) -> None:
-    # python-iptables parses and checks through a pointer that libxtables keeps per
-    # extension (xtables_match.m / xtables_target.t), last set by whichever object
-    # of that extension touched it, possibly one already freed. Point it at ours
-    # first (valgrind showed the use-after-free; it crashed with iptables 1.8.9).
-    module._update_pointers()
-    module.set_parameter(key, value)
+def _own_scratch(ext: Any) -> None:
+    """Give a python-iptables Match/Target live pointers before libxtables uses them.
+
+    python-iptables parses and checks options through pointers that libxtables
+    keeps per extension (``xtables_target.t``, ``.udata``): ``t`` is whichever
+    object of that extension was touched last, and ``udata`` is a scratch
+    buffer that python-iptables frees right after allocating it (a local in
+    ``reset()``). Extensions with scratch space (NFLOG, NFQUEUE) then write
+    into freed memory; valgrind showed it and it segfaulted with iptables
+    1.8.9. Point both at memory this object owns.
+    """
+    ext._update_pointers()
+    size = getattr(ext._module, "udata_size", 0)
+    if size:
+        scratch = (ctypes.c_ubyte * size)()
+        ext._module.udata = ctypes.cast(ctypes.byref(scratch), ctypes.c_void_p)
+        ext._imdsguard_scratch = scratch
 
 
 def _repoint(rule: Any) -> None:
-    # See _set_parameter: libiptc insertion runs each extension's final check.
+    # libiptc insertion runs each extension's final check through the same pointers.
     for match in rule.matches:
-        match._update_pointers()
-    rule.target._update_pointers()
+        _own_scratch(match)
+    _own_scratch(rule.target)
 
 
 def _canonical(rule: XtRule) -> XtRule:
@@ -198,7 +260,7 @@ class _Snapshot:
     """What the kernel has of ours in one family's filter table."""
 
     output: list[XtRule]
-    chain: list[XtRule] | None  # None: our chain does not exist
+    chains: dict[str, list[XtRule]]  # our chains that exist
 
     def jump_positions(self) -> list[int]:
         return [i for i, r in enumerate(self.output) if r.target == CHAIN]
@@ -251,10 +313,12 @@ class IptablesBackend:
     def _snapshot(self, table: Any) -> _Snapshot:
         iptc = self._iptc
         output = [_from_iptc(r, "OUTPUT") for r in iptc.Chain(table, "OUTPUT").rules]
-        chain = None
-        if table.is_chain(CHAIN):
-            chain = [_from_iptc(r, CHAIN) for r in iptc.Chain(table, CHAIN).rules]
-        return _Snapshot(output, chain)
+        chains = {
+            name: [_from_iptc(r, name) for r in iptc.Chain(table, name).rules]
+            for name in OUR_CHAINS
+            if table.is_chain(name)
+        }
+        return _Snapshot(output, chains)
 
     def _build(self, family: str, rule: XtRule) -> Any:
         iptc = self._iptc
@@ -266,10 +330,12 @@ class IptablesBackend:
         for name, params in rule.matches:
             match = new.create_match(name)
             for key, value in params:
-                _set_parameter(match, key, value or None)
+                _own_scratch(match)
+                match.set_parameter(key, value or None)
         target = iptc.Target(new, rule.target)
         for key, value in rule.target_params:
-            _set_parameter(target, key, value)
+            _own_scratch(target)
+            target.set_parameter(key, value)
         new.target = target
         return new
 
@@ -315,23 +381,33 @@ class IptablesBackend:
 
     def _rewrite(self, table: Any, ruleset: RuleSet, family: str) -> None:
         iptc = self._iptc
-        jumps, rules = render(ruleset, family)
-        if not table.is_chain(CHAIN):
-            table.create_chain(CHAIN)
-        chain = iptc.Chain(table, CHAIN)
-        chain.flush()
-        for rule in rules:
-            built = self._build(family, rule)
-            _repoint(built)
-            chain.append_rule(built)
+        wanted = render(ruleset, family)
+        # Sub-chains first: the main chain's rules may jump to them.
+        for name in sorted(wanted.chains, key=lambda n: n == CHAIN):
+            if not table.is_chain(name):
+                table.create_chain(name)
+            chain = iptc.Chain(table, name)
+            chain.flush()
+            for rule in wanted.chains[name]:
+                self._add(chain, family, rule)
+        for name in OUR_CHAINS:
+            if name not in wanted.chains and table.is_chain(name):
+                iptc.Chain(table, name).flush()
+                table.delete_chain(name)
         output = iptc.Chain(table, "OUTPUT")
         for rule in list(output.rules):
             if rule.target is not None and rule.target.name == CHAIN:
                 output.delete_rule(rule)
-        for rule in reversed(jumps):
-            built = self._build(family, rule)
-            _repoint(built)
-            output.insert_rule(built, 0)
+        for rule in reversed(wanted.jumps):
+            self._add(output, family, rule, position=0)
+
+    def _add(self, chain: Any, family: str, rule: XtRule, position: int | None = None) -> None:
+        built = self._build(family, rule)
+        _repoint(built)
+        if position is None:
+            chain.append_rule(built)
+        else:
+            chain.insert_rule(built, position)
 
     def remove(self) -> bool:
         """See :meth:`imdsguard.firewall.base.Backend.remove`."""
@@ -352,10 +428,12 @@ class IptablesBackend:
                     if rule.target is not None and rule.target.name == CHAIN:
                         chain.delete_rule(rule)
                         found = True
-            if table.is_chain(CHAIN):
-                iptc.Chain(table, CHAIN).flush()
-                table.delete_chain(CHAIN)
-                found = True
+            present = [name for name in OUR_CHAINS if table.is_chain(name)]
+            for name in present:
+                iptc.Chain(table, name).flush()
+            for name in present:
+                table.delete_chain(name)
+            found = found or bool(present)
             if found:
                 table.commit()
                 table.refresh()
@@ -363,26 +441,32 @@ class IptablesBackend:
 
 
 def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
-    jumps, rules = render(ruleset, family)
+    wanted = render(ruleset, family)
     missing: list[str] = []
     drift: list[str] = []
-    if snap.chain is None:
-        missing.append(f"chain {CHAIN} does not exist")
-    elif [_canonical(r) for r in snap.chain] != [_canonical(r) for r in rules]:
-        present = {_canonical(r) for r in snap.chain}
-        absent = [r for r in _required(ruleset, family) if _canonical(r) not in present]
-        if absent:
-            missing.append(f"chain {CHAIN} lacks '{absent[0].save()}' (flushed or edited)")
-        else:
-            drift.append(f"chain {CHAIN} differs from the policy")
+    for name, rules in wanted.chains.items():
+        have = snap.chains.get(name)
+        if have is None:
+            missing.append(f"chain {name} does not exist")
+        elif [_canonical(r) for r in have] != [_canonical(r) for r in rules]:
+            present = {_canonical(r) for r in have}
+            required = _required(ruleset, family) if name == CHAIN else []
+            absent = [r for r in required if _canonical(r) not in present]
+            if absent:
+                missing.append(f"chain {name} lacks '{absent[0].save()}' (flushed or edited)")
+            else:
+                drift.append(f"chain {name} differs from the policy")
+    for name in snap.chains:
+        if name not in wanted.chains:
+            drift.append(f"stale chain {name}")
     current = [_canonical(snap.output[i]) for i in snap.jump_positions()]
-    for jump in jumps:
+    for jump in wanted.jumps:
         if _canonical(jump) not in current:
             missing.append(f"OUTPUT has no jump for {jump.dst} to {CHAIN}")
-    wanted = [_canonical(j) for j in jumps]
-    if not missing and [_canonical(r) for r in snap.output[: len(jumps)]] != wanted:
+    jumps = [_canonical(j) for j in wanted.jumps]
+    if not missing and [_canonical(r) for r in snap.output[: len(jumps)]] != jumps:
         drift.append(f"the jumps to {CHAIN} are not the first rules of OUTPUT")
-    if not missing and current != wanted:
+    if not missing and current != jumps:
         drift.append(f"OUTPUT has extra or duplicate jumps to {CHAIN}")
     if missing:
         return Inspection(family, FamilyState.MISSING, tuple(missing + drift))
