@@ -24,6 +24,11 @@ QUEUE_NUM = 5421
 #: (0x0f00) use.
 MARK_SEEN = 0x1000
 
+#: SO_MARK the broker puts on its own IMDS sockets. Setting a socket mark needs
+#: CAP_NET_ADMIN, so no unprivileged process can borrow it; this lets the
+#: broker through without allowing every root process.
+MARK_BROKER = 0x2000
+
 
 @dataclass(frozen=True)
 class RuleSet:
@@ -43,6 +48,7 @@ class RuleSet:
     action: str = "reject"
     mode: str = "enforce"
     queue_num: int | None = None
+    allow_mark: int | None = None
 
     @property
     def enforcing(self) -> bool:
@@ -73,6 +79,7 @@ class RuleSet:
             action=data["action"],
             mode=data["mode"],
             queue_num=data.get("queue_num"),
+            allow_mark=data.get("allow_mark"),
         )
 
 
@@ -96,4 +103,5 @@ def build_ruleset(
         action=config.action,
         mode=config.mode,
         queue_num=queue_num,
+        allow_mark=MARK_BROKER if config.broker.enabled else None,
     )

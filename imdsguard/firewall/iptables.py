@@ -106,6 +106,9 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
         )
         for gid in ruleset.allow_gids
     ]
+    if ruleset.allow_mark is not None:
+        mark = f"{ruleset.allow_mark:#x}/{ruleset.allow_mark:#x}"
+        rules.append(XtRule(CHAIN, "RETURN", matches=(("mark", (("mark", mark),)),)))
     rules += _deny_rules(ruleset, family)
     chains = {CHAIN: rules}
     if not ruleset.enforcing and ruleset.queue_num is not None:
