@@ -34,11 +34,12 @@ MARK_BROKER = 0x2000
 class RuleSet:
     """What to enforce, per address family.
 
-    ``allow_uids``/``allow_gids`` pass; everything else to ``endpoints`` is
-    handed to the daemon through NFQUEUE ``queue_num`` (when set) for
-    attribution and then, in enforce mode, denied with ``action``; with no
-    daemon listening the queue is bypassed straight to the deny. In audit
-    mode nothing is denied.
+    ``allow_uids``/``allow_gids`` (and packets carrying ``allow_mark``) pass.
+    Everything else to ``endpoints`` is denied with ``action`` in enforce
+    mode; in audit mode nothing is denied. With ``queue_num`` set (only while
+    a daemon listens on that queue) packets go through NFQUEUE first so the
+    daemon can attribute them; see imdsguard.firewall.iptables for how that
+    stays fail-closed.
     """
 
     endpoints_v4: tuple[str, ...]

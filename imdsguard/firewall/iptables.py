@@ -142,31 +142,25 @@ def _deny(ruleset: RuleSet, family: str, mark: bool) -> list[XtRule]:
 def _deny_rules(ruleset: RuleSet, family: str) -> list[XtRule]:
     """Everything after the allow rules.
 
-    Enforce: packets the daemon has attributed come back (NF_REPEAT) with
-    MARK_SEEN and are denied; new ones go to the queue; ``--queue-bypass``
-    lets them fall through to the final deny when no daemon listens, so the
-    host stays closed. Audit: attributed packets get their mark bit cleared
-    and RETURN; a packet the daemon never saw also just RETURNs.
+    Without a queue: the deny (enforce) or nothing (audit).
+
+    With a queue, enforce: packets the daemon has attributed come back
+    (NF_REPEAT) with MARK_SEEN and are denied; new ones go to the queue. The
+    queue has no ``--queue-bypass`` (which would ACCEPT when nobody listens):
+    if the daemon dies, queued packets are dropped, so the host stays closed,
+    and a clean stop swaps in the queue-less rules first. Audit: attributed
+    packets get the bit cleared and RETURN; here ``--queue-bypass`` is right,
+    since audit mode must never block.
     """
-    rules: list[XtRule] = []
-    queue = (
-        []
-        if ruleset.queue_num is None
-        else [
-            XtRule(
-                CHAIN,
-                "NFQUEUE",
-                target_params=(("queue-num", str(ruleset.queue_num)), ("queue-bypass", "")),
-            )
-        ]
-    )
+    if ruleset.queue_num is None:
+        return _deny(ruleset, family, mark=False) if ruleset.enforcing else []
+    params: Params = (("queue-num", str(ruleset.queue_num)),)
     if not ruleset.enforcing:
-        if queue:
-            rules.append(XtRule(CHAIN, AUDITED, matches=_seen_match()))
-        return rules + queue
-    if queue:
-        rules += _deny(ruleset, family, mark=True)
-    return rules + queue + _deny(ruleset, family, mark=False)
+        return [
+            XtRule(CHAIN, AUDITED, matches=_seen_match()),
+            XtRule(CHAIN, "NFQUEUE", target_params=(*params, ("queue-bypass", ""))),
+        ]
+    return [*_deny(ruleset, family, mark=True), XtRule(CHAIN, "NFQUEUE", target_params=params)]
 
 
 def _seen_match() -> tuple[tuple[str, Params], ...]:
@@ -183,7 +177,7 @@ def _audited_rules() -> list[XtRule]:
 
 def _required(ruleset: RuleSet, family: str) -> list[XtRule]:
     """The rules without which our chain does not deny at all."""
-    return _deny(ruleset, family, mark=False) if ruleset.enforcing else []
+    return _deny_rules(ruleset, family) if ruleset.enforcing else []
 
 
 # --- talking to libiptc ----------------------------------------------------------

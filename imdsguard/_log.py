@@ -1,0 +1,46 @@
+"""structlog set-up: JSON lines (or a console format) on stdout, for journald."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+#: Keys whose values are never logged, whatever a caller passes by mistake.
+SECRET_KEYS = frozenset(
+    {"SecretAccessKey", "SessionToken", "Token", "token", "secret", "secret_access_key"}
+)
+
+
+def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    for key in SECRET_KEYS.intersection(event_dict):
+        event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure(fmt: str = "json", level: int = logging.INFO) -> None:
+    """Route structlog to stdout as JSON (``fmt="json"``) or for people (``"console"``)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**initial: Any) -> Any:
+    """A bound structlog logger."""
+    return structlog.get_logger(**initial)

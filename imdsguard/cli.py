@@ -1,0 +1,163 @@
+"""The ``imdsguard`` command line.
+
+Every failure a user can cause or meet becomes one line on stderr and an exit
+code (2 for bad configuration), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from imdsguard import __version__, _locks, _log, paths
+from imdsguard.config import DEFAULT_PATH, load_config
+from imdsguard.errors import ImdsGuardError, PermissionDeniedError
+from imdsguard.firewall.detect import make_backend
+from imdsguard.firewall.iptables import render
+from imdsguard.policy import QUEUE_NUM, build_ruleset
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise PermissionDeniedError(
+            f"'imdsguard {what}' changes the firewall and needs root: run it with sudo"
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Foreground daemon."""
+    from imdsguard.daemon import Daemon  # noqa: PLC0415 - keep one-shot commands light
+
+    _need_root("run")
+    config = load_config(args.config)  # validate before anything else, for the exit code
+    _log.configure(config.log_format)
+    return Daemon(args.config, _log.get_logger()).run()
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Put the rules in place once."""
+    _need_root("apply")
+    config = load_config(args.config)
+    backend = make_backend(config.backend)
+    paths.ensure_dir(paths.run_dir())
+    # With a daemon attributing packets, keep its queue in the rules; otherwise
+    # rules that need no daemon.
+    queue = QUEUE_NUM if _locks.is_held(paths.daemon_lock()) else None
+    with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
+        changed = backend.apply(build_ruleset(config, queue_num=queue))
+    print(f"rules {'applied' if changed else 'already in place'} ({backend.name} backend)")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """Take every rule and chain of ours out."""
+    _need_root("remove")
+    if _locks.is_held(paths.daemon_lock()) and not args.force:
+        raise ImdsGuardError(
+            "the imdsguard daemon is running and would put the rules back: "
+            "stop it first (systemctl stop imdsguard) or pass --force"
+        )
+    try:
+        backend_name = load_config(args.config, trust=False).backend
+    except ImdsGuardError:
+        backend_name = "auto"  # a broken config must not keep our rules from coming out
+    backend = make_backend(backend_name)
+    paths.ensure_dir(paths.run_dir())
+    with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
+        changed = backend.remove()
+    print("rules removed" if changed else "no imdsguard rules were in place")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Health report; the exit code says protected/degraded/unprotected/unknown."""
+    from imdsguard import status  # noqa: PLC0415
+
+    doc = status.gather(args.config)
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else status.render_text(doc))
+    return status.exit_code(doc)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate and print the effective policy."""
+    config = load_config(args.config, trust=os.geteuid() == 0)
+    print(f"# {config.path}: OK")
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
+    if args.rules:
+        ruleset = build_ruleset(config, queue_num=None)
+        for family in ruleset.families():
+            print(f"# {family} rules (iptables-save form)")
+            print("\n".join(render(ruleset, family).lines()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Self-contained demo in throw-away namespaces."""
+    from imdsguard.demo import run_demo  # noqa: PLC0415
+
+    _need_root("demo")
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"configuration file (default {DEFAULT_PATH})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="imdsguard",
+        description="Guard the instance metadata service: deny all but allowlisted owners.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"imdsguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "run the daemon in the foreground")
+    add("apply", cmd_apply, "put the rules in place once")
+    p = add("remove", cmd_remove, "take every imdsguard rule and chain out")
+    p.add_argument("--force", action="store_true", help="even while the daemon runs")
+    p = add("status", cmd_status, "is this host protected? (exit 0/1/2/3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("check-config", cmd_check_config, "validate the config, print the effective policy")
+    p.add_argument("--rules", action="store_true", help="also print the rules it renders to")
+    add("demo", cmd_demo, "self-contained demo in throw-away network namespaces (root)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        result: int = args.func(args)
+        return result
+    except ImdsGuardError as exc:
+        print(f"imdsguard: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""``imdsguard run``: apply the policy, keep it in place, reload on SIGHUP.
+
+The loop is deliberately simple: one thread owns the firewall. It applies
+the rule set, tells systemd READY=1 only once the kernel has the rules, then
+inspects them every ``interval`` seconds and repairs any drift (our chain
+flushed or deleted, the jump gone or no longer first, a whole-table flush),
+logging each repair as ``rules_restored``. Helpers that need threads of their
+own (attribution capture, the broker) are components started around it.
+
+Failing closed: SIGTERM/SIGINT stop the daemon but leave the rules; a bad
+config at start exits 2 without touching rules already in place; a bad
+config on SIGHUP is logged and the old policy stays.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+from imdsguard import __version__, _locks, _state, paths
+from imdsguard.config import Config, load_config
+from imdsguard.errors import ConfigError, ImdsGuardError
+from imdsguard.firewall.base import Backend, FamilyState
+from imdsguard.firewall.detect import make_backend
+from imdsguard.notify import notify
+from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+
+DEFAULT_INTERVAL = 0.25
+HEARTBEAT = 5.0
+
+
+class Component(Protocol):
+    """A part of the daemon with threads of its own (capture, broker)."""
+
+    def start(self) -> None:
+        """Start serving; raise ImdsGuardError when impossible."""
+
+    def stop(self) -> None:
+        """Stop and release everything."""
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a new valid configuration."""
+
+    def health(self) -> dict[str, Any]:
+        """A JSON-able summary for ``status`` (never secrets)."""
+
+
+@dataclass
+class _Counters:
+    rules_restored: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    last_problems: list[str] = field(default_factory=list)
+
+
+class Daemon:
+    """The long-running guard (see module docstring)."""
+
+    def __init__(
+        self, config_path: str | None, logger: Any, interval: float = DEFAULT_INTERVAL
+    ) -> None:
+        self.config_path = config_path
+        self.log = logger
+        self.interval = interval
+        self.started = time.time()
+        self.counters = _Counters()
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+        self._components: dict[str, Component] = {}
+        self.config: Config
+        self.ruleset: RuleSet
+        self.backend: Backend
+
+    # -- signals
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+        self._wake.set()
+
+    # -- life cycle
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; the process exit code."""
+        paths.ensure_dir(paths.run_dir())
+        lock_fd = _locks.try_hold_forever(paths.daemon_lock())
+        if lock_fd is None:
+            state = _state.read_state() or {}
+            raise ImdsGuardError(
+                f"another imdsguard daemon is running (pid {state.get('pid', '?')}); "
+                "stop it first (systemctl stop imdsguard)"
+            )
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        self.config = load_config(self.config_path)
+        self.backend = make_backend(self.config.backend)
+        self.ruleset = self._ruleset(self.config)
+        self.log.info(
+            "daemon_starting",
+            version=__version__,
+            pid=os.getpid(),
+            config=self.config.path,
+            backend=self.backend.name,
+            mode=self.config.mode,
+        )
+        try:
+            self._start_components(self.config)
+            self.ruleset = self._ruleset(self.config)
+            self._apply("startup")
+            self._publish()
+            notify("READY=1", f"STATUS=protecting IMDS ({self.config.mode} mode)")
+            self.log.info("daemon_ready", rules=self._rule_states())
+            self._loop()
+        finally:
+            notify("STOPPING=1")
+            self._hand_over()
+            self._stop_components()
+            self.log.info("daemon_stopped", rules_left_in_place=True)
+            os.close(lock_fd)
+        return 0
+
+    def _loop(self) -> None:
+        next_heartbeat = time.monotonic() + HEARTBEAT
+        while not self._stop:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop:
+                break
+            if self._reload:
+                self._reload = False
+                self._do_reload()
+            self._check()
+            if time.monotonic() >= next_heartbeat:
+                self._publish()
+                next_heartbeat = time.monotonic() + HEARTBEAT
+
+    # -- firewall
+
+    def _apply(self, why: str) -> None:
+        with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
+            changed = self.backend.apply(self.ruleset)
+        self.log.info("rules_applied", reason=why, changed=changed, backend=self.backend.name)
+
+    def _ruleset(self, config: Config) -> RuleSet:
+        # Queue packets for attribution only while our capture listens on the queue.
+        return build_ruleset(config, queue_num=QUEUE_NUM if "capture" in self._components else None)
+
+    def _hand_over(self) -> None:
+        """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
+        if not hasattr(self, "ruleset") or self.ruleset.queue_num is None:
+            return
+        self.ruleset = build_ruleset(self.config, queue_num=None)
+        try:
+            self._apply("shutdown")
+        except ImdsGuardError as exc:
+            # The queue rules stay; with nobody listening they drop: still closed.
+            self.log.error("rules_handover_failed", error=str(exc))
+
+    def _rule_states(self) -> dict[str, str]:
+        return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
+
+    def _check(self) -> None:
+        try:
+            found = self.backend.inspect(self.ruleset)
+            bad = {
+                f: i
+                for f, i in found.items()
+                if i.state not in (FamilyState.OK, FamilyState.DISABLED)
+            }
+            if not bad:
+                return
+            problems = [f"{f}: {p}" for f, i in bad.items() for p in i.problems]
+            start = time.monotonic()
+            with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
+                self.backend.apply(self.ruleset)
+            self.counters.rules_restored += 1
+            self.counters.last_problems = problems
+            self.log.warning(
+                "rules_restored",
+                problems=problems,
+                families=sorted(bad),
+                repair_ms=round((time.monotonic() - start) * 1000, 2),
+                total=self.counters.rules_restored,
+            )
+            self._publish()
+        except ImdsGuardError as exc:
+            # Keep going: the next tick retries; what is in the kernel stays.
+            self.log.error("rules_check_failed", error=str(exc))
+
+    # -- reload
+
+    def _do_reload(self) -> None:
+        try:
+            config = load_config(self.config_path)
+            backend = (
+                self.backend
+                if config.backend == self.config.backend
+                else make_backend(config.backend)
+            )
+        except ConfigError as exc:
+            self.counters.reload_failures += 1
+            self.log.error("config_reload_failed", error=str(exc), kept="previous policy")
+            self._publish()
+            return
+        except ImdsGuardError as exc:
+            self.counters.reload_failures += 1
+            self.log.error("config_reload_failed", error=str(exc), kept="previous policy")
+            self._publish()
+            return
+        old_backend = self.backend
+        self.config, self.backend = config, backend
+        self._reconfigure_components(config)
+        self.ruleset = self._ruleset(config)
+        self._apply("reload")
+        if backend is not old_backend:
+            old_backend.remove()  # only after the new backend's rules are in place
+        self.counters.reloads += 1
+        self.log.info("config_reloaded", config=config.path, mode=config.mode)
+        self._publish()
+
+    # -- components
+
+    def _start_components(self, config: Config) -> None:
+        for name, component in _make_components(config, self.log).items():
+            component.start()
+            self._components[name] = component
+
+    def _reconfigure_components(self, config: Config) -> None:
+        wanted = _make_components(config, self.log, existing=self._components)
+        for name in list(self._components):
+            if name not in wanted:
+                self._components.pop(name).stop()
+        for name, component in wanted.items():
+            if name in self._components:
+                component.reconfigure(config)
+            else:
+                component.start()
+                self._components[name] = component
+
+    def _stop_components(self) -> None:
+        for name, component in list(self._components.items()):
+            try:
+                component.stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                self.log.error("component_stop_failed", component=name, error=str(exc))
+        self._components.clear()
+
+    # -- published state
+
+    def _publish(self) -> None:
+        state = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "updated": time.time(),
+            "config": self.config.path,
+            "mode": self.config.mode,
+            "backend": self.backend.name,
+            "ruleset": self.ruleset.to_json(),
+            "rules_restored_total": self.counters.rules_restored,
+            "last_problems": self.counters.last_problems,
+            "reloads": self.counters.reloads,
+            "reload_failures": self.counters.reload_failures,
+            "components": {n: c.health() for n, c in self._components.items()},
+        }
+        try:
+            _state.write_state(state)
+        except OSError as exc:
+            self.log.error("state_write_failed", error=str(exc))
+
+
+def _make_components(
+    config: Config, logger: Any, existing: dict[str, Component] | None = None
+) -> dict[str, Component]:
+    """The components ``config`` asks for, reusing running ones."""
+    existing = existing or {}
+    wanted: dict[str, Component] = {}
+    return {name: existing.get(name, comp) for name, comp in wanted.items()}

@@ -1,0 +1,155 @@
+"""``imdsguard status``: is this host protected, and if not, why.
+
+The answer comes from the kernel, not from what the daemon believes: the
+rules the daemon last applied (or, with no daemon, the configured policy)
+are compared with what the firewall holds right now.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from imdsguard import _locks, _state, paths
+from imdsguard.config import load_config
+from imdsguard.errors import ImdsGuardError, PermissionDeniedError
+from imdsguard.firewall.base import FamilyState
+from imdsguard.firewall.detect import make_backend
+from imdsguard.policy import RuleSet, build_ruleset
+
+_FINE = (FamilyState.OK, FamilyState.DISABLED)
+EXIT = {"protected": 0, "degraded": 1, "unprotected": 2, "unknown": 3}
+
+
+def _blocked(limit: int = 5) -> dict[str, Any]:
+    try:
+        from imdsguard.events.log import count_events, read_events  # noqa: PLC0415
+    except ImportError:
+        return {"total": 0, "recent": []}
+    path = paths.events_file()
+    try:
+        return {"total": count_events(path), "recent": read_events(path, limit)}
+    except OSError:
+        return {"total": 0, "recent": []}
+
+
+def gather(config_path: str | None) -> dict[str, Any]:
+    """The status document (see the contract for its keys)."""
+    reasons: list[str] = []
+    daemon_running = _locks.is_held(paths.daemon_lock())
+    state = _state.read_state() if daemon_running else None
+    config = None
+    try:
+        config = load_config(config_path, trust=False)
+    except ImdsGuardError as exc:
+        reasons.append(f"config: {exc}")
+
+    # What should be in the kernel: what the daemon applied, or else the config's
+    # policy, either as `apply` leaves it or as a killed daemon left it (queued).
+    candidates: list[RuleSet] = []
+    if state and state.get("ruleset"):
+        candidates.append(RuleSet.from_json(state["ruleset"]))
+    elif config is not None:
+        candidates += [build_ruleset(config, queue_num=None), build_ruleset(config)]
+    ruleset = candidates[0] if candidates else None
+    mode = (state or {}).get("mode") or (config.mode if config else None)
+    backend_name = (state or {}).get("backend") or (config.backend if config else "auto")
+    broker_enabled = bool(config and config.broker.enabled)
+    if state is not None:
+        broker_enabled = "broker" in state.get("components", {})
+
+    doc: dict[str, Any] = {
+        "protected": False,
+        "state": "unknown",
+        "reasons": reasons,
+        "mode": mode,
+        "backend": backend_name,
+        "daemon": {
+            "running": daemon_running,
+            "pid": (state or {}).get("pid"),
+            "version": (state or {}).get("version"),
+            "rules_restored_total": (state or {}).get("rules_restored_total", 0),
+        },
+        "rules": {"ipv4": "unknown", "ipv6": "unknown"},
+        "problems": [],
+        "broker": {"enabled": broker_enabled, "healthy": None},
+        "blocked": _blocked(),
+    }
+    if ruleset is None:
+        reasons.append("no valid configuration and no running daemon: cannot tell what to check")
+        return doc
+
+    try:
+        backend = make_backend(backend_name)
+        doc["backend"] = backend.name
+        results = [backend.inspect(c) for c in candidates]
+        found = next((r for r in results if all(i.state in _FINE for i in r.values())), results[0])
+    except PermissionDeniedError as exc:
+        reasons.append(f"cannot read the firewall: {exc} (run as root)")
+        return doc
+    except ImdsGuardError as exc:
+        reasons.append(f"cannot read the firewall: {exc}")
+        return doc
+
+    doc["rules"] = {family: found[family].state for family in ("ipv4", "ipv6")}
+    doc["problems"] = [f"{f}: {p}" for f, i in found.items() for p in i.problems]
+    missing = [f for f, i in found.items() if i.state == FamilyState.MISSING]
+    drifted = [f for f, i in found.items() if i.state == FamilyState.DRIFTED]
+    if all(i.state == FamilyState.DISABLED for i in found.values()):
+        missing.append("all")
+        reasons.append("no address family is enabled: nothing is protected")
+    for family in missing:
+        if family != "all":
+            reasons.append(f"{family} rules are missing: IMDS over {family} is not guarded")
+    for family in drifted:
+        reasons.append(f"{family} rules differ from the policy (the daemon repairs this)")
+    if not daemon_running:
+        reasons.append("daemon is not running: rules are not watched or repaired")
+    if mode == "audit":
+        reasons.append("audit mode: access is logged, not blocked")
+
+    if broker_enabled:
+        health = (state or {}).get("components", {}).get("broker", {})
+        doc["broker"]["healthy"] = bool(health.get("healthy")) if daemon_running else False
+        doc["broker"].update({k: v for k, v in health.items() if k != "healthy"})
+        if not doc["broker"]["healthy"]:
+            reasons.append("broker is not healthy: " + str(health.get("last_error") or "down"))
+
+    if missing:
+        doc["state"] = "unprotected"
+    elif reasons:
+        doc["state"] = "degraded"
+    else:
+        doc["state"] = "protected"
+    doc["protected"] = doc["state"] == "protected"
+    return doc
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    """``status`` for people."""
+    lines = [
+        f"imdsguard: {doc['state'].upper()}",
+        f"  mode:     {doc['mode']}    backend: {doc['backend']}",
+        f"  daemon:   {'running (pid ' + str(doc['daemon']['pid']) + ')' if doc['daemon']['running'] else 'not running'}",  # noqa: E501
+        f"  rules:    ipv4 {doc['rules']['ipv4']}, ipv6 {doc['rules']['ipv6']}"
+        f"    (restored {doc['daemon']['rules_restored_total']} times)",
+    ]
+    if doc["broker"]["enabled"]:
+        healthy = "healthy" if doc["broker"]["healthy"] else "NOT healthy"
+        lines.append(f"  broker:   {healthy}")
+    lines.append(f"  blocked:  {doc['blocked']['total']} attempts logged")
+    for reason in doc["reasons"]:
+        lines.append(f"  ! {reason}")
+    for problem in doc["problems"]:
+        lines.append(f"    - {problem}")
+    return "\n".join(lines)
+
+
+def exit_code(doc: dict[str, Any]) -> int:
+    """0 protected, 1 degraded, 2 unprotected, 3 unknown."""
+    return EXIT[doc["state"]]
+
+
+def is_root() -> bool:
+    """True when running with root's effective uid."""
+    return os.geteuid() == 0
