@@ -1,0 +1,188 @@
+"""Fixtures for real-kernel tests: EC2-like namespaces, test users, a running daemon.
+
+Everything here runs the real daemon against real kernel rules inside
+throw-away network namespaces (imdsguard.netns.Topology, which refuses to run
+anything outside a namespace it created).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from imdsguard.netns import Topology, User, wait_for
+
+USERS = {
+    "imdsg-app": [],  # allowed by name
+    "imdsg-byuid": [],  # allowed by numeric uid
+    "imdsg-member": ["imdsg-readers"],  # allowed through a supplementary group
+    "imdsg-denied": [],  # never allowed
+}
+
+
+def _why_no_netns() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root (network namespaces and the firewall)"
+    if shutil.which("ip") is None:
+        return "iproute2 ('ip') is not installed"
+    probe = f"imdsg-probe-{os.getpid()}"
+    proc = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"'ip netns add' does not work here: {proc.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Mark everything under tests/integration and skip it only when netns truly cannot work."""
+    reason = None
+    checked = False
+    for item in items:
+        if "integration" in item.keywords or "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+            if not checked:
+                reason, checked = _why_no_netns(), True
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def test_users() -> dict[str, User]:
+    """Real system users for clients (created once, idempotently)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create test users")
+    for group in {g for groups in USERS.values() for g in groups}:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            subprocess.run(["groupadd", "-r", group], check=True)
+    result = {}
+    for name, groups in USERS.items():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", name], check=True)
+        for group in groups:
+            subprocess.run(["usermod", "-a", "-G", group, name], check=True)
+        pw = pwd.getpwnam(name)
+        gids = tuple(grp.getgrnam(g).gr_gid for g in groups)
+        result[name] = User(pw.pw_uid, pw.pw_gid, gids)
+    result["root"] = User(0, 0)
+    return result
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    """A world-readable temp dir (test users cannot enter /root or pytest's 0700 dirs)."""
+    path = tempfile.mkdtemp(prefix="imdsg-test-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def topo(workdir: str) -> Iterator[Topology]:
+    """EC2-like HOST/VPC namespaces with the simulated IMDS listening."""
+    with Topology() as topology:
+        topology.start_imds(workdir, "--request-log", os.path.join(workdir, "imds.log"))
+        yield topology
+
+
+@dataclass
+class DaemonHandle:
+    """A running ``imdsguard run`` in the HOST namespace."""
+
+    topo: Topology
+    workdir: str
+    config_path: str
+    env: dict[str, str]
+    proc: subprocess.Popen[Any] | None = None
+    log_path: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def write_config(self, text: str) -> None:
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.config_path)
+
+    def start(self, wait: bool = True) -> DaemonHandle:
+        self.log_path = os.path.join(self.workdir, f"daemon-{time.monotonic_ns()}.log")
+        state = os.path.join(self.env["IMDSGUARD_RUN_DIR"], "state.json")
+        if os.path.exists(state):
+            os.unlink(state)
+        self.proc = self.topo.popen(
+            self.topo.host,
+            [sys.executable, "-m", "imdsguard", "run", "-c", self.config_path],
+            env=self.env,
+            stdout=open(self.log_path, "w"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            wait_for(lambda: os.path.exists(state), 15, "the daemon to be ready", self.proc)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        with open(self.log_path) as fh:
+            for line in fh:
+                if line.startswith("{"):
+                    out.append(json.loads(line))
+        return out
+
+    def wait_log(self, event: str, count: int = 1, timeout: float = 5) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+
+        def seen() -> bool:
+            nonlocal found
+            found = [e for e in self.logs() if e.get("event") == event]
+            return len(found) >= count
+
+        wait_for(seen, timeout, f"{count} '{event}' log line(s)", self.proc)
+        return found
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.topo.run(
+            self.topo.host,
+            [sys.executable, "-m", "imdsguard", *args, "-c", self.config_path],
+            env=self.env,
+        )
+
+
+@pytest.fixture
+def daemon(topo: Topology, workdir: str) -> Iterator[DaemonHandle]:
+    """A daemon handle with its own runtime/state/log dirs (not started yet)."""
+    env = dict(os.environ)
+    for key in ("run", "state", "log"):
+        path = os.path.join(workdir, key)
+        os.makedirs(path, exist_ok=True)
+        env[f"IMDSGUARD_{key.upper()}_DIR"] = path
+    handle = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env)
+    handle.write_config("allow:\n  users: [root]\n")
+    yield handle
+    if handle.proc is not None and handle.proc.poll() is None:
+        handle.proc.kill()
+        handle.proc.wait()

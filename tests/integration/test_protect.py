@@ -1,0 +1,301 @@
+"""End to end against the real kernel: who reaches IMDS, drift repair, reload, kill -9, remove."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from imdsguard.netns import Topology, User
+from tests.integration.conftest import DaemonHandle
+
+CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
+ALLOW_ALL_KINDS = """\
+allow:
+  users: [imdsg-app, {byuid}]
+  groups: [imdsg-readers]
+"""
+
+
+def _save(topo: Topology) -> str:
+    v4 = topo.run(topo.host, ["iptables-legacy-save", "-t", "filter"], check=True).stdout
+    v6 = topo.run(topo.host, ["ip6tables-legacy-save", "-t", "filter"], check=True).stdout
+    return v4 + v6
+
+
+def _denied(topo: Topology, user: User | None, v6: bool = False) -> bool:
+    result = topo.imds_get(user, "/latest/meta-data/instance-id", v2=False, v6=v6)
+    return result.rc != 0
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["imdsv2", "imdsv1"])
+def test_allowlisted_users_get_credentials(
+    daemon: DaemonHandle, test_users: dict[str, User], v2: bool
+) -> None:
+    daemon.write_config(ALLOW_ALL_KINDS.format(byuid=test_users["imdsg-byuid"].uid))
+    daemon.start()
+    for name in ("imdsg-app", "imdsg-byuid", "imdsg-member"):
+        for v6 in (False, True):
+            result = daemon.topo.imds_get(test_users[name], CREDS, v2=v2, v6=v6)
+            assert result.ok, (name, v6, result)
+            assert result.json()["Code"] == "Success"
+
+
+def test_denied_user_fails_fast_with_reject(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    daemon.start()
+    for v6 in (False, True):
+        result = daemon.topo.imds_get(test_users["imdsg-denied"], CREDS, v2=True, v6=v6)
+        assert result.rc == 7, result  # curl: couldn't connect (TCP reset)
+        assert result.elapsed < 0.1 + 0.05, result  # reject: at once (plus process start)
+    # Supplementary membership is what counts: the same user without it is denied.
+    member = test_users["imdsg-member"]
+    no_groups = User(member.uid, member.gid, ())
+    daemon.write_config("allow:\n  groups: [imdsg-readers]\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded")
+    assert daemon.topo.imds_get(member, CREDS, v2=True).ok
+    assert _denied(daemon.topo, no_groups)
+
+
+def test_drop_action_times_out(daemon: DaemonHandle, test_users: dict[str, User]) -> None:
+    daemon.write_config("action: drop\n")
+    daemon.start()
+    result = daemon.topo.http(
+        test_users["imdsg-denied"], "http://169.254.169.254/latest/meta-data/", timeout=1
+    )
+    assert result.rc == 28, result  # operation timed out: packets silently dropped
+
+
+def test_root_is_denied_unless_listed(daemon: DaemonHandle, test_users: dict[str, User]) -> None:
+    daemon.write_config("allow:\n  users: [imdsg-app]\n")
+    daemon.start()
+    assert _denied(daemon.topo, None)
+    assert _denied(daemon.topo, None, v6=True)
+    assert daemon.topo.imds_get(test_users["imdsg-app"], CREDS, v2=True).ok
+
+
+TAMPERS = {
+    "flush-output": [["iptables-legacy", "-F", "OUTPUT"]],
+    "flush-our-chain": [["iptables-legacy", "-F", "IMDSGUARD"]],
+    "delete-our-chain": [
+        ["iptables-legacy", "-D", "OUTPUT", "-d", "169.254.169.254/32", "-j", "IMDSGUARD"],
+        ["iptables-legacy", "-F", "IMDSGUARD"],
+        ["iptables-legacy", "-X", "IMDSGUARD"],
+    ],
+    "accept-inserted-first": [["iptables-legacy", "-I", "OUTPUT", "-j", "ACCEPT"]],
+    "whole-table-flush": [["iptables-legacy", "-F"], ["iptables-legacy", "-X"]],
+    "ipv6-flush": [["ip6tables-legacy", "-F"]],
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERS))
+def test_daemon_repairs_drift(
+    daemon: DaemonHandle, test_users: dict[str, User], tamper: str
+) -> None:
+    daemon.start()
+    for argv in TAMPERS[tamper]:
+        daemon.topo.run(daemon.topo.host, argv, check=True)
+    start = time.monotonic()
+    repaired = daemon.wait_log("rules_restored", timeout=2)
+    assert time.monotonic() - start < 1.0
+    assert repaired[0]["problems"], repaired
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["rules"] == {"ipv4": "ok", "ipv6": "ok"}, status
+    assert _denied(daemon.topo, test_users["imdsg-denied"])
+    assert _denied(daemon.topo, test_users["imdsg-denied"], v6=True)
+    if tamper == "accept-inserted-first":
+        # The other tool's rule stays; ours is first again.
+        save = _save(daemon.topo)
+        assert "-A OUTPUT -j ACCEPT" in save
+        first = next(line for line in save.splitlines() if line.startswith("-A OUTPUT"))
+        assert "IMDSGUARD" in first
+
+
+def test_bad_config_on_sighup_keeps_old_rules(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    daemon.write_config("allow:\n  users: [imdsg-app]\n")
+    daemon.start()
+    before = _save(daemon.topo)
+    daemon.write_config("allow:\n  users: [imdsg-app, no-such-user]\n")
+    daemon.signal(signal.SIGHUP)
+    failed = daemon.wait_log("config_reload_failed")
+    assert "no-such-user" in failed[0]["error"] and ":2:" in failed[0]["error"]
+    assert _save(daemon.topo) == before
+    assert daemon.topo.imds_get(test_users["imdsg-app"], CREDS, v2=True).ok
+    assert _denied(daemon.topo, test_users["imdsg-denied"])
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_reload_never_opens_a_window(daemon: DaemonHandle, test_users: dict[str, User]) -> None:
+    """A denied client hammering IMDS never gets through while policies are swapped."""
+    daemon.start()
+    script = os.path.join(daemon.workdir, "hammer.py")
+    with open(script, "w") as fh:
+        fh.write(
+            "import socket, sys, time\n"
+            "ok = 0\nend = time.monotonic() + float(sys.argv[1])\n"
+            "while time.monotonic() < end:\n"
+            "    try:\n"
+            "        socket.create_connection(('169.254.169.254', 80), timeout=0.5).close()\n"
+            "        ok += 1\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "print(ok)\n"
+        )
+    os.chmod(script, 0o644)
+    hammer = daemon.topo.popen(
+        daemon.topo.host,
+        ["/usr/bin/python3", script, "4"],
+        user=test_users["imdsg-denied"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    configs = ["allow:\n  users: [root, imdsg-app]\n", "action: drop\n", "allow:\n  users: []\n"]
+    for i in range(12):
+        daemon.write_config(configs[i % len(configs)])
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.25)
+    out, _ = hammer.communicate(timeout=30)
+    assert out.strip() == "0"
+    assert len(daemon.wait_log("config_reloaded", count=12)) >= 12
+
+
+def test_kill_9_leaves_host_protected_and_restart_adopts(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    daemon.start()
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert _denied(daemon.topo, test_users["imdsg-denied"])
+    assert _denied(daemon.topo, test_users["imdsg-denied"], v6=True)
+    status = daemon.cli("status", "--json")
+    assert status.returncode == 1, status.stdout
+    assert "daemon is not running" in " ".join(json.loads(status.stdout)["reasons"])
+    before = _save(daemon.topo)
+    daemon.start()
+    assert daemon.cli("status").returncode == 0
+    assert _save(daemon.topo).count("-A OUTPUT") == before.count("-A OUTPUT")
+
+
+def test_sigterm_exits_0_and_leaves_rules(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    daemon.start()
+    assert daemon.stop() == 0
+    assert _denied(daemon.topo, test_users["imdsg-denied"])
+    assert "IMDSGUARD" in _save(daemon.topo)
+
+
+def test_remove_leaves_no_trace_and_touches_nothing_else(daemon: DaemonHandle) -> None:
+    topo = daemon.topo
+    topo.run(
+        topo.host, ["iptables-legacy", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT"], check=True
+    )
+    topo.run(topo.host, ["ip6tables-legacy", "-N", "OTHER"], check=True)
+    before = _save(topo)
+    assert daemon.cli("apply").returncode == 0
+    assert daemon.cli("apply").stdout.startswith("rules already in place")
+    assert "IMDSGUARD" in _save(topo)
+    daemon.start()
+    refused = daemon.cli("remove")
+    assert refused.returncode == 1 and "daemon is running" in refused.stderr
+    daemon.stop()
+    removed = daemon.cli("remove")
+    assert removed.returncode == 0, removed.stderr
+    after = _save(topo)
+    assert "IMDSGUARD" not in after
+    strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("#")]  # noqa: E731
+    assert strip(after) == strip(before)
+    assert daemon.cli("remove").stdout.startswith("no imdsguard rules")
+    assert not _denied(topo, None)
+
+
+def test_status_json_in_each_state(daemon: DaemonHandle) -> None:
+    keys = {"protected", "state", "reasons", "mode", "backend", "daemon", "rules", "broker"}
+    # No rules at all: unprotected.
+    doc = daemon.cli("status", "--json")
+    assert doc.returncode == 2
+    data = json.loads(doc.stdout)
+    assert keys <= set(data) and data["state"] == "unprotected"
+    assert data["rules"] == {"ipv4": "missing", "ipv6": "missing"}
+    assert data["blocked"] == {"total": 0, "recent": []}
+    # Daemon running: protected.
+    daemon.start()
+    data = json.loads(daemon.cli("status", "--json").stdout)
+    assert data["protected"] is True and data["state"] == "protected"
+    assert data["daemon"]["running"] and data["daemon"]["pid"] == daemon.proc.pid  # type: ignore[union-attr]
+    assert data["backend"] == "iptables" and data["mode"] == "enforce"
+    # Audit mode: degraded.
+    daemon.write_config("mode: audit\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded")
+    audit = daemon.cli("status", "--json")
+    assert audit.returncode == 1 and json.loads(audit.stdout)["state"] == "degraded"
+    # Rules in place, daemon gone: degraded.
+    daemon.write_config("mode: enforce\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded", count=2)
+    daemon.stop()
+    gone = daemon.cli("status", "--json")
+    assert gone.returncode == 1 and json.loads(gone.stdout)["daemon"]["running"] is False
+    # Cannot tell without privileges: unknown.
+    nobody = daemon.topo.run(
+        daemon.topo.host,
+        [sys.executable, "-m", "imdsguard", "status", "--json", "-c", daemon.config_path],
+        user=User(65534, 65534),
+        env=daemon.env,
+    )
+    if nobody.returncode != 3:
+        pytest.fail(f"expected exit 3 as nobody, got {nobody.returncode}: {nobody.stderr}")
+    assert json.loads(nobody.stdout)["state"] == "unknown"
+
+
+def test_ready_is_sent_only_after_rules_are_in_place(daemon: DaemonHandle) -> None:
+    sock_path = os.path.join(daemon.workdir, "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        sock.settimeout(15)
+        daemon.env["NOTIFY_SOCKET"] = sock_path
+        daemon.start(wait=False)
+        seen: list[str] = []
+
+        def rules_now() -> None:
+            seen.append(_save(daemon.topo))
+
+        while True:
+            message = sock.recv(4096).decode()
+            if "READY=1" in message:
+                threading.Thread(target=rules_now).start()
+                break
+        time.sleep(0.5)
+    assert "-A IMDSGUARD" in seen[0] and "-A OUTPUT -d 169.254.169.254/32 -j IMDSGUARD" in seen[0]
+
+
+def test_check_config_reports_file_key_and_line(daemon: DaemonHandle) -> None:
+    daemon.write_config("mode: enforce\nallow:\n  users: [root]\n  grups: [x]\n")
+    result = daemon.cli("check-config")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert f"{daemon.config_path}:4: allow.grups: unknown key" in result.stderr
+    # A bad config at start: exit 2, and rules already in place stay.
+    daemon.write_config("mode: enforce\n")
+    assert daemon.cli("apply").returncode == 0
+    daemon.write_config("mode: enforcing\n")
+    started = daemon.topo.run(
+        daemon.topo.host,
+        [sys.executable, "-m", "imdsguard", "run", "-c", daemon.config_path],
+        env=daemon.env,
+    )
+    assert started.returncode == 2 and "mode" in started.stderr
+    assert "IMDSGUARD" in _save(daemon.topo)
