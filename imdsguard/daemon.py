@@ -155,7 +155,8 @@ class Daemon:
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
-        if not hasattr(self, "ruleset") or self.ruleset.queue_num is None:
+        current: RuleSet | None = getattr(self, "ruleset", None)
+        if current is None or current.queue_num is None:
             return
         self.ruleset = build_ruleset(self.config, queue_num=None)
         try:

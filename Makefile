@@ -1,0 +1,62 @@
+# imdsguard: two commands on a fresh Debian 12 as root: `make demo` and `make test`.
+# Each installs what it needs (OS packages, .venv) idempotently, then runs.
+
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+APT_PACKAGES := iptables nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev
+TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML types-psutil botocore hypothesis
+
+.PHONY: help deps os-deps venv demo test test-unit test-integration lint typecheck bench clean
+
+help:
+	@echo "make demo   - run the guard end to end in throw-away network namespaces (root)"
+	@echo "make test   - lint, type check, unit and real-kernel integration tests (root)"
+	@echo "make bench  - benchmarks (figures for the README)"
+
+os-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing OS packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | os-deps
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(VPY) -m pip install -q --disable-pip-version-check -e . $(TEST_DEPS)
+	touch $@
+
+venv: os-deps $(VENV)/.installed
+
+deps: venv
+
+demo: deps
+	$(VPY) -m imdsguard demo
+
+lint: deps
+	$(VENV)/bin/ruff check --target-version py39 imdsguard tests benchmarks
+	$(VENV)/bin/ruff format --check imdsguard tests benchmarks
+
+typecheck: deps
+	$(VENV)/bin/mypy imdsguard
+
+test-unit: deps
+	$(VPY) -m pytest -q tests/unit
+
+test-integration: deps
+	$(VPY) -m pytest -q tests/integration
+
+# One pytest run over everything, so the closing line counts all tests; exit 5
+# (no tests collected) fails like any other non-zero exit.
+test: lint typecheck
+	$(VPY) -m pytest -q -m "not long" tests
+
+bench: deps
+	$(VPY) benchmarks/repair.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+-include packaging/rpm.mk
