@@ -70,8 +70,8 @@ class Daemon:
         self.started = time.time()
         self.counters = _Counters()
         self._wake = threading.Event()
-        self._stop = False
-        self._reload = False
+        self._stop = threading.Event()
+        self._reload = threading.Event()
         self._components: dict[str, Component] = {}
         self.config: Config
         self.ruleset: RuleSet
@@ -80,10 +80,7 @@ class Daemon:
     # -- signals
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self._reload = True
-        else:
-            self._stop = True
+        (self._reload if signum == signal.SIGHUP else self._stop).set()
         self._wake.set()
 
     # -- life cycle
@@ -129,13 +126,13 @@ class Daemon:
 
     def _loop(self) -> None:
         next_heartbeat = time.monotonic() + HEARTBEAT
-        while not self._stop:
+        while not self._stop.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
-            if self._stop:
+            if self._stop.is_set():
                 break
-            if self._reload:
-                self._reload = False
+            if self._reload.is_set():
+                self._reload.clear()
                 self._do_reload()
             self._check()
             if time.monotonic() >= next_heartbeat:
