@@ -1,0 +1,84 @@
+"""The command line: one-line errors, exit codes, check-config output (no root needed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imdsguard import cli, notify
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    path.chmod(0o644)
+    return str(path)
+
+
+def test_check_config_prints_effective_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, "allow:\n  users: [root, 4242]\naction: drop\n")
+    assert cli.main(["check-config", "-c", path, "--rules"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {path}: OK\n")
+    body = yaml.safe_load(out.split("# ipv4 rules")[0])
+    assert body["allow"]["users"] == ["root (0)", "4242"]
+    assert body["action"] == "drop"
+    assert "-A IMDSGUARD -j DROP" in out
+    assert "-A OUTPUT -d fd00:ec2::254/128 -j IMDSGUARD" in out
+
+
+def test_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, "mode: enforce\nendpoints: [169.254.169.254, not-an-ip]\n")
+    assert cli.main(["check-config", "-c", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"imdsguard: error: {path}:2: endpoints[1]: 'not-an-ip'")
+
+
+def test_config_option_works_before_and_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, "mode: audit\n")
+    assert cli.main(["-c", path, "check-config"]) == 0
+    assert "mode: audit" in capsys.readouterr().out
+    assert cli.main(["check-config", "--config", path]) == 0
+
+
+@pytest.mark.parametrize("command", ["run", "apply", "remove", "demo"])
+def test_commands_that_change_the_firewall_explain_root(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    path = _config(tmp_path, "")
+    assert cli.main([command, "-c", path]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs root" in err and "Traceback" not in err
+
+
+def test_missing_explicit_config_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check-config", "-c", "/nonexistent/imdsguard.yaml"]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_sd_notify_speaks_the_datagram_protocol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify.notify("READY=1") is False  # not under systemd: silently skipped
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify.notify("READY=1", "STATUS=ok") is True
+        assert sock.recv(100) == b"READY=1\nSTATUS=ok"
