@@ -15,7 +15,9 @@ config on SIGHUP is logged and the old policy stays.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +32,8 @@ from imdsguard.firewall.detect import make_backend
 from imdsguard.notify import notify
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
-DEFAULT_INTERVAL = 0.25
+DEFAULT_INTERVAL = 0.25  # polling backends (x_tables has no change notification)
+WATCHED_INTERVAL = 2.0  # notifying backends: a safety net, and /etc/group re-expansion
 HEARTBEAT = 5.0
 
 
@@ -69,7 +72,7 @@ class Daemon:
         self.interval = interval
         self.started = time.time()
         self.counters = _Counters()
-        self._wake = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._components: dict[str, Component] = {}
@@ -81,7 +84,6 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         (self._reload if signum == signal.SIGHUP else self._stop).set()
-        self._wake.set()
 
     # -- life cycle
 
@@ -97,6 +99,7 @@ class Daemon:
             )
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w)  # a signal wakes the select() in the loop
         self.config = load_config(self.config_path)
         self.backend = make_backend(self.config.backend)
         self.ruleset = self._ruleset(self.config)
@@ -125,19 +128,47 @@ class Daemon:
         return 0
 
     def _loop(self) -> None:
+        watch = self._watch()
+        interval = self.interval if watch is None else max(self.interval, WATCHED_INTERVAL)
         next_heartbeat = time.monotonic() + HEARTBEAT
-        while not self._stop.is_set():
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            if self._reload.is_set():
-                self._reload.clear()
-                self._do_reload()
-            self._check()
-            if time.monotonic() >= next_heartbeat:
-                self._publish()
-                next_heartbeat = time.monotonic() + HEARTBEAT
+        try:
+            while not self._stop.is_set():
+                fds: list[int | socket.socket] = [self._wake_r]
+                if watch is not None:
+                    fds.append(watch)
+                ready, _, _ = select.select(fds, [], [], interval)
+                for fd in ready:
+                    _drain(fd)
+                if self._stop.is_set():
+                    break
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._do_reload()
+                    watch = self._rewatch(watch)
+                self._check()
+                if time.monotonic() >= next_heartbeat:
+                    self._publish()
+                    next_heartbeat = time.monotonic() + HEARTBEAT
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _watch(self) -> socket.socket | None:
+        """The backend's change-notification socket, if it has one."""
+        make = getattr(self.backend, "watch", None)
+        if make is None:
+            return None
+        try:
+            sock: socket.socket = make()
+        except OSError as exc:
+            self.log.warning("watch_unavailable", error=str(exc), fallback="polling")
+            return None
+        return sock
+
+    def _rewatch(self, watch: socket.socket | None) -> socket.socket | None:
+        if watch is not None:
+            watch.close()
+        return self._watch()
 
     # -- firewall
 
@@ -148,7 +179,8 @@ class Daemon:
 
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.
-        return build_ruleset(config, queue_num=QUEUE_NUM if "capture" in self._components else None)
+        queue = QUEUE_NUM if "capture" in self._components else None
+        return build_ruleset(config, queue_num=queue)
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
@@ -273,6 +305,19 @@ class Daemon:
             _state.write_state(state)
         except OSError as exc:
             self.log.error("state_write_failed", error=str(exc))
+
+
+def _drain(fd: int | socket.socket) -> None:
+    """Empty a wake-up pipe or notification socket (its content does not matter)."""
+    while True:
+        try:
+            data = fd.recv(65536) if isinstance(fd, socket.socket) else os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            return  # e.g. ENOBUFS after a burst: we re-check everything anyway
+        if not data:
+            return
 
 
 def _make_components(

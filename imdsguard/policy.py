@@ -39,7 +39,9 @@ class RuleSet:
     mode; in audit mode nothing is denied. With ``queue_num`` set (only while
     a daemon listens on that queue) packets go through NFQUEUE first so the
     daemon can attribute them; see imdsguard.firewall.iptables for how that
-    stays fail-closed.
+    stays fail-closed. ``containers == "deny"`` also denies IMDS traffic that
+    the host forwards (from local bridges: Docker, CNI, podman), where no
+    owner is known.
     """
 
     endpoints_v4: tuple[str, ...]
@@ -50,6 +52,7 @@ class RuleSet:
     mode: str = "enforce"
     queue_num: int | None = None
     allow_mark: int | None = None
+    containers: str = "allow"
 
     @property
     def enforcing(self) -> bool:
@@ -81,6 +84,7 @@ class RuleSet:
             mode=data["mode"],
             queue_num=data.get("queue_num"),
             allow_mark=data.get("allow_mark"),
+            containers=data.get("containers", "allow"),
         )
 
 
@@ -105,4 +109,5 @@ def build_ruleset(
         mode=config.mode,
         queue_num=queue_num,
         allow_mark=MARK_BROKER if config.broker.enabled else None,
+        containers=config.containers,
     )

@@ -1,17 +1,59 @@
-"""Choose the firewall backend for this host."""
+"""Choose the firewall backend for this host.
+
+``auto`` follows what the host's own tools use, so that our rules show up
+where its administrators look (``nft list ruleset`` on nftables hosts) and no
+legacy x_tables get created on a host that does not use them:
+
+- the host's ``iptables`` says ``(nf_tables)``, or there is ``nft`` and no
+  ``iptables`` at all: nftables (Amazon Linux 2023, RHEL 9, Debian 12);
+- ``iptables`` says ``(legacy)``: the iptables backend (python-iptables).
+"""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
 
 from imdsguard.errors import FirewallError
 from imdsguard.firewall.base import Backend
 
 
+def host_flavour() -> str:
+    """``nftables``, ``iptables`` or ``none``: what this host's firewall tools speak."""
+    iptables = shutil.which("iptables")
+    if iptables:
+        try:
+            out = subprocess.run(
+                [iptables, "--version"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        if "nf_tables" in out:
+            return "nftables"
+        if "legacy" in out or out:
+            return "iptables"
+    return "nftables" if shutil.which("nft") else "none"
+
+
+def choose(name: str) -> str:
+    """The backend name ``firewall.backend: name`` resolves to on this host."""
+    if name != "auto":
+        return name
+    flavour = host_flavour()
+    if flavour == "none":
+        raise FirewallError("no firewall tools found: install nftables (or iptables) and retry")
+    return flavour
+
+
 def make_backend(name: str) -> Backend:
     """The backend named by ``firewall.backend`` (``auto`` picks one for this host)."""
-    if name in ("auto", "iptables"):
+    chosen = choose(name)
+    if chosen == "iptables":
         from imdsguard.firewall.iptables import IptablesBackend  # noqa: PLC0415 - loads libxtables
 
         return IptablesBackend()
-    raise FirewallError(
-        f"firewall backend {name!r} is not available in this version; use 'iptables' or 'auto'"
-    )
+    if chosen == "nftables":
+        from imdsguard.firewall.nftables import NftablesBackend  # noqa: PLC0415
+
+        return NftablesBackend()
+    raise FirewallError(f"unknown firewall backend {name!r}: use auto, iptables or nftables")

@@ -11,6 +11,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -105,17 +106,20 @@ def topo(workdir: str) -> Iterator[Topology]:
 
 @dataclass
 class DaemonHandle:
-    """A running ``imdsguard run`` in the HOST namespace."""
+    """A running ``imdsguard run`` in the HOST namespace, on one firewall backend."""
 
     topo: Topology
     workdir: str
     config_path: str
     env: dict[str, str]
+    backend: str = "iptables"
     proc: subprocess.Popen[Any] | None = None
     log_path: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def write_config(self, text: str) -> None:
+        if "firewall:" not in text:
+            text = f"firewall:\n  backend: {self.backend}\n" + text
         tmp = self.config_path + ".tmp"
         with open(tmp, "w") as fh:
             fh.write(text)
@@ -173,16 +177,37 @@ class DaemonHandle:
             env=self.env,
         )
 
+    def ruleset_text(self) -> str:
+        """Everything in the kernel's firewall of HOST, in save form (both backends)."""
+        out = ""
+        for argv in (
+            ["iptables-legacy-save", "-t", "filter"],
+            ["ip6tables-legacy-save", "-t", "filter"],
+            ["nft", "list", "ruleset"],
+        ):
+            out += self.topo.run(self.topo.host, argv, check=True).stdout
+        out = re.sub(r"\[\d+:\d+\]", "[0:0]", out)  # packet counters move; rules do not
+        return "\n".join(ln for ln in out.splitlines() if not ln.startswith("#"))
+
+
+BACKENDS = ["iptables", "nftables"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: Any) -> str:
+    """Each firewall backend in turn."""
+    return str(request.param)
+
 
 @pytest.fixture
-def daemon(topo: Topology, workdir: str) -> Iterator[DaemonHandle]:
+def daemon(topo: Topology, workdir: str, backend: str) -> Iterator[DaemonHandle]:
     """A daemon handle with its own runtime/state/log dirs (not started yet)."""
     env = dict(os.environ)
     for key in ("run", "state", "log"):
         path = os.path.join(workdir, key)
         os.makedirs(path, exist_ok=True)
         env[f"IMDSGUARD_{key.upper()}_DIR"] = path
-    handle = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env)
+    handle = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env, backend)
     handle.write_config("allow:\n  users: [root]\n")
     yield handle
     if handle.proc is not None and handle.proc.poll() is None:
