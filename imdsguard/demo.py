@@ -8,6 +8,7 @@ Nothing here touches the host's own firewall or its real IMDS.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 from imdsguard.netns import Topology, User, wait_for
 
 DEMO_USER = "nobody"
+TAMPER = {"nftables": ["nft", "flush", "ruleset"], "iptables": ["iptables-legacy", "-F", "OUTPUT"]}
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
 
 
@@ -58,8 +60,10 @@ def run_demo() -> int:
             nobody = User(65534, 65534)
             ok &= _show(topo, f"{DEMO_USER} (not allowlisted)", nobody, expect_ok=False)
             ok &= _show(topo, f"{DEMO_USER} over IPv6", nobody, expect_ok=False, v6=True)
-            _say("\n== tampering: iptables-legacy -F OUTPUT (as a firewall reload would)")
-            topo.run(topo.host, ["iptables-legacy", "-F", "OUTPUT"], check=True)
+            backend = json.loads(_read(state))["backend"]
+            tamper = TAMPER[backend]
+            _say(f"\n== tampering: {' '.join(tamper)} (as a firewall reload would)")
+            topo.run(topo.host, tamper, check=True)
             wait_for(lambda: "rules_restored" in _read(log_path), 5, "the repair", daemon)
             _say("   the daemon put the rules back:")
             for line in _read(log_path).splitlines():
