@@ -243,14 +243,15 @@ class Topology:
         method: str = "GET",
         headers: dict[str, str] | None = None,
         timeout: float = 5,
+        ns: str | None = None,
     ) -> HttpResult:
-        """One HTTP request from HOST as ``user`` with /usr/bin/curl."""
+        """One HTTP request from HOST (or ``ns``) as ``user`` with /usr/bin/curl."""
         argv = ["/usr/bin/curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method]
         argv += ["--max-time", str(timeout), "--noproxy", "*"]
         for key, value in (headers or {}).items():
             argv += ["-H", f"{key}: {value}"]
         start = time.monotonic()
-        proc = self.run(self.host, [*argv, url], user=user, timeout=timeout + 10)
+        proc = self.run(ns or self.host, [*argv, url], user=user, timeout=timeout + 10)
         elapsed = time.monotonic() - start
         body, _, code = proc.stdout.rpartition("\n")
         return HttpResult(proc.returncode, int(code or 0), body, proc.stderr.strip(), elapsed)

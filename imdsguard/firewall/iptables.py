@@ -22,7 +22,7 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imdsguard import _locks
@@ -32,7 +32,10 @@ from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
 CHAIN = "IMDSGUARD"
 AUDITED = "IMDSGUARD-AUDITED"
-OUR_CHAINS = (CHAIN, AUDITED)
+FORWARDED = "IMDSGUARD-FWD"
+OUR_CHAINS = (CHAIN, AUDITED, FORWARDED)
+#: Built-in chains we hook into, and the chain of ours each one jumps to.
+HOOKS = {"OUTPUT": CHAIN, "FORWARD": FORWARDED}
 
 Params = tuple[tuple[str, str], ...]
 
@@ -77,7 +80,7 @@ def _host(addr: str) -> str:
 
 @dataclass(frozen=True)
 class Rendered:
-    """Our rules for one family: the OUTPUT jumps and each chain of ours in order."""
+    """Our rules for one family: the jumps (OUTPUT, FORWARD) and each chain of ours."""
 
     jumps: list[XtRule]
     chains: dict[str, list[XtRule]]
@@ -113,33 +116,37 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
     chains = {CHAIN: rules}
     if not ruleset.enforcing and ruleset.queue_num is not None:
         chains[AUDITED] = _audited_rules()
+    if ruleset.containers == "deny":
+        # Forwarded (container) traffic has no local owner: nothing is allowed.
+        jumps += [XtRule("FORWARD", FORWARDED, dst=_host(ep)) for ep in ruleset.endpoints(family)]
+        chains[FORWARDED] = _deny_rules(ruleset, family, FORWARDED)
     return Rendered(jumps, chains)
 
 
-def _deny(ruleset: RuleSet, family: str, mark: bool) -> list[XtRule]:
+def _deny(ruleset: RuleSet, family: str, mark: bool, chain: str = CHAIN) -> list[XtRule]:
     seen: tuple[tuple[str, Params], ...] = (
         (("mark", (("mark", f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"),)),) if mark else ()
     )
     if ruleset.action == "drop":
-        return [XtRule(CHAIN, "DROP", matches=seen)]
+        return [XtRule(chain, "DROP", matches=seen)]
     # A TCP reset makes connect() fail at once; anything else gets ICMP. The explicit
     # "-m tcp" is what iptables adds itself, and python-iptables corrupts memory
     # building a "-p tcp" rule without it after an owner-match rule.
     return [
         XtRule(
-            CHAIN,
+            chain,
             "REJECT",
             protocol="tcp",
             matches=(("tcp", ()), *seen),
             target_params=(("reject-with", "tcp-reset"),),
         ),
         XtRule(
-            CHAIN, "REJECT", matches=seen, target_params=(("reject-with", _reject_icmp(family)),)
+            chain, "REJECT", matches=seen, target_params=(("reject-with", _reject_icmp(family)),)
         ),
     ]
 
 
-def _deny_rules(ruleset: RuleSet, family: str) -> list[XtRule]:
+def _deny_rules(ruleset: RuleSet, family: str, chain: str = CHAIN) -> list[XtRule]:
     """Everything after the allow rules.
 
     Without a queue: the deny (enforce) or nothing (audit).
@@ -153,14 +160,14 @@ def _deny_rules(ruleset: RuleSet, family: str) -> list[XtRule]:
     since audit mode must never block.
     """
     if ruleset.queue_num is None:
-        return _deny(ruleset, family, mark=False) if ruleset.enforcing else []
+        return _deny(ruleset, family, False, chain) if ruleset.enforcing else []
     params: Params = (("queue-num", str(ruleset.queue_num)),)
     if not ruleset.enforcing:
         return [
-            XtRule(CHAIN, AUDITED, matches=_seen_match()),
-            XtRule(CHAIN, "NFQUEUE", target_params=(*params, ("queue-bypass", ""))),
+            XtRule(chain, AUDITED, matches=_seen_match()),
+            XtRule(chain, "NFQUEUE", target_params=(*params, ("queue-bypass", ""))),
         ]
-    return [*_deny(ruleset, family, mark=True), XtRule(CHAIN, "NFQUEUE", target_params=params)]
+    return [*_deny(ruleset, family, True, chain), XtRule(chain, "NFQUEUE", target_params=params)]
 
 
 def _seen_match() -> tuple[tuple[str, Params], ...]:
@@ -175,9 +182,11 @@ def _audited_rules() -> list[XtRule]:
     ]
 
 
-def _required(ruleset: RuleSet, family: str) -> list[XtRule]:
-    """The rules without which our chain does not deny at all."""
-    return _deny_rules(ruleset, family) if ruleset.enforcing else []
+def _required(ruleset: RuleSet, family: str, chain: str) -> list[XtRule]:
+    """The rules without which ``chain`` does not deny at all."""
+    if not ruleset.enforcing or chain not in (CHAIN, FORWARDED):
+        return []
+    return _deny_rules(ruleset, family, chain)
 
 
 # --- talking to libiptc ----------------------------------------------------------
@@ -258,9 +267,10 @@ class _Snapshot:
 
     output: list[XtRule]
     chains: dict[str, list[XtRule]]  # our chains that exist
+    forward: list[XtRule] = field(default_factory=list)
 
-    def jump_positions(self) -> list[int]:
-        return [i for i, r in enumerate(self.output) if r.target == CHAIN]
+    def builtin(self, name: str) -> list[XtRule]:
+        return self.output if name == "OUTPUT" else self.forward
 
 
 class IptablesBackend:
@@ -310,12 +320,13 @@ class IptablesBackend:
     def _snapshot(self, table: Any) -> _Snapshot:
         iptc = self._iptc
         output = [_from_iptc(r, "OUTPUT") for r in iptc.Chain(table, "OUTPUT").rules]
+        forward = [_from_iptc(r, "FORWARD") for r in iptc.Chain(table, "FORWARD").rules]
         chains = {
             name: [_from_iptc(r, name) for r in iptc.Chain(table, name).rules]
             for name in OUR_CHAINS
             if table.is_chain(name)
         }
-        return _Snapshot(output, chains)
+        return _Snapshot(output, chains, forward)
 
     def _build(self, family: str, rule: XtRule) -> Any:
         iptc = self._iptc
@@ -380,23 +391,30 @@ class IptablesBackend:
         iptc = self._iptc
         wanted = render(ruleset, family)
         # Sub-chains first: the main chain's rules may jump to them.
-        for name in sorted(wanted.chains, key=lambda n: n == CHAIN):
+        for name in sorted(wanted.chains, key=lambda n: n != AUDITED):
             if not table.is_chain(name):
                 table.create_chain(name)
             chain = iptc.Chain(table, name)
             chain.flush()
             for rule in wanted.chains[name]:
                 self._add(chain, family, rule)
-        for name in OUR_CHAINS:
-            if name not in wanted.chains and table.is_chain(name):
-                iptc.Chain(table, name).flush()
-                table.delete_chain(name)
-        output = iptc.Chain(table, "OUTPUT")
-        for rule in list(output.rules):
-            if rule.target is not None and rule.target.name == CHAIN:
-                output.delete_rule(rule)
-        for rule in reversed(wanted.jumps):
-            self._add(output, family, rule, position=0)
+        stale = [n for n in OUR_CHAINS if n not in wanted.chains and table.is_chain(n)]
+        for hook in HOOKS:  # jumps to a stale chain must go before the chain can
+            builtin = iptc.Chain(table, hook)
+            for rule in list(builtin.rules):
+                if rule.target is not None and rule.target.name in stale:
+                    builtin.delete_rule(rule)
+        for name in stale:
+            iptc.Chain(table, name).flush()
+        for name in stale:
+            table.delete_chain(name)
+        for hook in HOOKS:
+            builtin = iptc.Chain(table, hook)
+            for rule in list(builtin.rules):
+                if rule.target is not None and rule.target.name in OUR_CHAINS:
+                    builtin.delete_rule(rule)
+            for rule in reversed([j for j in wanted.jumps if j.chain == hook]):
+                self._add(builtin, family, rule, position=0)
 
     def _add(self, chain: Any, family: str, rule: XtRule, position: int | None = None) -> None:
         built = self._build(family, rule)
@@ -422,7 +440,7 @@ class IptablesBackend:
             found = False
             for chain in table.chains:
                 for rule in list(chain.rules):
-                    if rule.target is not None and rule.target.name == CHAIN:
+                    if rule.target is not None and rule.target.name in OUR_CHAINS:
                         chain.delete_rule(rule)
                         found = True
             present = [name for name in OUR_CHAINS if table.is_chain(name)]
@@ -447,7 +465,7 @@ def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
             missing.append(f"chain {name} does not exist")
         elif [_canonical(r) for r in have] != [_canonical(r) for r in rules]:
             present = {_canonical(r) for r in have}
-            required = _required(ruleset, family) if name == CHAIN else []
+            required = _required(ruleset, family, name)
             absent = [r for r in required if _canonical(r) not in present]
             if absent:
                 missing.append(f"chain {name} lacks '{absent[0].save()}' (flushed or edited)")
@@ -456,15 +474,19 @@ def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
     for name in snap.chains:
         if name not in wanted.chains:
             drift.append(f"stale chain {name}")
-    current = [_canonical(snap.output[i]) for i in snap.jump_positions()]
-    for jump in wanted.jumps:
-        if _canonical(jump) not in current:
-            missing.append(f"OUTPUT has no jump for {jump.dst} to {CHAIN}")
-    jumps = [_canonical(j) for j in wanted.jumps]
-    if not missing and [_canonical(r) for r in snap.output[: len(jumps)]] != jumps:
-        drift.append(f"the jumps to {CHAIN} are not the first rules of OUTPUT")
-    if not missing and current != jumps:
-        drift.append(f"OUTPUT has extra or duplicate jumps to {CHAIN}")
+    for hook, target in HOOKS.items():
+        rules = snap.builtin(hook)
+        current = [_canonical(r) for r in rules if r.target in OUR_CHAINS]
+        jumps = [_canonical(j) for j in wanted.jumps if j.chain == hook]
+        for jump in jumps:
+            if jump not in current:
+                missing.append(f"{hook} has no jump for {jump.dst} to {target}")
+        if missing:
+            continue
+        if [_canonical(r) for r in rules[: len(jumps)]] != jumps:
+            drift.append(f"the jumps to {target} are not the first rules of {hook}")
+        if current != jumps:
+            drift.append(f"{hook} has extra or duplicate jumps to our chains")
     if missing:
         return Inspection(family, FamilyState.MISSING, tuple(missing + drift))
     if drift:
