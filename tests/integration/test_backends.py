@@ -1,0 +1,66 @@
+"""Backend selection and nftables-specific behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from imdsguard.firewall.detect import host_flavour
+from imdsguard.netns import User
+from tests.integration.conftest import DaemonHandle
+
+CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_auto_on_an_nft_host_creates_no_legacy_tables(daemon: DaemonHandle) -> None:
+    if host_flavour() != "nftables":
+        pytest.fail("this test expects Debian 12's iptables (nf_tables variant)")
+    daemon.write_config("firewall:\n  backend: auto\n")
+    daemon.start()
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["backend"] == "nftables" and status["state"] == "protected", status
+    for names in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
+        legacy = daemon.topo.run(daemon.topo.host, ["cat", names], check=True).stdout
+        assert legacy.strip() == "", f"legacy tables were created: {legacy}"
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_group_membership_change_is_picked_up(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    """nft matches uids: a user added to an allowed group gets in without a reload."""
+    name = "imdsg-denied"
+    subprocess.run(["groupadd", "-r", "-f", "imdsg-late"], check=True)
+    subprocess.run(["gpasswd", "-d", name, "imdsg-late"], capture_output=True, check=False)
+    daemon.write_config("allow:\n  users: [root]\n  groups: [imdsg-late]\n")
+    daemon.start()
+    user = test_users[name]
+    try:
+        assert not daemon.topo.imds_get(user, CREDS, v2=True).ok
+        subprocess.run(["usermod", "-a", "-G", "imdsg-late", name], check=True)
+        deadline = time.monotonic() + 5
+        while not daemon.topo.imds_get(user, CREDS, v2=True).ok:
+            assert time.monotonic() < deadline, "group change not picked up within 5 s"
+            time.sleep(0.2)
+        assert daemon.wait_log("rules_restored")[0]["problems"]
+    finally:
+        subprocess.run(["gpasswd", "-d", name, "imdsg-late"], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_thousand_users_apply_in_well_under_a_second(daemon: DaemonHandle) -> None:
+    users = ", ".join(str(30000 + i) for i in range(1000))
+    daemon.write_config(f"allow:\n  users: [{users}]\n")
+    start = time.monotonic()
+    assert daemon.cli("apply").returncode == 0
+    assert time.monotonic() - start < 1.0
+    listing = daemon.topo.run(
+        daemon.topo.host,
+        ["nft", "-j", "list", "set", "inet", "imdsguard", "allow_uids"],
+        check=True,
+    ).stdout
+    assert len(json.loads(listing)["nftables"][1]["set"]["elem"]) == 1000
