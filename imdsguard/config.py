@@ -186,11 +186,13 @@ def _parse(text: str, path: str) -> tuple[dict[str, Any], _Doc]:
         raise ConfigError(path, f"not valid YAML: {problem}", line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, f"not valid YAML: {exc}") from None
-    if root is None:
+    if root is None or root.tag == "tag:yaml.org,2002:null":  # e.g. "---" then only comments
         return {}, doc
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(
-            path, "the top level must be a mapping of keys (e.g. 'mode: enforce')", line=1
+            path,
+            "the top level must be a mapping of keys (e.g. 'mode: enforce')",
+            line=root.start_mark.line + 1,
         )
     data = _convert(root, "", doc)
     return data, doc
@@ -257,7 +259,7 @@ def _resolve(
         if isinstance(item, bool) or not isinstance(item, (str, int)):
             raise doc.error(ikey, f"must be a {kind} name or numeric id, got {item!r}")
         text = str(item).strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():  # str.isdigit alone accepts "²", which int() rejects
             num = int(text)
             if num > 0xFFFFFFFE:
                 raise doc.error(ikey, f"{kind} id {num} is out of range")
@@ -269,7 +271,7 @@ def _resolve(
         else:
             try:
                 principal = Principal(text, by_name(text))
-            except KeyError:
+            except (KeyError, ValueError):  # ValueError: a NUL byte in the name
                 raise doc.error(
                     ikey, f"unknown {kind} {text!r}: create it first or use a numeric id"
                 ) from None

@@ -50,6 +50,7 @@ class XtRule:
     protocol: str | None = None
     matches: tuple[tuple[str, Params], ...] = ()
     target_params: Params = ()
+    goto: bool = False  # "-g": a RETURN in the target chain goes back to *our* caller
 
     def save(self) -> str:
         """The rule as ``iptables-save`` would print it."""
@@ -61,7 +62,7 @@ class XtRule:
         for name, params in self.matches:
             parts.append(f"-m {name}")
             parts.extend(_params_text(params))
-        parts.append(f"-j {self.target}")
+        parts.append(f"{'-g' if self.goto else '-j'} {self.target}")
         parts.extend(_params_text(self.target_params))
         return " ".join(parts)
 
@@ -164,7 +165,9 @@ def _deny_rules(ruleset: RuleSet, family: str, chain: str = CHAIN) -> list[XtRul
     params: Params = (("queue-num", str(ruleset.queue_num)),)
     if not ruleset.enforcing:
         return [
-            XtRule(chain, AUDITED, matches=_seen_match()),
+            # goto, not jump: AUDITED's RETURN must leave our chain (back to OUTPUT or
+            # FORWARD), not fall through to the NFQUEUE rule and queue the packet again.
+            XtRule(chain, AUDITED, matches=_seen_match(), goto=True),
             XtRule(chain, "NFQUEUE", target_params=(*params, ("queue-bypass", ""))),
         ]
     return [*_deny(ruleset, family, True, chain), XtRule(chain, "NFQUEUE", target_params=params)]
@@ -221,6 +224,7 @@ def _from_iptc(rule: Any, chain: str) -> XtRule:
         protocol=protocol,
         matches=matches,
         target_params=_norm_params(rule.target.get_all_parameters()) if rule.target else (),
+        goto=bool(rule.target is not None and rule.target.goto),
     )
 
 
@@ -258,6 +262,7 @@ def _canonical(rule: XtRule) -> XtRule:
         protocol=rule.protocol,
         matches=tuple((name, tuple(sorted(p))) for name, p in rule.matches),
         target_params=tuple(sorted(rule.target_params)),
+        goto=rule.goto,
     )
 
 
@@ -340,7 +345,7 @@ class IptablesBackend:
             for key, value in params:
                 _own_scratch(match)
                 match.set_parameter(key, value or None)
-        target = iptc.Target(new, rule.target)
+        target = iptc.Target(new, rule.target, goto=rule.goto)
         for key, value in rule.target_params:
             _own_scratch(target)
             target.set_parameter(key, value)

@@ -1,0 +1,539 @@
+"""imdsguard.config: defaults, every key, one-line errors with file, key and line, trust."""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import os
+import pwd
+import stat
+from pathlib import Path
+
+import pytest
+
+from imdsguard import config
+from imdsguard.config import Config, Principal, check_trust, load_config, parse_config
+from imdsguard.errors import ConfigError
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="trust checks only apply as root")
+
+
+def _error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "cfg.yaml")
+    assert info.value.exit_code == 2
+    return info.value
+
+
+def _unused_id(taken: set[int]) -> int:
+    return next(i for i in range(4242, 1 << 31) if i not in taken)
+
+
+def _other_user() -> pwd.struct_passwd:
+    """A local user other than root (every system has a few: daemon, nobody...)."""
+    return min((p for p in pwd.getpwall() if p.pw_uid != 0), key=lambda p: p.pw_uid)
+
+
+def _other_group() -> grp.struct_group:
+    return min((g for g in grp.getgrall() if g.gr_gid != 0), key=lambda g: g.gr_gid)
+
+
+# --- defaults -----------------------------------------------------------------------
+
+
+def _assert_defaults(cfg: Config) -> None:
+    assert cfg.mode == "enforce"
+    assert cfg.action == "reject"
+    assert cfg.endpoints == (
+        ipaddress.ip_address("169.254.169.254"),
+        ipaddress.ip_address("fd00:ec2::254"),
+    )
+    assert cfg.backend == "auto"
+    assert cfg.allow.users == (Principal("root", 0),)
+    assert cfg.allow.groups == ()
+    assert cfg.containers == "deny"
+    assert not cfg.broker.enabled
+    assert cfg.broker.socket == "/run/imdsguard/broker.sock"
+    assert cfg.broker.clients.users == cfg.broker.clients.groups == ()
+    assert cfg.broker.clients.exes == ()
+    assert cfg.imds_url == "http://169.254.169.254"
+    assert cfg.log_format == "json"
+    assert cfg.metrics.textfile is None
+    assert cfg.metrics.listen is None
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n", "---\n# mode: audit\n"])
+def test_empty_file_gives_defaults(text: str) -> None:
+    cfg = parse_config(text, "cfg.yaml")
+    _assert_defaults(cfg)
+    assert cfg.path == "cfg.yaml"
+
+
+def test_missing_default_file_gives_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = str(tmp_path / "config.yaml")
+    monkeypatch.setattr(config, "DEFAULT_PATH", missing)
+    cfg = load_config()
+    _assert_defaults(cfg)
+    assert cfg.path == missing
+
+
+def test_empty_sections_give_defaults() -> None:
+    text = "firewall:\nallow:\nbroker:\n  clients:\nimds:\nlogging:\nmetrics:\n"
+    _assert_defaults(parse_config(text, "cfg.yaml"))
+
+
+def test_defaults_to_dict() -> None:
+    assert Config().to_dict() == {
+        "mode": "enforce",
+        "action": "reject",
+        "endpoints": ["169.254.169.254", "fd00:ec2::254"],
+        "firewall": {"backend": "auto"},
+        "allow": {"users": ["root (0)"], "groups": []},
+        "containers": "deny",
+        "broker": {
+            "enabled": False,
+            "socket": "/run/imdsguard/broker.sock",
+            "clients": {"users": [], "groups": [], "exes": []},
+        },
+        "imds": {"url": "http://169.254.169.254"},
+        "logging": {"format": "json"},
+        "metrics": {"textfile": None, "listen": None},
+    }
+
+
+# --- every key ----------------------------------------------------------------------
+
+
+FULL = """\
+mode: audit
+action: drop
+endpoints: ["169.254.169.254", "fd00:ec2::254", "169.254.170.2", "169.254.169.254"]
+firewall:
+  backend: nftables
+allow:
+  users: [root, 4242]
+  groups: [0, 4343]
+containers: allow
+broker:
+  enabled: true
+  socket: /run/imdsguard//other.sock
+  clients: {users: [4242], groups: [root], exes: [/usr/bin/aws, /opt/app/../bin/app]}
+imds:
+  url: http://127.0.0.1:8080/
+logging:
+  format: console
+metrics:
+  textfile: /var/lib/node_exporter/imdsguard.prom
+  listen: "[::1]:9721"
+"""
+
+
+def test_every_key_accepted() -> None:
+    cfg = parse_config(FULL, "cfg.yaml")
+    assert cfg.mode == "audit"
+    assert cfg.action == "drop"
+    assert [str(e) for e in cfg.endpoints] == ["169.254.169.254", "fd00:ec2::254", "169.254.170.2"]
+    assert cfg.backend == "nftables"
+    assert [p.id for p in cfg.allow.users] == [0, 4242]
+    assert [p.id for p in cfg.allow.groups] == [0, 4343]
+    assert cfg.containers == "allow"
+    assert cfg.broker.enabled
+    assert cfg.broker.socket == "/run/imdsguard/other.sock"
+    assert [p.id for p in cfg.broker.clients.users] == [4242]
+    assert cfg.broker.clients.groups == (Principal("root", 0),)
+    assert cfg.broker.clients.exes == ("/usr/bin/aws", "/opt/bin/app")
+    assert cfg.imds_url == "http://127.0.0.1:8080"
+    assert cfg.log_format == "console"
+    assert cfg.metrics.textfile == "/var/lib/node_exporter/imdsguard.prom"
+    assert cfg.metrics.listen == ("::1", 9721)
+
+
+def test_every_key_to_dict() -> None:
+    assert parse_config(FULL, "cfg.yaml").to_dict() == {
+        "mode": "audit",
+        "action": "drop",
+        "endpoints": ["169.254.169.254", "fd00:ec2::254", "169.254.170.2"],
+        "firewall": {"backend": "nftables"},
+        "allow": {"users": ["root (0)", "4242"], "groups": ["root (0)", "4343"]},
+        "containers": "allow",
+        "broker": {
+            "enabled": True,
+            "socket": "/run/imdsguard/other.sock",
+            "clients": {
+                "users": ["4242"],
+                "groups": ["root (0)"],
+                "exes": ["/usr/bin/aws", "/opt/bin/app"],
+            },
+        },
+        "imds": {"url": "http://127.0.0.1:8080"},
+        "logging": {"format": "console"},
+        "metrics": {"textfile": "/var/lib/node_exporter/imdsguard.prom", "listen": "[::1]:9721"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "attr", "value"),
+    [
+        ("mode: enforce", "mode", "enforce"),
+        ("mode: audit", "mode", "audit"),
+        ("action: reject", "action", "reject"),
+        ("action: drop", "action", "drop"),
+        ("firewall: {backend: auto}", "backend", "auto"),
+        ("firewall: {backend: iptables}", "backend", "iptables"),
+        ("firewall: {backend: nftables}", "backend", "nftables"),
+        ("containers: deny", "containers", "deny"),
+        ("containers: allow", "containers", "allow"),
+        ("logging: {format: json}", "log_format", "json"),
+        ("logging: {format: console}", "log_format", "console"),
+        ("imds: {url: 'http://169.254.169.254'}", "imds_url", "http://169.254.169.254"),
+        ("imds: {url: 'http://[fd00:ec2::254]'}", "imds_url", "http://[fd00:ec2::254]"),
+    ],
+)
+def test_choice_values(text: str, attr: str, value: str) -> None:
+    assert getattr(parse_config(text + "\n", "cfg.yaml"), attr) == value
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:9721", ("127.0.0.1", 9721)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+        ("'[::]:1'", ("::", 1)),
+    ],
+)
+def test_metrics_listen(listen: str, expected: tuple[str, int]) -> None:
+    cfg = parse_config(f"metrics:\n  listen: {listen}\n", "cfg.yaml")
+    assert cfg.metrics.listen == expected
+
+
+def test_ipv6_only_endpoint() -> None:
+    cfg = parse_config("endpoints: ['fd00:ec2::254']\n", "cfg.yaml")
+    assert cfg.endpoints == (ipaddress.ip_address("fd00:ec2::254"),)
+
+
+# --- users and groups ----------------------------------------------------------------
+
+
+def test_users_and_groups_by_name() -> None:
+    user, group = _other_user(), _other_group()
+    cfg = parse_config(
+        f"allow:\n  users: [root, {user.pw_name}]\n  groups: [root, {group.gr_name}]\n",
+        "cfg.yaml",
+    )
+    assert cfg.allow.users == (Principal("root", 0), Principal(user.pw_name, user.pw_uid))
+    assert cfg.allow.groups == (Principal("root", 0), Principal(group.gr_name, group.gr_gid))
+
+
+def test_numeric_ids_are_looked_up_when_they_exist() -> None:
+    user, group = _other_user(), _other_group()
+    cfg = parse_config(
+        f"allow:\n  users: [{user.pw_uid}]\n  groups: ['{group.gr_gid}']\n", "cfg.yaml"
+    )
+    assert cfg.allow.users == (Principal(user.pw_name, user.pw_uid),)
+    assert cfg.allow.groups == (Principal(group.gr_name, group.gr_gid),)
+
+
+def test_numeric_ids_need_not_exist() -> None:
+    uid = _unused_id({p.pw_uid for p in pwd.getpwall()})
+    gid = _unused_id({g.gr_gid for g in grp.getgrall()})
+    cfg = parse_config(
+        f"allow:\n  users: [{uid}]\n  groups: [{gid}]\n"
+        f"broker:\n  clients: {{users: [{uid}], groups: [{gid}]}}\n",
+        "cfg.yaml",
+    )
+    assert cfg.allow.users == (Principal(str(uid), uid),)
+    assert cfg.allow.groups == (Principal(str(gid), gid),)
+    assert cfg.broker.clients.users == cfg.allow.users
+    assert cfg.broker.clients.groups == cfg.allow.groups
+    assert cfg.to_dict()["allow"]["users"] == [str(uid)]
+
+
+def test_duplicates_are_dropped_by_id() -> None:
+    cfg = parse_config(
+        "allow:\n  users: [root, 0, '0', 4242, 4242]\n  groups: [root, 0, 17, 17]\n", "cfg.yaml"
+    )
+    assert [p.id for p in cfg.allow.users] == [0, 4242]
+    assert cfg.allow.users[0] == Principal("root", 0)
+    assert [p.id for p in cfg.allow.groups] == [0, 17]
+
+
+def test_empty_user_list_allows_nobody_not_even_root() -> None:
+    cfg = parse_config("allow: {users: []}\n", "cfg.yaml")
+    assert cfg.allow.users == ()
+    assert cfg.to_dict()["allow"]["users"] == []
+
+
+def test_groups_alone_keep_root_allowed() -> None:
+    cfg = parse_config("allow: {groups: [4242]}\n", "cfg.yaml")
+    assert cfg.allow.users == (Principal("root", 0),)
+
+
+@pytest.mark.parametrize("name", ["\u00b2", "\u0663", "a\\0b"])
+def test_odd_names_are_unknown_users_not_crashes(name: str) -> None:
+    # "²" passes str.isdigit() but not int(); a NUL makes getpwnam raise ValueError.
+    err = _error(f'allow:\n  users: ["{name}"]\n  groups: ["{name}"]\n')
+    assert str(err).startswith("cfg.yaml:2: allow.users[0]: unknown user ")
+
+
+# --- errors -------------------------------------------------------------------------
+
+UNKNOWN_USER = "mode: audit\nallow:\n  users:\n    - root\n    - nosuchuser\n"
+
+ERRORS = [
+    # (text, line, dotted key, part of the message)
+    ("mode: enforce\nbogus: 1\n", 2, "bogus", "unknown key (expected one of: mode, action"),
+    ("allow:\n  users: [root]\n  others: [1]\n", 3, "allow.others", "unknown key"),
+    (
+        "broker:\n  enabled: true\n  clients:\n    users: [root]\n    pids: [1]\n",
+        5,
+        "broker.clients.pids",
+        "unknown key (expected one of: users, groups, exes)",
+    ),
+    ("firewall:\n  backend: auto\n  table: x\n", 3, "firewall.table", "unknown key"),
+    ("imds:\n  host: x\n", 2, "imds.host", "unknown key"),
+    ("logging:\n  level: debug\n", 2, "logging.level", "unknown key"),
+    ("metrics:\n  port: 1\n", 2, "metrics.port", "unknown key"),
+    # wrong types
+    ("mode: enforce\nallow: [root]\n", 2, "allow", "must be a mapping with keys users, groups"),
+    ("broker: true\n", 1, "broker", "must be a mapping"),
+    ("broker:\n  clients: [root]\n", 2, "broker.clients", "must be a mapping"),
+    ("allow:\n  users: root\n", 2, "allow.users", "must be a list of user names"),
+    ("allow:\n  groups: 7\n", 2, "allow.groups", "must be a list of group names"),
+    ("endpoints: 169.254.169.254\n", 1, "endpoints", "must be a list of IP addresses"),
+    ("broker:\n  clients:\n    exes: /usr/bin/aws\n", 3, "broker.clients.exes", "must be a list"),
+    ("allow:\n  users:\n    - root\n    - {a: 1}\n", 4, "allow.users[1]", "must be a user"),
+    ("allow:\n  users: [1.5]\n", 2, "allow.users[0]", "must be a user name or numeric id"),
+    ("allow:\n  groups: [true]\n", 2, "allow.groups[0]", "must be a group name or numeric id"),
+    ("broker:\n  enabled: maybe\n", 2, "broker.enabled", "must be true or false, got 'maybe'"),
+    ("broker:\n  enabled: 1\n", 2, "broker.enabled", "must be true or false"),
+    # bad choices
+    ("\nmode: block\n", 2, "mode", "must be one of enforce | audit, got 'block'"),
+    ("mode: 1\n", 1, "mode", "must be one of enforce | audit, got 1"),
+    ("mode: [audit]\n", 1, "mode", "must be one of enforce | audit"),
+    ("mode: audit\naction: accept\n", 2, "action", "must be one of reject | drop"),
+    ("firewall:\n  backend: pf\n", 2, "firewall.backend", "auto | iptables | nftables"),
+    ("containers: block\n", 1, "containers", "must be one of deny | allow"),
+    ("logging:\n  format: xml\n", 2, "logging.format", "must be one of json | console"),
+    # users and groups
+    (UNKNOWN_USER, 5, "allow.users[1]", "unknown user 'nosuchuser': create it first"),
+    ("allow:\n  groups: [root, nosuchgroup]\n", 2, "allow.groups[1]", "unknown group 'nosuchgr"),
+    (
+        "broker:\n  clients:\n    users: [nosuchuser]\n",
+        3,
+        "broker.clients.users[0]",
+        "unknown user",
+    ),
+    ("broker:\n  clients:\n    groups: [nosuchgroup]\n", 3, "broker.clients.groups[0]", "group"),
+    ("allow:\n  users: [-1]\n", 2, "allow.users[0]", "unknown user '-1'"),
+    ("allow:\n  users: [4294967295]\n", 2, "allow.users[0]", "user id 4294967295 is out of range"),
+    # endpoints
+    (
+        "endpoints:\n  - 169.254.169.254\n  - 169.254.169.300\n",
+        3,
+        "endpoints[1]",
+        "'169.254.169.300' is not an IPv4 or IPv6 address",
+    ),
+    ("endpoints: [imds.local]\n", 1, "endpoints[0]", "is not an IPv4 or IPv6 address"),
+    ("endpoints: [224.0.0.1]\n", 1, "endpoints[0]", "224.0.0.1 cannot be an IMDS endpoint"),
+    ("endpoints: ['::']\n", 1, "endpoints[0]", "cannot be an IMDS endpoint"),
+    ("mode: audit\nendpoints: []\n", 2, "endpoints", "must name at least one IMDS address"),
+    # paths
+    ("broker:\n  socket: run/broker.sock\n", 2, "broker.socket", "must be an absolute path"),
+    (
+        "broker:\n  clients:\n    exes:\n      - /usr/bin/aws\n      - bin/app\n",
+        5,
+        "broker.clients.exes[1]",
+        "must be an absolute path, got 'bin/app'",
+    ),
+    ("metrics:\n  textfile: imdsguard.prom\n", 2, "metrics.textfile", "absolute path"),
+    # imds.url
+    ("imds:\n  url: https://169.254.169.254\n", 2, "imds.url", "must be http://HOST[:PORT]"),
+    ("imds:\n  url: http://169.254.169.254/latest\n", 2, "imds.url", "http://HOST[:PORT]"),
+    ("imds:\n  url: http://169.254.169.254:99999\n", 2, "imds.url", "http://HOST[:PORT]"),
+    ("imds:\n  url: 169.254.169.254\n", 2, "imds.url", "http://HOST[:PORT]"),
+    ("imds:\n  url: 5\n", 2, "imds.url", "must be a URL like http://169.254.169.254"),
+    # metrics.listen
+    ("metrics:\n  listen: localhost:9721\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
+    ("metrics:\n  listen: 127.0.0.1\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
+    ("metrics:\n  listen: 127.0.0.1:0\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
+    ("metrics:\n  listen: 127.0.0.1:65536\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
+    ("metrics:\n  listen: 9721\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
+    # duplicate keys
+    ("mode: audit\naction: drop\nmode: enforce\n", 3, "mode", "duplicate key"),
+    ("allow:\n  users: [root]\n  users: [0]\n", 3, "allow.users", "duplicate key"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "key", "message"), ERRORS)
+def test_error_names_file_key_and_line(text: str, line: int, key: str, message: str) -> None:
+    err = _error(text)
+    assert (err.path, err.line, err.key) == ("cfg.yaml", line, key)
+    prefix = f"cfg.yaml:{line}: {key}: "
+    assert str(err).startswith(prefix), str(err)
+    assert message in str(err)[len(prefix) :]
+    assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("mode: enforce\nallow:\n  users: [root\naction: drop\n", 4),
+        ("mode: enforce\naction: reject\n  bad: indent\n", 3),
+        ("mode: enforce\n\tmode: audit\n", 2),
+        ("---\nmode: audit\n---\nmode: enforce\n", 3),
+    ],
+)
+def test_invalid_yaml(text: str, line: int) -> None:
+    err = _error(text)
+    assert str(err).startswith(f"cfg.yaml:{line}: not valid YAML: ")
+    assert err.key is None
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("- mode: audit\n", 1), ("audit\n", 1), ("# header\n\n- mode: audit\n", 3), ("42\n", 1)],
+)
+def test_top_level_must_be_a_mapping(text: str, line: int) -> None:
+    err = _error(text)
+    assert str(err) == (
+        f"cfg.yaml:{line}: the top level must be a mapping of keys (e.g. 'mode: enforce')"
+    )
+
+
+def test_non_string_key() -> None:
+    err = _error("mode: audit\n? [a, b]\n: 1\n")
+    assert str(err) == "cfg.yaml:2: keys must be plain strings"
+
+
+# --- load_config --------------------------------------------------------------------
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> str:
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_load_config_reads_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "config.yaml", "mode: audit\n")
+    cfg = load_config(path, trust=False)
+    assert (cfg.path, cfg.mode) == (path, "audit")
+
+
+def test_load_config_explicit_missing_path_is_an_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, trust=False)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith(f"{path}: file not found")
+
+
+def test_load_config_reports_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "config.yaml", UNKNOWN_USER)
+    with pytest.raises(ConfigError, match=r"config\.yaml:5: allow\.users\[1\]: unknown user"):
+        load_config(path, trust=False)
+
+
+def test_load_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"mode: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(path), trust=False)
+
+
+def test_load_config_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path), trust=False)
+
+
+# --- trust --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trusted_dir(tmp_path: Path) -> Path:
+    """tmp_path, provided every directory above it passes check_trust (root-owned)."""
+    for directory in (tmp_path, *tmp_path.parents):
+        st = directory.stat()
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
+        if st.st_uid != 0 or writable:
+            pytest.skip(f"{directory} is not a trusted directory")
+    return tmp_path
+
+
+@needs_root
+def test_trusted_file_passes(trusted_dir: Path) -> None:
+    path = _write(trusted_dir / "config.yaml", "mode: audit\n")
+    check_trust(path)
+    assert load_config(path).mode == "audit"
+
+
+@needs_root
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o664, 0o620])
+def test_writable_file_is_refused(trusted_dir: Path, mode: int) -> None:
+    path = _write(trusted_dir / "config.yaml", "mode: audit\n", mode)
+    with pytest.raises(ConfigError, match="writable") as info:
+        check_trust(path)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith(f"{path}: refusing")
+    with pytest.raises(ConfigError, match="writable"):
+        load_config(path)
+    assert load_config(path, trust=False).mode == "audit"
+
+
+@needs_root
+def test_file_owned_by_another_user_is_refused(trusted_dir: Path) -> None:
+    path = _write(trusted_dir / "config.yaml", "mode: audit\n")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match="owned by root") as info:
+        check_trust(path)
+    assert "owner uid 65534" in str(info.value)
+
+
+@needs_root
+def test_symlink_is_judged_by_its_target(trusted_dir: Path) -> None:
+    target = _write(trusted_dir / "real.yaml", "mode: audit\n", 0o666)
+    link = trusted_dir / "config.yaml"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="writable"):
+        check_trust(str(link))
+
+
+@needs_root
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_writable_parent_directory_is_refused(trusted_dir: Path, mode: int) -> None:
+    directory = trusted_dir / "etc"
+    directory.mkdir()
+    path = _write(directory / "config.yaml", "mode: audit\n")
+    directory.chmod(mode)
+    with pytest.raises(ConfigError, match="writable by others") as info:
+        check_trust(path)
+    assert f"directory {directory} " in str(info.value)
+
+
+@needs_root
+def test_parent_directory_owned_by_another_user_is_refused(trusted_dir: Path) -> None:
+    directory = trusted_dir / "etc"
+    directory.mkdir(mode=0o755)
+    path = _write(directory / "config.yaml", "mode: audit\n")
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(ConfigError, match="owned by root"):
+        check_trust(path)
+
+
+@needs_root
+def test_sticky_parent_directory_is_accepted(trusted_dir: Path) -> None:
+    directory = trusted_dir / "tmp"
+    directory.mkdir()
+    directory.chmod(0o1777)
+    check_trust(_write(directory / "config.yaml", "mode: audit\n"))
+
+
+def test_trust_is_not_checked_when_not_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path / "config.yaml", "mode: audit\n", 0o666)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    check_trust(path)
+    assert load_config(path).mode == "audit"

@@ -1,0 +1,272 @@
+"""imdsguard.firewall.iptables without the kernel: rendered rules (golden files) and drift.
+
+Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/unit/test_iptables_render.py``
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imdsguard.config import parse_config
+from imdsguard.firewall.base import FamilyState, Inspection
+from imdsguard.firewall.iptables import (
+    AUDITED,
+    CHAIN,
+    FORWARDED,
+    XtRule,
+    _compare,
+    _Snapshot,
+    render,
+)
+from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+
+GOLDEN = Path(__file__).parent / "golden"
+MULTI = "endpoints: [169.254.169.254, 169.254.170.2, 'fd00:ec2::254', 169.254.170.23]\n"
+
+
+def _ruleset(text: str = "", queue_num: int | None = QUEUE_NUM) -> RuleSet:
+    # Numeric ids only (and root), so the output does not depend on /etc/passwd.
+    return build_ruleset(parse_config(text, "cfg.yaml"), queue_num=queue_num)
+
+
+# name -> (config text, queue_num, family)
+CASES: dict[str, tuple[str, int | None, str]] = {
+    "enforce_reject_ipv4": ("", QUEUE_NUM, "ipv4"),
+    "enforce_reject_ipv6": ("", QUEUE_NUM, "ipv6"),
+    "enforce_drop_ipv4": ("action: drop\n", QUEUE_NUM, "ipv4"),
+    "audit_ipv4": ("mode: audit\n", QUEUE_NUM, "ipv4"),
+    "audit_no_queue_ipv4": ("mode: audit\n", None, "ipv4"),
+    "no_queue_ipv4": ("", None, "ipv4"),
+    "no_queue_ipv6": ("", None, "ipv6"),
+    "no_queue_drop_ipv4": ("action: drop\n", None, "ipv4"),
+    "allow_groups_ipv4": ("allow: {users: [root, 4242], groups: [4343, 0]}\n", None, "ipv4"),
+    "broker_ipv4": ("broker: {enabled: true}\ncontainers: allow\n", QUEUE_NUM, "ipv4"),
+    "containers_allow_ipv4": ("containers: allow\n", None, "ipv4"),
+    "multiple_endpoints_ipv4": (MULTI, None, "ipv4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_render_matches_golden_file(case: str) -> None:
+    text, queue_num, family = CASES[case]
+    got = "\n".join(render(_ruleset(text, queue_num), family).lines()) + "\n"
+    golden = GOLDEN / f"iptables_{case}.txt"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(got)
+    assert golden.exists(), f"{golden} is missing: run with UPDATE_GOLDEN=1"
+    assert got == golden.read_text(), f"{golden} differs: review, then run with UPDATE_GOLDEN=1"
+
+
+def test_every_golden_file_has_a_case() -> None:
+    stale = {p.name for p in GOLDEN.glob("iptables_*.txt")} - {f"iptables_{c}.txt" for c in CASES}
+    assert not stale
+
+
+def test_allow_groups_include_supplementary_groups() -> None:
+    lines = render(_ruleset(CASES["allow_groups_ipv4"][0]), "ipv4").lines()
+    assert "-A IMDSGUARD -m owner --uid-owner 4242 -j RETURN" in lines
+    assert "-A IMDSGUARD -m owner --gid-owner 0 --suppl-groups -j RETURN" in lines
+    assert "-A IMDSGUARD -m owner --gid-owner 4343 --suppl-groups -j RETURN" in lines
+
+
+def test_multiple_endpoints_jump_in_order() -> None:
+    lines = render(_ruleset(MULTI), "ipv4").lines()
+    assert [line for line in lines if line.startswith("-A OUTPUT")] == [
+        "-A OUTPUT -d 169.254.169.254/32 -j IMDSGUARD",
+        "-A OUTPUT -d 169.254.170.2/32 -j IMDSGUARD",
+        "-A OUTPUT -d 169.254.170.23/32 -j IMDSGUARD",
+    ]
+
+
+def test_audit_mode_never_denies() -> None:
+    for queue_num in (QUEUE_NUM, None):
+        lines = render(_ruleset("mode: audit\n", queue_num), "ipv4").lines()
+        assert not [line for line in lines if "REJECT" in line or "DROP" in line]
+
+
+def test_audited_packets_leave_our_chain() -> None:
+    # A "-j" would RETURN into IMDSGUARD and reach the NFQUEUE rule again.
+    lines = render(_ruleset("mode: audit\n"), "ipv4").lines()
+    assert "-A IMDSGUARD -m mark --mark 0x1000/0x1000 -g IMDSGUARD-AUDITED" in lines
+
+
+def test_enforce_queue_has_no_bypass() -> None:
+    lines = render(_ruleset(), "ipv4").lines()
+    assert "-A IMDSGUARD -j NFQUEUE --queue-num 5421" in lines
+    assert not [line for line in lines if "--queue-bypass" in line]
+
+
+def test_importing_the_module_does_not_load_iptc() -> None:
+    code = "import sys, imdsguard.firewall.iptables; sys.exit('iptc' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- _compare: the kernel's state (a snapshot) against the policy ----------------------
+
+
+HOST_RULE = XtRule("OUTPUT", "ACCEPT", matches=(("owner", (("uid-owner", "0"),)),))
+
+
+def _snapshot(ruleset: RuleSet, family: str = "ipv4") -> _Snapshot:
+    """What the kernel holds right after apply(), with one host rule after ours."""
+    rendered = render(ruleset, family)
+    return _Snapshot(
+        output=[j for j in rendered.jumps if j.chain == "OUTPUT"] + [HOST_RULE],
+        chains={name: list(rules) for name, rules in rendered.chains.items()},
+        forward=[j for j in rendered.jumps if j.chain == "FORWARD"],
+    )
+
+
+def _check(snap: _Snapshot, ruleset: RuleSet, state: str, fragment: str = "") -> Inspection:
+    result = _compare(snap, ruleset, "ipv4")
+    assert result.state == state, result.problems
+    assert fragment in " | ".join(result.problems)
+    return result
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_identical_is_ok(case: str) -> None:
+    text, queue_num, family = CASES[case]
+    ruleset = _ruleset(text, queue_num)
+    assert _compare(_snapshot(ruleset, family), ruleset, family) == Inspection(
+        family, FamilyState.OK
+    )
+
+
+def test_parameter_order_does_not_matter() -> None:
+    # The kernel reader sorts parameters; render() keeps them in command-line order.
+    ruleset = _ruleset("allow: {groups: [4343]}\n")
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN] = [
+        dataclasses.replace(r, matches=tuple((n, tuple(reversed(p))) for n, p in r.matches))
+        for r in snap.chains[CHAIN]
+    ]
+    _check(snap, ruleset, FamilyState.OK)
+
+
+def test_chain_missing() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    del snap.chains[CHAIN]
+    _check(snap, ruleset, FamilyState.MISSING, "chain IMDSGUARD does not exist")
+
+
+def test_chain_flushed() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN] = []
+    _check(snap, ruleset, FamilyState.MISSING, "chain IMDSGUARD lacks")
+
+
+def test_forward_chain_flushed() -> None:
+    ruleset = _ruleset(queue_num=None)
+    snap = _snapshot(ruleset)
+    snap.chains[FORWARDED] = []
+    _check(snap, ruleset, FamilyState.MISSING, "chain IMDSGUARD-FWD lacks '-A IMDSGUARD-FWD -p tcp")
+
+
+def test_flushed_audit_chain_only_drifts() -> None:
+    # In audit mode nothing is denied, so an emptied chain loses nothing that protects.
+    ruleset = _ruleset("mode: audit\n")
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN] = []
+    _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs")
+
+
+def test_accept_inserted_above_our_jumps() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.output.insert(0, XtRule("OUTPUT", "ACCEPT", dst="169.254.169.254/32"))
+    result = _check(snap, ruleset, FamilyState.DRIFTED, "not the first rules of OUTPUT")
+    assert len(result.problems) == 1
+    assert result.effective
+
+
+def test_duplicate_jump() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.output.append(snap.output[0])
+    _check(snap, ruleset, FamilyState.DRIFTED, "OUTPUT has extra or duplicate jumps")
+
+
+def test_jump_for_an_endpoint_no_longer_configured() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.forward.append(XtRule("FORWARD", FORWARDED, dst="169.254.170.2/32"))
+    _check(snap, ruleset, FamilyState.DRIFTED, "FORWARD has extra or duplicate jumps")
+
+
+def test_allow_rule_removed_but_deny_intact() -> None:
+    ruleset = _ruleset("allow: {users: [root, 4242]}\n")
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN] = [r for r in snap.chains[CHAIN] if "4242" not in r.save()]
+    result = _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs from the policy")
+    assert result.effective
+
+
+def test_extra_allow_rule() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN].insert(
+        0, XtRule(CHAIN, "RETURN", matches=(("owner", (("uid-owner", "1000"),)),))
+    )
+    _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs")
+
+
+def test_stale_audited_chain_in_enforce_mode() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.chains[AUDITED] = render(_ruleset("mode: audit\n"), "ipv4").chains[AUDITED]
+    result = _check(snap, ruleset, FamilyState.DRIFTED, "stale chain IMDSGUARD-AUDITED")
+    assert len(result.problems) == 1
+
+
+def test_stale_forward_chain_when_containers_allowed() -> None:
+    ruleset = _ruleset("containers: allow\n")
+    deny = _snapshot(_ruleset())
+    snap = _snapshot(ruleset)
+    snap.chains[FORWARDED] = deny.chains[FORWARDED]
+    snap.forward = deny.forward
+    result = _check(snap, ruleset, FamilyState.DRIFTED, "stale chain IMDSGUARD-FWD")
+    assert "FORWARD has extra or duplicate jumps to our chains" in result.problems
+
+
+def test_audit_jump_instead_of_goto_drifts() -> None:
+    ruleset = _ruleset("mode: audit\n")
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN] = [dataclasses.replace(r, goto=False) for r in snap.chains[CHAIN]]
+    _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs")
+
+
+def test_missing_jump_for_an_endpoint() -> None:
+    ruleset = _ruleset(MULTI, queue_num=None)
+    snap = _snapshot(ruleset)
+    snap.output = [r for r in snap.output if r.dst != "169.254.170.2/32"]
+    result = _check(
+        snap, ruleset, FamilyState.MISSING, "OUTPUT has no jump for 169.254.170.2/32 to IMDSGUARD"
+    )
+    assert not result.effective
+
+
+def test_missing_forward_jump() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.forward = []
+    _check(snap, ruleset, FamilyState.MISSING, "FORWARD has no jump for 169.254.169.254/32")
+
+
+def test_missing_wins_over_drift() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.chains[AUDITED] = []
+    snap.output = [HOST_RULE]
+    result = _check(snap, ruleset, FamilyState.MISSING, "no jump")
+    assert "stale chain IMDSGUARD-AUDITED" in result.problems

@@ -1,0 +1,117 @@
+"""imdsguard.policy: from a Config to the backend-neutral RuleSet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imdsguard.config import Config, parse_config
+from imdsguard.policy import MARK_BROKER, QUEUE_NUM, RuleSet, build_ruleset
+
+
+def _ruleset(
+    text: str, *, extra_uids: tuple[int, ...] = (), queue_num: int | None = QUEUE_NUM
+) -> RuleSet:
+    return build_ruleset(parse_config(text, "cfg.yaml"), extra_uids=extra_uids, queue_num=queue_num)
+
+
+def test_defaults() -> None:
+    rs = build_ruleset(Config())
+    assert rs == RuleSet(
+        endpoints_v4=("169.254.169.254",),
+        endpoints_v6=("fd00:ec2::254",),
+        allow_uids=(0,),
+        allow_gids=(),
+        action="reject",
+        mode="enforce",
+        queue_num=QUEUE_NUM,
+        allow_mark=None,
+        containers="deny",
+    )
+    assert rs.enforcing
+    assert rs.families() == ("ipv4", "ipv6")
+
+
+def test_endpoints_split_per_family_in_config_order() -> None:
+    rs = _ruleset("endpoints: ['fd00:ec2::254', 169.254.170.2, 'fd00:ec2::1', 169.254.169.254]")
+    assert rs.endpoints_v4 == ("169.254.170.2", "169.254.169.254")
+    assert rs.endpoints_v6 == ("fd00:ec2::254", "fd00:ec2::1")
+    assert rs.endpoints("ipv4") == rs.endpoints_v4
+    assert rs.endpoints("ipv6") == rs.endpoints_v6
+
+
+def test_uids_and_gids_sorted_and_unique() -> None:
+    rs = _ruleset("allow:\n  users: [4242, root, 17, '4242']\n  groups: [50, 3, 0]\n")
+    assert rs.allow_uids == (0, 17, 4242)
+    assert rs.allow_gids == (0, 3, 50)
+
+
+def test_extra_uids_are_merged() -> None:
+    rs = _ruleset("allow: {users: [4242, 0]}", extra_uids=(4242, 9, 70000))
+    assert rs.allow_uids == (0, 9, 4242, 70000)
+
+
+def test_no_users_means_no_uid_allowed() -> None:
+    assert _ruleset("allow: {users: []}").allow_uids == ()
+    assert _ruleset("allow: {users: []}", extra_uids=(999,)).allow_uids == (999,)
+
+
+def test_queue_num() -> None:
+    assert build_ruleset(Config()).queue_num == QUEUE_NUM
+    assert build_ruleset(Config(), queue_num=None).queue_num is None
+    assert build_ruleset(Config(), queue_num=7).queue_num == 7
+
+
+def test_mode_action_containers_carried_over() -> None:
+    rs = _ruleset("mode: audit\naction: drop\ncontainers: allow\n")
+    assert (rs.mode, rs.action, rs.containers) == ("audit", "drop", "allow")
+    assert not rs.enforcing
+
+
+def test_broker_enables_the_allow_mark() -> None:
+    assert build_ruleset(Config()).allow_mark is None
+    assert _ruleset("broker: {enabled: true}").allow_mark == MARK_BROKER
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "families"),
+    [
+        ("[169.254.169.254]", ("ipv4",)),
+        ("['fd00:ec2::254']", ("ipv6",)),
+        ("['fd00:ec2::254', 169.254.169.254]", ("ipv4", "ipv6")),
+    ],
+)
+def test_families(endpoints: str, families: tuple[str, ...]) -> None:
+    assert _ruleset(f"endpoints: {endpoints}").families() == families
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "mode: audit\naction: drop\ncontainers: allow\nbroker: {enabled: true}\n",
+        "endpoints: ['fd00:ec2::254']\nallow: {users: [], groups: [4, 5]}\n",
+    ],
+)
+@pytest.mark.parametrize("queue_num", [QUEUE_NUM, None])
+def test_json_round_trip(text: str, queue_num: int | None) -> None:
+    rs = _ruleset(text, queue_num=queue_num)
+    text_json = rs.to_json()
+    assert RuleSet.from_json(text_json) == rs
+    assert RuleSet.from_json(text_json).to_json() == text_json
+    assert list(json.loads(text_json)) == sorted(json.loads(text_json))
+
+
+def test_from_json_fills_keys_older_records_lack() -> None:
+    old = {
+        "endpoints_v4": ["169.254.169.254"],
+        "endpoints_v6": [],
+        "allow_uids": [0],
+        "allow_gids": [],
+        "action": "drop",
+        "mode": "enforce",
+    }
+    rs = RuleSet.from_json(json.dumps(old))
+    assert (rs.queue_num, rs.allow_mark, rs.containers) == (None, None, "allow")
+    assert rs.families() == ("ipv4",)
