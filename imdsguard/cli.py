@@ -18,8 +18,10 @@ import yaml
 from imdsguard import __version__, _locks, _log, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
-from imdsguard.firewall.detect import make_backend
+from imdsguard.firewall.detect import choose, make_backend
 from imdsguard.firewall.iptables import render
+from imdsguard.firewall.nftables import expand_groups
+from imdsguard.firewall.nftables import render as nft_render
 from imdsguard.policy import QUEUE_NUM, build_ruleset
 
 
@@ -91,9 +93,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
     if args.rules:
         ruleset = build_ruleset(config, queue_num=None)
-        for family in ruleset.families():
-            print(f"# {family} rules (iptables-save form)")
-            print("\n".join(render(ruleset, family).lines()))
+        backend = choose(config.backend)
+        if backend == "nftables":
+            print("# nftables batch (nft -j), groups expanded with this host's /etc/group")
+            print("\n".join(nft_render(ruleset, expand_groups(ruleset.allow_gids)).lines()))
+        else:
+            for family in ruleset.families():
+                print(f"# {family} rules (iptables-save form)")
+                print("\n".join(render(ruleset, family).lines()))
     return 0
 
 

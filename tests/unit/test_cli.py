@@ -22,7 +22,9 @@ def _config(tmp_path: Path, text: str) -> str:
 def test_check_config_prints_effective_policy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _config(tmp_path, "allow:\n  users: [root, 4242]\naction: drop\n")
+    path = _config(
+        tmp_path, "firewall: {backend: iptables}\nallow:\n  users: [root, 4242]\naction: drop\n"
+    )
     assert cli.main(["check-config", "-c", path, "--rules"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"# {path}: OK\n")
@@ -82,3 +84,12 @@ def test_sd_notify_speaks_the_datagram_protocol(
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         assert notify.notify("READY=1", "STATUS=ok") is True
         assert sock.recv(100) == b"READY=1\nSTATUS=ok"
+
+
+def test_check_config_rules_for_nftables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, "firewall: {backend: nftables}\n")
+    assert cli.main(["check-config", "-c", path, "--rules"]) == 0
+    out = capsys.readouterr().out
+    assert '"hook": "output"' in out and '"name": "allow_uids"' in out
