@@ -1,0 +1,8 @@
+"""Blocked-attempt events: capture (NFQUEUE), attribution (/proc), the event log.
+
+- :mod:`.capture`: :class:`~.capture.Capture`, what the daemon runs.
+- :mod:`.attribution`, :mod:`.procfs`, :mod:`.sockdiag`: from a packet to a process.
+- :mod:`.packet`, :mod:`.nfqueue`, :mod:`._netlink`: the wire formats.
+- :mod:`.flows`: folding retransmits into one event, rate limiting.
+- :mod:`.log`: the event log file, its readers, and escaping for people.
+"""

@@ -1,0 +1,294 @@
+"""Read processes from ``/proc``: the one place imdsguard looks at another process.
+
+Everything takes ``proc_root`` so unit tests run against a recorded fake
+``/proc`` tree. Every string read here is controlled by the process it
+describes (a program can set its own argv, comm and, through the file name,
+exe): callers treat them as untrusted, and decoding never fails (invalid
+UTF-8 shows up as ``\\xNN``).
+
+- :func:`read_process`: status, comm, exe, cmdline and cgroup of one pid.
+- :func:`ancestors`: the parent chain up to PID 1.
+- :func:`find_socket_owner`: which process holds ``socket:[inode]``.
+- :func:`parse_cgroup`: systemd unit and container id from ``/proc/<pid>/cgroup``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+#: Bounds on what we copy out of a process (events stay small, memory bounded).
+MAX_ARGS = 64
+MAX_ARG_CHARS = 1024
+MAX_CMDLINE_CHARS = 4096
+MAX_ANCESTORS = 32
+TRUNCATED = "...[truncated]"
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process as ``/proc`` shows it (None where it could not be read)."""
+
+    pid: int
+    ppid: int | None = None
+    uid: int | None = None  # effective
+    gid: int | None = None  # effective
+    groups: tuple[int, ...] = ()
+    comm: str | None = None
+    exe: str | None = None
+    cmdline: tuple[str, ...] = ()
+    cgroup: str = ""
+    start_time: int | None = None  # clock ticks after boot: tells a reused pid apart
+    unit: str | None = field(default=None)
+    container: str | None = field(default=None)
+
+
+def _read(path: str, limit: int = 65536) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def split_cmdline(raw: bytes) -> tuple[str, ...]:
+    """``/proc/<pid>/cmdline`` as a list of arguments, bounded in count and size."""
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    if not raw:
+        return ()
+    args: list[str] = []
+    total = 0
+    for part in raw.split(b"\0"):
+        if len(args) >= MAX_ARGS or total >= MAX_CMDLINE_CHARS:
+            args.append(TRUNCATED)
+            break
+        arg = _text(part)
+        if len(arg) > MAX_ARG_CHARS:
+            arg = arg[:MAX_ARG_CHARS] + TRUNCATED
+        args.append(arg)
+        total += len(arg)
+    return tuple(args)
+
+
+_STATUS_KEYS = frozenset({b"Name", b"PPid", b"Uid", b"Gid", b"Groups"})
+
+
+def _status_fields(raw: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in raw.split(b"\n"):
+        key, sep, value = line.partition(b":")
+        if sep and key in _STATUS_KEYS:
+            out[key.decode("ascii")] = value.strip().decode("utf-8", "replace")
+            if len(out) == len(_STATUS_KEYS):
+                break  # the rest (memory, signals, capabilities) is not ours to read
+    return out
+
+
+def _int_field(fields: dict[str, str], key: str, index: int = 0) -> int | None:
+    try:
+        return int(fields[key].split()[index])
+    except (KeyError, IndexError, ValueError):
+        return None
+
+
+def _start_time(raw: bytes | None) -> int | None:
+    if not raw:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(rest[19])  # field 22, starttime
+    except (IndexError, ValueError):
+        return None
+
+
+def read_process(pid: int, proc_root: str = "/proc", brief: bool = False) -> ProcessInfo | None:
+    """Everything we record about ``pid``; None when it does not exist (any more).
+
+    ``brief``: only status, comm and exe (what an ancestor entry needs);
+    cmdline, cgroup and start time stay empty. Saves half the reads per
+    ancestor while the client's packet is held.
+    """
+    base = f"{proc_root}/{pid}"
+    status = _read(f"{base}/status", 4096)
+    if status is None:
+        return None
+    fields = _status_fields(status)
+    comm_raw = _read(f"{base}/comm", 64)
+    try:
+        exe: str | None = os.readlink(f"{base}/exe")
+    except OSError:
+        exe = None  # kernel thread, or the process is gone
+    if brief:
+        return ProcessInfo(
+            pid=pid,
+            ppid=_int_field(fields, "PPid"),
+            uid=_int_field(fields, "Uid", 1),
+            gid=_int_field(fields, "Gid", 1),
+            comm=_text(comm_raw).rstrip("\n") if comm_raw is not None else fields.get("Name"),
+            exe=exe,
+        )
+    cgroup = _text(_read(f"{base}/cgroup") or b"")
+    unit, container = parse_cgroup(cgroup)
+    groups = tuple(int(g) for g in fields.get("Groups", "").split() if g.isdigit())
+    return ProcessInfo(
+        pid=pid,
+        ppid=_int_field(fields, "PPid"),
+        uid=_int_field(fields, "Uid", 1),
+        gid=_int_field(fields, "Gid", 1),
+        groups=groups,
+        comm=_text(comm_raw).rstrip("\n") if comm_raw is not None else fields.get("Name"),
+        exe=exe,
+        cmdline=split_cmdline(_read(f"{base}/cmdline", MAX_CMDLINE_CHARS * 4) or b""),
+        cgroup=cgroup,
+        start_time=_start_time(_read(f"{base}/stat")),
+        unit=unit,
+        container=container,
+    )
+
+
+def ancestors(info: ProcessInfo, proc_root: str = "/proc") -> list[ProcessInfo]:
+    """The parent, grandparent, ... up to and including PID 1 (bounded, loop-safe)."""
+    chain: list[ProcessInfo] = []
+    seen = {info.pid}
+    ppid = info.ppid
+    while ppid and ppid not in seen and len(chain) < MAX_ANCESTORS:
+        parent = read_process(ppid, proc_root, brief=True)
+        if parent is None:
+            break
+        chain.append(parent)
+        seen.add(ppid)
+        ppid = parent.ppid
+    return chain
+
+
+def _pids(proc_root: str) -> list[int]:
+    try:
+        names = os.listdir(proc_root)
+    except OSError:
+        return []
+    return [int(n) for n in names if n.isdigit()]
+
+
+def _holds(proc_root: str, pid: int, target: str) -> bool:
+    fd_dir = f"{proc_root}/{pid}/fd"
+    try:
+        with os.scandir(fd_dir) as entries:
+            for entry in entries:
+                try:
+                    if os.readlink(entry.path) == target:
+                        return True
+                except OSError:
+                    continue
+    except OSError:
+        return False
+    return False
+
+
+def find_socket_owner(
+    inode: int, uid: int | None, proc_root: str = "/proc", hints: Iterable[int] = ()
+) -> int | None:
+    """The pid of a process holding ``socket:[inode]`` open, or None.
+
+    Scans ``/proc/<pid>/fd``, cheapest candidates first: ``hints`` (pids
+    that recently owned sockets), then processes whose ``/proc/<pid>``
+    belongs to ``uid`` (its effective uid), newest (highest pid) first, then
+    the rest (a non-dumpable process's directory belongs to root).
+    """
+    target = f"socket:[{inode}]"
+    tried: set[int] = set()
+    for pid in hints:
+        if pid not in tried:
+            tried.add(pid)
+            if _holds(proc_root, pid, target):
+                return pid
+    pids = sorted(_pids(proc_root), reverse=True)
+    rest: list[int] = []
+    for pid in pids:
+        if pid in tried:
+            continue
+        if uid is not None:
+            try:
+                owner = os.stat(f"{proc_root}/{pid}").st_uid
+            except OSError:
+                continue
+            if owner != uid:
+                rest.append(pid)
+                continue
+        if _holds(proc_root, pid, target):
+            return pid
+    for pid in rest:
+        if _holds(proc_root, pid, target):
+            return pid
+    return None
+
+
+# --- cgroups ----------------------------------------------------------------------
+
+_HEX64 = r"[0-9a-f]{64}"
+#: Container runtimes' scope names (systemd cgroup driver) and cgroupfs path parts.
+_CONTAINER_PATTERNS = (
+    re.compile(rf"(?:^|/)(?:docker|cri-containerd|crio|libpod)-({_HEX64})\.scope(?:/|$)"),
+    re.compile(rf":(?:cri-containerd|crio|docker):({_HEX64})(?:/|$)"),  # containerd, systemd v1
+    re.compile(rf"(?:^|/)(?:libpod-)?({_HEX64})(?:/|$)"),  # /docker/<id>, /kubepods/.../<id>
+)
+_UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".target")
+
+
+def parse_cgroup(text: str) -> tuple[str | None, str | None]:
+    """(systemd unit, container id) from the text of ``/proc/<pid>/cgroup``.
+
+    The unit is what ``systemctl status <pid>`` names: the first path
+    component after the leading slices (``system.slice/nginx.service`` ->
+    ``nginx.service``; ``user.slice/user-1000.slice/user@1000.service/...``
+    -> ``user@1000.service``). On cgroup v1 the ``name=systemd`` hierarchy
+    tells it; on v2 the single ``0::`` line. The container id is the
+    64-hex id docker, containerd/CRI, cri-o and podman put in the path
+    (their ``conmon`` helper scopes are not containers).
+    """
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths.setdefault(parts[1], parts[2])
+    systemd_path = paths.get("name=systemd", paths.get(""))
+    if systemd_path is None and paths:
+        systemd_path = next(iter(paths.values()))
+    unit = _unit(systemd_path or "")
+    container = None
+    for path in [systemd_path or "", *paths.values()]:
+        container = _container(path)
+        if container:
+            break
+    return unit, container
+
+
+def _unit(path: str) -> str | None:
+    for component in path.split("/"):
+        part = component.split(":", 1)[0]  # "<pod>.slice:cri-containerd:<id>" (containerd)
+        if not part or part.endswith(".slice"):
+            continue
+        return part if part.endswith(_UNIT_SUFFIXES) else None
+    return None
+
+
+def _container(path: str) -> str | None:
+    if "conmon" in path:
+        path = "/".join(p for p in path.split("/") if "conmon" not in p)
+    for pattern in _CONTAINER_PATTERNS:
+        found = pattern.findall(path)
+        if found:
+            return str(found[-1])
+    return None

@@ -1,0 +1,312 @@
+"""Blocked-attempt events against the real kernel: NFQUEUE capture, attribution, audit mode.
+
+Each test runs the capture in the HOST namespace of a throw-away EC2-like
+topology, with the queue rules of the iptables backend (this kernel has no
+nft_queue), and clients as real users: /usr/bin/curl and /usr/bin/python3.
+
+Until ``imdsguard run`` wires the capture in, :data:`RUNNER` does what the
+daemon will: start Capture, then apply the rules with the queue; on SIGTERM
+swap in queue-less rules, then stop the capture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from imdsguard.events.log import format_console
+from imdsguard.netns import IMDS_V4, IMDS_V6, Topology, User, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RUNNER = """
+import signal, sys, threading
+from imdsguard import _log, paths
+from imdsguard.config import load_config
+from imdsguard.events.capture import Capture
+from imdsguard.events.log import EventLog
+from imdsguard.firewall.iptables import IptablesBackend
+from imdsguard.policy import QUEUE_NUM, build_ruleset
+
+config = load_config(sys.argv[1])
+_log.configure(config.log_format)
+log = _log.get_logger()
+capture = Capture(queue_num=QUEUE_NUM, mode=config.mode, action=config.action,
+                  event_log=EventLog(paths.events_file()), logger=log)
+capture.start()
+backend = IptablesBackend()
+backend.apply(build_ruleset(config, queue_num=QUEUE_NUM))
+log.info("runner_ready")
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+backend.apply(build_ruleset(config, queue_num=None))
+capture.stop()
+log.info("runner_stopped", **capture.stats())
+"""
+
+PROBE = """import socket
+try:
+    socket.create_connection(({host!r}, 80), timeout=3)
+except OSError:
+    pass
+"""
+
+
+@dataclass
+class Guard:
+    """The capture running in HOST, its stdout and its event log."""
+
+    topo: Topology
+    workdir: str
+    env: dict[str, str]
+    proc: subprocess.Popen[Any] | None = None
+    stdout_path: str = ""
+
+    @property
+    def events_path(self) -> str:
+        return os.path.join(self.env["IMDSGUARD_LOG_DIR"], "events.jsonl")
+
+    def start(self, config: str) -> Guard:
+        cfg = os.path.join(self.workdir, "config.yaml")
+        with open(cfg, "w") as fh:
+            fh.write("firewall:\n  backend: iptables\n" + config)
+        runner = os.path.join(self.workdir, "runner.py")
+        with open(runner, "w") as fh:
+            fh.write(RUNNER)
+        self.stdout_path = os.path.join(self.workdir, f"guard-{time.monotonic_ns()}.log")
+        self.proc = self.topo.popen(
+            self.topo.host,
+            [sys.executable, runner, cfg],
+            env=self.env,
+            cwd=REPO,
+            stdout=open(self.stdout_path, "w"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: "runner_ready" in self.stdout(), 15, "the capture to start", self.proc)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=15) == 0, self.stdout()
+        (stopped,) = [e for e in self.stdout_events() if e.get("event") == "runner_stopped"]
+        return stopped
+
+    def stdout(self) -> str:
+        with open(self.stdout_path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace")
+
+    def stdout_events(self) -> list[dict[str, Any]]:
+        return [json.loads(ln) for ln in self.stdout().splitlines() if ln.startswith("{")]
+
+    def events_text(self) -> str:
+        with open(self.events_path, "rb") as fh:
+            return fh.read().decode("ascii")  # the log is ASCII only: this fails otherwise
+
+    def events(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.events_path, encoding="ascii") as fh:
+                return [json.loads(line) for line in fh]
+        except FileNotFoundError:
+            return []
+
+    def wait_events(self, count: int, timeout: float = 5, settle: float = 0.3) -> list[Any]:
+        wait_for(lambda: len(self.events()) >= count, timeout, f"{count} event(s)", self.proc)
+        time.sleep(settle)  # anything extra (a duplicate) would show up now
+        return self.events()
+
+
+@pytest.fixture
+def guard(topo: Topology, workdir: str) -> Iterator[Guard]:
+    env = dict(os.environ)
+    for key in ("run", "state", "log"):
+        path = os.path.join(workdir, key)
+        os.makedirs(path, exist_ok=True)
+        env[f"IMDSGUARD_{key.upper()}_DIR"] = path
+    handle = Guard(topo, workdir, env)
+    yield handle
+    if handle.proc is not None and handle.proc.poll() is None:
+        handle.proc.kill()
+        handle.proc.wait()
+
+
+@pytest.fixture
+def denied(test_users: dict[str, User]) -> User:
+    return test_users["imdsg-denied"]
+
+
+def _user_name(user: User) -> str:
+    import pwd
+
+    return pwd.getpwuid(user.uid).pw_name
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_denied_curl_from_bash_is_one_attributed_event(
+    guard: Guard, denied: User, v6: bool
+) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    url = f"http://[{IMDS_V6}]/latest/meta-data/" if v6 else f"http://{IMDS_V4}/latest/meta-data/"
+    curl = ["/usr/bin/curl", "-sS", "--max-time", "3", url]
+    script = 'echo "bash=$$"; "$@"; echo "rc=$?"'
+    out = guard.topo.run(guard.topo.host, ["/bin/bash", "-c", script, "bash", *curl], user=denied)
+    bash_pid = int(out.stdout.split("bash=")[1].split()[0])
+    assert "rc=7" in out.stdout, out  # reject: a TCP reset at once
+    (event,) = guard.wait_events(1)
+    assert event["event"] == "imds_access_blocked"
+    assert (event["mode"], event["family"]) == ("enforce", "ipv6" if v6 else "ipv4")
+    assert (event["dst"], event["dport"]) == (IMDS_V6 if v6 else IMDS_V4, 80)
+    assert (event["uid"], event["gid"], event["user"]) == (
+        denied.uid,
+        denied.gid,
+        _user_name(denied),
+    )
+    assert event["attributed"] is True
+    assert event["ppid"] == bash_pid and event["pid"] not in (None, bash_pid)
+    assert (event["exe"], event["comm"], event["cmdline"]) == ("/usr/bin/curl", "curl", curl)
+    assert event["ancestors"][0] == {"pid": bash_pid, "comm": "bash", "exe": "/usr/bin/bash"}
+    assert event["ancestors"][-1]["pid"] == 1
+    assert (event["attempts"], event["imds_version"]) == (1, "unknown")
+    assert "unit" in event and "container" in event
+    # The same event went to stdout (journald) as one JSON line.
+    (line,) = [e for e in guard.stdout_events() if e.get("event") == "imds_access_blocked"]
+    assert {k: line[k] for k in ("pid", "uid", "exe", "cmdline", "ancestors")} == {
+        k: event[k] for k in ("pid", "uid", "exe", "cmdline", "ancestors")
+    }
+
+
+def test_burst_of_short_lived_processes_is_fully_attributed(
+    guard: Guard, denied: User, workdir: str
+) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    code = PROBE.format(host=IMDS_V4)
+    procs = [
+        guard.topo.popen(guard.topo.host, ["/usr/bin/python3", "-c", code], user=denied)
+        for _ in range(40)
+    ]
+    pids = {p.pid for p in procs}  # ip netns exec and setpriv exec: the same pid
+    for proc in procs:
+        assert proc.wait(timeout=30) == 0
+    events = guard.wait_events(40, timeout=15)
+    assert len(events) == 40
+    assert all(e["attributed"] for e in events), [e for e in events if not e["attributed"]]
+    assert {e["pid"] for e in events} == pids
+    python = os.path.realpath("/usr/bin/python3")
+    assert {e["exe"] for e in events} == {python}
+    assert {e["uid"] for e in events} == {denied.uid}
+    stats = guard.stop()
+    assert (stats["events"], stats["attributed"], stats["suppressed"]) == (40, 40, 0)
+
+
+def test_drop_folds_syn_retransmits_into_one_event(guard: Guard, denied: User) -> None:
+    guard.start("action: drop\nallow:\n  users: [root]\n")
+    result = guard.topo.http(denied, f"http://{IMDS_V4}/latest/meta-data/", timeout=4)
+    assert result.rc == 28, result  # timed out: dropped
+    (event,) = guard.wait_events(1, timeout=10, settle=3.0)
+    assert event["attempts"] > 1
+    assert event["attributed"] and event["exe"] == "/usr/bin/curl"
+
+
+def test_audit_mode_passes_traffic_and_tells_v1_from_v2(guard: Guard, denied: User) -> None:
+    guard.start("mode: audit\nallow:\n  users: [root]\n")
+    base = f"http://{IMDS_V4}"
+    v1 = guard.topo.http(denied, f"{base}/latest/meta-data/instance-id")
+    assert v1.ok, v1
+    token = guard.topo.http(
+        denied,
+        f"{base}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+    )
+    assert token.ok and token.body, token
+    v2 = guard.topo.http(
+        denied,
+        f"{base}/latest/meta-data/instance-id",
+        headers={"X-aws-ec2-metadata-token": token.body},
+    )
+    assert v2.ok, v2
+    v6 = guard.topo.imds_get(denied, "/latest/meta-data/instance-id", v2=False, v6=True)
+    assert v6.ok, v6
+    events = guard.wait_events(4, timeout=5, settle=1.5)
+    assert [e["event"] for e in events] == ["imds_access_audited"] * 4
+    seen = [(e["family"], e["cmdline"][-1].rsplit("/", 1)[-1], e["imds_version"]) for e in events]
+    assert seen == [
+        ("ipv4", "instance-id", "v1"),
+        ("ipv4", "token", "v2"),
+        ("ipv4", "instance-id", "v2"),
+        ("ipv6", "instance-id", "v1"),
+    ]
+    assert all(e["attributed"] and e["uid"] == denied.uid for e in events)
+    assert all(e["mode"] == "audit" and e["attempts"] == 1 for e in events)
+    # The token was on curl's command line: it must not reach any log.
+    assert token.body not in guard.events_text()
+    assert token.body not in guard.stdout()
+
+
+def test_hostile_argv_cannot_forge_lines_or_escape_the_terminal(
+    guard: Guard, denied: User, workdir: str
+) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    # comm comes from the script's file name: put escapes there too.
+    script = os.path.join(workdir, "x\n\x1b[31mEVIL")
+    with open(script, "w") as fh:
+        fh.write("#!/usr/bin/python3\n" + PROBE.format(host=IMDS_V4))
+    os.chmod(script, 0o755)  # noqa: S103 - the test user runs it
+    hostile = [
+        'a\n{"event":"imds_access_blocked","user":"root","pid":1}',
+        "\x1b[2J\x1b]0;owned\x07\x1b[31mred",
+        "\u202eevil\r",
+    ]
+    proc = guard.topo.run(guard.topo.host, [script, *hostile], user=denied)
+    assert proc.returncode == 0, proc
+    (event,) = guard.wait_events(1)
+    assert event["cmdline"] == ["/usr/bin/python3", script, *hostile]
+    assert event["comm"] == "x\n\x1b[31mEVIL"[:15]
+    for text in (guard.events_text().encode(), guard.stdout().encode()):
+        assert b"\x1b" not in text and b"\r" not in text
+        blocked = [ln for ln in text.splitlines() if b"imds_access_blocked" in ln]
+        assert len(blocked) == 1  # no forged second line
+        assert json.loads(blocked[0])["cmdline"] == event["cmdline"]
+    line = format_console(event)
+    assert all(ch.isprintable() for ch in line), line
+    assert "\\x1b[2J" in line and "\\n" in line and "\\u202e" in line
+
+
+def test_fail_closed_without_the_capture(guard: Guard, denied: User, workdir: str) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    assert guard.proc is not None
+    guard.proc.send_signal(signal.SIGKILL)
+    guard.proc.wait()
+    imds_log = os.path.join(workdir, "imds.log")
+    before = os.path.getsize(imds_log) if os.path.exists(imds_log) else 0
+    for url in (f"http://{IMDS_V4}/latest/meta-data/", f"http://[{IMDS_V6}]/latest/meta-data/"):
+        result = guard.topo.http(denied, url, timeout=2)
+        assert result.rc != 0 and result.status == 0, result  # held packets are dropped
+    after = os.path.getsize(imds_log) if os.path.exists(imds_log) else 0
+    assert after == before  # nothing reached IMDS
+    assert guard.topo.http(User(0, 0), f"http://{IMDS_V4}/latest/meta-data/").ok  # allowlisted
+
+
+def test_a_second_capture_is_refused(guard: Guard) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    code = (
+        "from imdsguard.events.capture import Capture\n"
+        "from imdsguard.events.log import EventLog\n"
+        "import structlog\n"
+        "c = Capture(queue_num=5421, mode='enforce', action='reject',\n"
+        "            event_log=EventLog('/nonexistent/e'), logger=structlog.get_logger())\n"
+        "c.start()\n"
+    )
+    out = guard.topo.run(guard.topo.host, [sys.executable, "-c", code], cwd=REPO)
+    assert out.returncode != 0
+    assert "QueueBusyError" in out.stderr and "already bound" in out.stderr, out.stderr
