@@ -35,29 +35,9 @@ from imdsguard.netns import IMDS_V4, Topology, User, wait_for
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = User(65534, 65534)
 
-RUNNER = """
-import json, signal, sys, threading
-from imdsguard import _log, paths
-from imdsguard.config import load_config
-from imdsguard.events.capture import Capture
-from imdsguard.events.log import EventLog
-from imdsguard.firewall.iptables import IptablesBackend
-from imdsguard.policy import QUEUE_NUM, build_ruleset
-
-config = load_config(sys.argv[1])
-_log.configure(config.log_format)
-capture = Capture(queue_num=QUEUE_NUM, mode=config.mode, action=config.action,
-                  event_log=EventLog(paths.events_file()), logger=_log.get_logger())
-capture.start()
-IptablesBackend().apply(build_ruleset(config, queue_num=QUEUE_NUM))
-print('{"event": "runner_ready"}', flush=True)
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-stop.wait()
-IptablesBackend().apply(build_ruleset(config, queue_num=None))
-capture.stop()
-print(json.dumps({"event": "runner_stopped", **capture.stats()}), flush=True)
-"""
+# The real daemon: it starts the capture, then applies the queue rules; on
+# SIGTERM it swaps in queue-less rules, stops the capture and logs its counters.
+RUNNER = ["-m", "imdsguard", "run", "-c"]
 
 CLIENT = """
 import json, os, socket, sys, time
@@ -140,8 +120,6 @@ def main() -> int:
         env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
     with open(os.path.join(work, "client.py"), "w") as fh:
         fh.write(CLIENT)
-    with open(os.path.join(work, "runner.py"), "w") as fh:
-        fh.write(RUNNER)
     config = os.path.join(work, "config.yaml")
     with open(config, "w") as fh:
         fh.write("mode: enforce\naction: reject\nfirewall:\n  backend: iptables\n")
@@ -153,7 +131,7 @@ def main() -> int:
             with open(log_path, "w") as log:
                 guard = topo.popen(
                     topo.host,
-                    [sys.executable, os.path.join(work, "runner.py"), config],
+                    [sys.executable, *RUNNER, config],
                     env=env,
                     cwd=REPO,
                     stdout=log,
@@ -162,7 +140,7 @@ def main() -> int:
 
             def ready() -> bool:
                 with open(log_path) as fh:
-                    return "runner_ready" in fh.read()
+                    return "daemon_ready" in fh.read()
 
             wait_for(ready, 15, "the capture", guard)
             rss = psutil.Process(guard.pid)
@@ -185,8 +163,8 @@ def main() -> int:
             stats: dict[str, Any] = {}
             with open(log_path) as fh:
                 for line in fh:
-                    if '"runner_stopped"' in line:
-                        stats = json.loads(line)
+                    if '"daemon_stopped"' in line:
+                        stats = json.loads(line)["components"]["capture"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

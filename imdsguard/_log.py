@@ -20,23 +20,38 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+_stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
+
+
+def _timestamp(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # An event that carries its own time (the attempt's) keeps it.
+    if "timestamp" in event_dict:
+        return event_dict
+    stamped: dict[str, Any] = _stamp(logger, name, event_dict)
+    return stamped
+
+
 def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     """Route structlog to stdout as JSON (``fmt="json"``) or for people (``"console"``)."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
+    from imdsguard.events.log import console_processor  # noqa: PLC0415
+
+    tail: list[Any] = (
+        [structlog.processors.JSONRenderer(sort_keys=False)]
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        # Untrusted strings (argv, exe) must not put escapes on a terminal.
+        else [console_processor, structlog.dev.ConsoleRenderer(colors=False)]
     )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+            _timestamp,
             _redact,
             structlog.processors.format_exc_info,
-            renderer,
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # One write per line (message and newline together), under a per-file lock.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=False,
     )
 

@@ -86,6 +86,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.exit_code(doc)
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """Blocked attempts, newest last."""
+    from imdsguard.events.log import event_lines  # noqa: PLC0415
+
+    try:
+        for line in event_lines(
+            paths.events_file(), args.n, as_json=args.json, follow_new=args.follow
+        ):
+            print(line, flush=True)
+    except PermissionError:
+        raise PermissionDeniedError(
+            f"cannot read {paths.events_file()}: the event log is readable by root only; "
+            "run with sudo"
+        ) from None
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate and print the effective policy."""
     config = load_config(args.config, trust=os.geteuid() == 0)
@@ -141,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even while the daemon runs")
     p = add("status", cmd_status, "is this host protected? (exit 0/1/2/3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("events", cmd_events, "blocked attempts, newest last")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
     p = add("check-config", cmd_check_config, "validate the config, print the effective policy")
     p.add_argument("--rules", action="store_true", help="also print the rules it renders to")
     add("demo", cmd_demo, "self-contained demo in throw-away network namespaces (root)")

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from imdsguard import __version__, _locks, _state, paths
 from imdsguard.config import Config, load_config
@@ -76,6 +76,8 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._components: dict[str, Component] = {}
+        self.degraded: list[str] = []  # reasons protection is in place but something is off
+        self.last_states: dict[str, str] = {}
         self.config: Config
         self.ruleset: RuleSet
         self.backend: Backend
@@ -122,8 +124,9 @@ class Daemon:
         finally:
             notify("STOPPING=1")
             self._hand_over()
+            final = {n: c.health() for n, c in self._components.items()}
             self._stop_components()
-            self.log.info("daemon_stopped", rules_left_in_place=True)
+            self.log.info("daemon_stopped", rules_left_in_place=True, components=final)
             os.close(lock_fd)
         return 0
 
@@ -197,9 +200,33 @@ class Daemon:
     def _rule_states(self) -> dict[str, str]:
         return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Figures for the metrics exporter (called from its threads)."""
+        components = dict(self._components)
+        capture = components["capture"].health() if "capture" in components else {}
+        broker = components["broker"].health() if "broker" in components else None
+        states = dict(self.last_states)
+        fine = all(v in (FamilyState.OK, FamilyState.DISABLED) for v in states.values())
+        blocked_by = {tuple(k.split("\0", 1)): v for k, v in capture.get("by_process", {}).items()}
+        return {
+            "version": __version__,
+            "backend": self.backend.name,
+            "mode": self.config.mode,
+            "protected": bool(states) and fine and self.config.mode == "enforce",
+            "rules": states,
+            "rules_restored_total": self.counters.rules_restored,
+            "reload_failures": self.counters.reload_failures,
+            "blocked_total": _blocked_total(),
+            "blocked_by": blocked_by,
+            "broker_requests": (broker or {}).get("requests_by_status", {}),
+            "broker_healthy": None if broker is None else bool(broker.get("healthy")),
+            "updated": time.time(),
+        }
+
     def _check(self) -> None:
         try:
             found = self.backend.inspect(self.ruleset)
+            self.last_states = {f: i.state for f, i in found.items()}
             bad = {
                 f: i
                 for f, i in found.items()
@@ -259,12 +286,27 @@ class Daemon:
     # -- components
 
     def _start_components(self, config: Config) -> None:
-        for name, component in _make_components(config, self.log).items():
+        for name, component in _make_components(
+            config, self.log, self.backend, self.metrics_snapshot
+        ).items():
+            self._start_one(name, component)
+
+    def _start_one(self, name: str, component: Component) -> None:
+        try:
             component.start()
-            self._components[name] = component
+        except ImdsGuardError as exc:
+            if name != "capture":
+                raise
+            # Protection does not depend on attribution: carry on without the queue.
+            self.degraded.append(f"attribution unavailable: {exc}")
+            self.log.error("capture_unavailable", error=str(exc))
+            return
+        self._components[name] = component
 
     def _reconfigure_components(self, config: Config) -> None:
-        wanted = _make_components(config, self.log, existing=self._components)
+        wanted = _make_components(
+            config, self.log, self.backend, self.metrics_snapshot, existing=self._components
+        )
         for name in list(self._components):
             if name not in wanted:
                 self._components.pop(name).stop()
@@ -272,8 +314,7 @@ class Daemon:
             if name in self._components:
                 component.reconfigure(config)
             else:
-                component.start()
-                self._components[name] = component
+                self._start_one(name, component)
 
     def _stop_components(self) -> None:
         for name, component in list(self._components.items()):
@@ -300,11 +341,21 @@ class Daemon:
             "reloads": self.counters.reloads,
             "reload_failures": self.counters.reload_failures,
             "components": {n: c.health() for n, c in self._components.items()},
+            "degraded": self.degraded,
         }
         try:
             _state.write_state(state)
         except OSError as exc:
             self.log.error("state_write_failed", error=str(exc))
+
+
+def _blocked_total() -> int:
+    from imdsguard.events.log import count_events  # noqa: PLC0415
+
+    try:
+        return count_events(paths.events_file())
+    except OSError:
+        return 0
 
 
 def _drain(fd: int | socket.socket) -> None:
@@ -321,9 +372,24 @@ def _drain(fd: int | socket.socket) -> None:
 
 
 def _make_components(
-    config: Config, logger: Any, existing: dict[str, Component] | None = None
+    config: Config,
+    logger: Any,
+    backend: Backend,
+    collect: Callable[[], dict[str, Any]],
+    existing: dict[str, Component] | None = None,
 ) -> dict[str, Component]:
-    """The components ``config`` asks for, reusing running ones."""
+    """The components ``config`` asks for on ``backend``, reusing running ones."""
     existing = existing or {}
     wanted: dict[str, Component] = {}
-    return {name: existing.get(name, comp) for name, comp in wanted.items()}
+    supports_queue = getattr(backend, "supports_queue", lambda: True)
+    if "capture" in existing or supports_queue():
+        from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
+
+        wanted["capture"] = existing.get("capture") or CaptureComponent(config, logger)
+    if config.metrics.textfile or config.metrics.listen:
+        from imdsguard.metrics import MetricsExporter  # noqa: PLC0415
+
+        wanted["metrics"] = existing.get("metrics") or MetricsExporter(
+            config.metrics, collect, logger
+        )
+    return wanted

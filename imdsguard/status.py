@@ -105,6 +105,7 @@ def gather(config_path: str | None) -> dict[str, Any]:
         reasons.append(f"{family} rules differ from the policy (the daemon repairs this)")
     if not daemon_running:
         reasons.append("daemon is not running: rules are not watched or repaired")
+    reasons.extend((state or {}).get("degraded", []))
     if mode == "audit":
         reasons.append("audit mode: access is logged, not blocked")
 

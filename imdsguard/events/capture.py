@@ -108,6 +108,10 @@ def build_event(
     return event
 
 
+#: Distinct (user, exe) pairs counted for metrics before the rest go to "other".
+MAX_PROCESS_KEYS = 1000
+
+
 class Capture:
     """NFQUEUE capture, attribution and event output (see the module docstring)."""
 
@@ -157,6 +161,8 @@ class Capture:
             "held_us_total": 0,  # time from reading a packet to its verdict (attribution)
             "held_us_max": 0,
         }
+        # Blocked attempts per (user, exe) for metrics; bounded, overflow folded.
+        self.by_process: dict[str, int] = {}
 
     # -- life cycle
 
@@ -219,6 +225,7 @@ class Capture:
             action=self.action,
             flows=len(self._flows),
             folded=self._flows.folded,
+            by_process=dict(self.by_process),
         )
         if self._failed or self._failed_config:
             out["error"] = self._failed or self._failed_config
@@ -368,6 +375,11 @@ class Capture:
         self.counters["events"] += 1
         if event.get("attributed"):
             self.counters["attributed"] += 1
+        key = f"{event.get('user') or event.get('src') or '?'}\0{event.get('exe') or '?'}"
+        if key in self.by_process or len(self.by_process) < MAX_PROCESS_KEYS:
+            self.by_process[key] = self.by_process.get(key, 0) + 1
+        else:
+            self.by_process["other\0other"] = self.by_process.get("other\0other", 0) + 1
         self._output(event)
 
     def _output(self, event: dict[str, Any]) -> None:

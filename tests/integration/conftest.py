@@ -156,7 +156,10 @@ class DaemonHandle:
         with open(self.log_path) as fh:
             for line in fh:
                 if line.startswith("{"):
-                    out.append(json.loads(line))
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        raise AssertionError(f"daemon printed a broken log line: {line!r}") from None
         return out
 
     def wait_log(self, event: str, count: int = 1, timeout: float = 5) -> list[dict[str, Any]]:

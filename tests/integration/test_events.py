@@ -28,31 +28,9 @@ from imdsguard.netns import IMDS_V4, IMDS_V6, Topology, User, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RUNNER = """
-import signal, sys, threading
-from imdsguard import _log, paths
-from imdsguard.config import load_config
-from imdsguard.events.capture import Capture
-from imdsguard.events.log import EventLog
-from imdsguard.firewall.iptables import IptablesBackend
-from imdsguard.policy import QUEUE_NUM, build_ruleset
-
-config = load_config(sys.argv[1])
-_log.configure(config.log_format)
-log = _log.get_logger()
-capture = Capture(queue_num=QUEUE_NUM, mode=config.mode, action=config.action,
-                  event_log=EventLog(paths.events_file()), logger=log)
-capture.start()
-backend = IptablesBackend()
-backend.apply(build_ruleset(config, queue_num=QUEUE_NUM))
-log.info("runner_ready")
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-stop.wait()
-backend.apply(build_ruleset(config, queue_num=None))
-capture.stop()
-log.info("runner_stopped", **capture.stats())
-"""
+# The real daemon: it starts the capture, then applies the queue rules; on
+# SIGTERM it swaps in queue-less rules, stops the capture and logs its counters.
+RUNNER = ["-m", "imdsguard", "run", "-c"]
 
 PROBE = """import socket
 try:
@@ -80,27 +58,25 @@ class Guard:
         cfg = os.path.join(self.workdir, "config.yaml")
         with open(cfg, "w") as fh:
             fh.write("firewall:\n  backend: iptables\n" + config)
-        runner = os.path.join(self.workdir, "runner.py")
-        with open(runner, "w") as fh:
-            fh.write(RUNNER)
         self.stdout_path = os.path.join(self.workdir, f"guard-{time.monotonic_ns()}.log")
         self.proc = self.topo.popen(
             self.topo.host,
-            [sys.executable, runner, cfg],
+            [sys.executable, *RUNNER, cfg],
             env=self.env,
             cwd=REPO,
             stdout=open(self.stdout_path, "w"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: "runner_ready" in self.stdout(), 15, "the capture to start", self.proc)
+        wait_for(lambda: "daemon_ready" in self.stdout(), 15, "the daemon to start", self.proc)
         return self
 
     def stop(self) -> dict[str, Any]:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=15) == 0, self.stdout()
-        (stopped,) = [e for e in self.stdout_events() if e.get("event") == "runner_stopped"]
-        return stopped
+        (stopped,) = [e for e in self.stdout_events() if e.get("event") == "daemon_stopped"]
+        capture: dict[str, Any] = stopped["components"]["capture"]
+        return capture
 
     def stdout(self) -> str:
         with open(self.stdout_path, "rb") as fh:
