@@ -117,9 +117,10 @@ class Daemon:
             self._start_components(self.config)
             self.ruleset = self._ruleset(self.config)
             self._apply("startup")
+            self.last_states = self._rule_states()
             self._publish()
             notify("READY=1", f"STATUS=protecting IMDS ({self.config.mode} mode)")
-            self.log.info("daemon_ready", rules=self._rule_states())
+            self.log.info("daemon_ready", rules=self.last_states)
             self._loop()
         finally:
             notify("STOPPING=1")
@@ -240,6 +241,7 @@ class Daemon:
                 self.backend.apply(self.ruleset)
             self.counters.rules_restored += 1
             self.counters.last_problems = problems
+            self.last_states = {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
             self.log.warning(
                 "rules_restored",
                 problems=problems,
@@ -347,6 +349,9 @@ class Daemon:
             _state.write_state(state)
         except OSError as exc:
             self.log.error("state_write_failed", error=str(exc))
+        exporter = self._components.get("metrics")
+        if exporter is not None:
+            exporter.write_now()  # type: ignore[attr-defined]
 
 
 def _blocked_total() -> int:
