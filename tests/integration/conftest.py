@@ -159,7 +159,9 @@ class DaemonHandle:
                     try:
                         out.append(json.loads(line))
                     except ValueError:
-                        raise AssertionError(f"daemon printed a broken log line: {line!r}") from None
+                        raise AssertionError(
+                            f"daemon printed a broken log line: {line!r}"
+                        ) from None
         return out
 
     def wait_log(self, event: str, count: int = 1, timeout: float = 5) -> list[dict[str, Any]]:
