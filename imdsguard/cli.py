@@ -103,6 +103,20 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """Proposed allowlist from what audit mode recorded."""
+    from imdsguard.events.log import read_events  # noqa: PLC0415
+    from imdsguard.suggest import suggest  # noqa: PLC0415
+
+    path = args.events or paths.events_file()
+    try:
+        events = read_events(path, n=1_000_000)
+    except PermissionError:
+        raise PermissionDeniedError(f"cannot read {path}: run with sudo") from None
+    print(suggest(events, source=path), end="")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate and print the effective policy."""
     config = load_config(args.config, trust=os.geteuid() == 0)
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
+    p = add("suggest", cmd_suggest, "proposed allowlist from what audit mode observed")
+    p.add_argument("--events", metavar="PATH", help="event log to read (default: the daemon's)")
     p = add("check-config", cmd_check_config, "validate the config, print the effective policy")
     p.add_argument("--rules", action="store_true", help="also print the rules it renders to")
     add("demo", cmd_demo, "self-contained demo in throw-away network namespaces (root)")

@@ -175,11 +175,12 @@ class DaemonHandle:
         wait_for(seen, timeout, f"{count} '{event}' log line(s)", self.proc)
         return found
 
+    def cli_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "imdsguard", *args]
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.topo.run(
-            self.topo.host,
-            [sys.executable, "-m", "imdsguard", *args, "-c", self.config_path],
-            env=self.env,
+            self.topo.host, [*self.cli_argv(*args), "-c", self.config_path], env=self.env
         )
 
     def ruleset_text(self) -> str:
