@@ -55,6 +55,7 @@ test: lint typecheck
 
 bench: deps
 	$(VPY) benchmarks/repair.py
+	$(VPY) benchmarks/attribution.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
