@@ -8,7 +8,6 @@ Nothing here touches the host's own firewall or its real IMDS.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -36,12 +35,13 @@ def run_demo() -> int:
     for key in ("run", "state", "log"):
         env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
     config = os.path.join(work, "config.yaml")
-    with open(config, "w") as fh:
-        fh.write("# demo: only root may reach IMDS directly\nallow:\n  users: [root]\n")
     ok = True
     try:
         with Topology(prefix="imdsg-demo") as topo:
             _say(f"== network namespaces {topo.host} (host) and {topo.vpc} (IMDS), like EC2")
+            backend = _pick_backend(topo)
+            with open(config, "w") as fh:
+                fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
             topo.start_imds(work)
             _say("== simulated IMDS listening on 169.254.169.254 and [fd00:ec2::254]")
             log_path = os.path.join(work, "daemon.log")
@@ -60,7 +60,15 @@ def run_demo() -> int:
             nobody = User(65534, 65534)
             ok &= _show(topo, f"{DEMO_USER} (not allowlisted)", nobody, expect_ok=False)
             ok &= _show(topo, f"{DEMO_USER} over IPv6", nobody, expect_ok=False, v6=True)
-            backend = json.loads(_read(state))["backend"]
+            _say("\n== imdsguard events: who tried (attributed while the packet was held)")
+            events = topo.run(
+                topo.host,
+                [sys.executable, "-m", "imdsguard", "events", "-n", "2", "-c", config],
+                env=env,
+            )
+            for line in events.stdout.splitlines():
+                _say("   " + line)
+            ok &= "BLOCKED" in events.stdout and f"({DEMO_USER})" in events.stdout
             tamper = TAMPER[backend]
             _say(f"\n== tampering: {' '.join(tamper)} (as a firewall reload would)")
             topo.run(topo.host, tamper, check=True)
@@ -85,6 +93,27 @@ def run_demo() -> int:
     _say("\n== cleaned up: namespaces and files removed")
     _say("demo result: " + ("OK" if ok else "UNEXPECTED BEHAVIOUR"))
     return 0 if ok else 1
+
+
+def _pick_backend(topo: Topology) -> str:
+    """nftables where the host uses it and the kernel can queue; else iptables.
+
+    Attribution hands packets to the daemon through a queue; nftables needs
+    CONFIG_NFT_QUEUE for that. The demo wants to show attribution, so on a
+    kernel without it, it uses the iptables backend (in its throw-away namespace).
+    """
+    probe = (
+        "from imdsguard.firewall.detect import choose\n"
+        "from imdsguard.firewall.nftables import NftablesBackend\n"
+        "b = choose('auto')\n"
+        "print('iptables' if b == 'nftables' and not NftablesBackend().supports_queue() else b)\n"
+    )
+    chosen = topo.run(topo.host, [sys.executable, "-c", probe], check=True).stdout.strip()
+    if chosen == "iptables":
+        _say(
+            "   (this kernel lacks nft_queue: the demo uses the iptables backend to show attribution)"
+        )
+    return chosen
 
 
 def _read(path: str) -> str:
