@@ -110,9 +110,7 @@ def _pick_backend(topo: Topology) -> str:
     )
     chosen = topo.run(topo.host, [sys.executable, "-c", probe], check=True).stdout.strip()
     if chosen == "iptables":
-        _say(
-            "   (this kernel lacks nft_queue: the demo uses the iptables backend to show attribution)"
-        )
+        _say("   (no nft_queue in this kernel: the demo shows attribution on the iptables backend)")
     return chosen
 
 
