@@ -47,6 +47,7 @@ from imdsguard.events.nfqueue import (
     QueuedPacket,
 )
 from imdsguard.events.packet import IPPROTO_TCP, Packet, PacketError, parse_packet
+from imdsguard.events.procfs import container_for_address
 from imdsguard.events.sockdiag import SockDiag
 from imdsguard.policy import MARK_SEEN, QUEUE_NUM
 
@@ -108,6 +109,26 @@ def build_event(
     return event
 
 
+class _ContainerCache:
+    """Source address -> container id, remembered briefly (bounded)."""
+
+    ttl = 30.0
+    size = 256
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, str | None]] = {}
+
+    def lookup(self, address: str, now: float) -> str | None:
+        hit = self._seen.get(address)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        found = container_for_address(address)
+        if len(self._seen) >= self.size:
+            self._seen.clear()
+        self._seen[address] = (now, found)
+        return found
+
+
 #: Distinct (user, exe) pairs counted for metrics before the rest go to "other".
 MAX_PROCESS_KEYS = 1000
 
@@ -161,6 +182,7 @@ class Capture:
             "held_us_total": 0,  # time from reading a packet to its verdict (attribution)
             "held_us_max": 0,
         }
+        self._containers = _ContainerCache()
         # Blocked attempts per (user, exe) for metrics; bounded, overflow folded.
         self.by_process: dict[str, int] = {}
 
@@ -372,6 +394,9 @@ class Capture:
         if not self._limiter.allow((event.get("uid"), event.get("exe")), now):
             self.counters["suppressed"] += 1
             return
+        if "src" in event and event.get("container") is None:
+            # After the verdict, in the writer thread: this scans /proc.
+            event["container"] = self._containers.lookup(str(event["src"]), now)
         self.counters["events"] += 1
         if event.get("attributed"):
             self.counters["attributed"] += 1

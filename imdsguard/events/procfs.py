@@ -14,6 +14,7 @@ UTF-8 shows up as ``\\xNN``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterable
@@ -291,4 +292,47 @@ def _container(path: str) -> str | None:
         found = pattern.findall(path)
         if found:
             return str(found[-1])
+    return None
+
+
+def _has_local_address(proc_root: str, pid: int, address: str) -> bool:
+    """True when ``address`` is assigned in the network namespace ``pid`` lives in."""
+    addr = ipaddress.ip_address(address)
+    if addr.version == 6:
+        raw = _read(f"{proc_root}/{pid}/net/if_inet6")
+        wanted = addr.exploded.replace(":", "")
+        return raw is not None and any(
+            line.split()[0] == wanted for line in _text(raw).splitlines() if line.strip()
+        )
+    raw = _read(f"{proc_root}/{pid}/net/fib_trie", limit=4 << 20)
+    if raw is None:
+        return False
+    lines = _text(raw).splitlines()
+    for i, line in enumerate(lines[:-1]):
+        # "|-- 198.51.100.2" followed by "/32 host LOCAL": an address of this netns.
+        if line.strip() == f"|-- {address}" and "host LOCAL" in lines[i + 1]:
+            return True
+    return False
+
+
+def container_for_address(address: str, proc_root: str = "/proc") -> str | None:
+    """The container id of the network namespace that owns ``address``, if any.
+
+    Forwarded (container) traffic has no local socket, so the source address
+    is the only clue: find a process whose network namespace has that
+    address, then read the container id from its cgroup. Each namespace is
+    checked once, through its first process.
+    """
+    seen: set[str] = set()
+    for pid in _pids(proc_root):
+        try:
+            netns = os.readlink(f"{proc_root}/{pid}/ns/net")
+        except OSError:
+            continue
+        if netns in seen:
+            continue
+        seen.add(netns)
+        if _has_local_address(proc_root, pid, address):
+            raw = _read(f"{proc_root}/{pid}/cgroup")
+            return parse_cgroup(_text(raw))[1] if raw is not None else None
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.integration.conftest import DaemonHandle
@@ -40,3 +42,30 @@ def test_docker_restart_pushing_our_forward_jump_down_is_repaired(daemon: Daemon
         daemon.topo.run(host, argv, check=True)
     daemon.wait_log("rules_restored", timeout=2)
     assert daemon.topo.http(None, URL, ns=container, timeout=2).rc != 0
+
+
+@pytest.mark.parametrize("backend", ["iptables"])  # events need the queue
+def test_container_attempt_is_logged_with_src_iface_and_container_id(
+    daemon: DaemonHandle, workdir: str
+) -> None:
+    container = daemon.topo.add_container()
+    # A long-lived process in the "container", in a docker-shaped cgroup (v1 name=systemd).
+    cid = "c0ffee" * 10 + "beef"
+    cgroup = f"/sys/fs/cgroup/systemd/docker/{cid}"
+    if not os.path.isdir("/sys/fs/cgroup/systemd"):
+        pytest.fail("expected the cgroup v1 name=systemd hierarchy on this machine")
+    os.makedirs(cgroup, exist_ok=True)
+    sleeper = daemon.topo.popen(container, ["sleep", "30"])
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as fh:
+            fh.write(str(sleeper.pid))
+        daemon.start()
+        assert daemon.topo.http(None, URL, ns=container, timeout=2).rc != 0
+        (event,) = daemon.wait_log("imds_access_blocked")
+        assert event["src"] == "198.51.100.2" and event["iface"] == "docker0"
+        assert event["uid"] is None and event["pid"] is None and event["attributed"] is False
+        assert event["container"] == cid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        os.rmdir(cgroup)  # empty now that the sleeper is gone

@@ -360,3 +360,24 @@ def test_split_cmdline_bounds_and_decoding() -> None:
     assert len(many) == MAX_ARGS + 1 and many[-1] == TRUNCATED
     long_arg = split_cmdline(b"y" * 5000)
     assert long_arg[0].endswith(TRUNCATED) and len(long_arg[0]) < 1100
+
+
+def test_container_for_address_from_a_recorded_proc(tmp_path: Path) -> None:
+    from imdsguard.events.procfs import container_for_address
+
+    cid = "ab" * 32
+    host, ctr = tmp_path / "100", tmp_path / "200"
+    local = "     |-- {}\n        /32 host LOCAL\n"
+    for pid_dir, netns, trie, cgroup in (
+        (host, "net:[4026531840]", local.format("10.0.0.5"), "0::/\n"),
+        (ctr, "net:[4026532999]", local.format("198.51.100.2"), f"0::/docker-{cid}.scope\n"),
+    ):
+        (pid_dir / "ns").mkdir(parents=True)
+        (pid_dir / "net").mkdir()
+        (pid_dir / "ns" / "net").symlink_to(netns)
+        (pid_dir / "net" / "fib_trie").write_text(trie)
+        (pid_dir / "net" / "if_inet6").write_text("")
+        (pid_dir / "cgroup").write_text(cgroup)
+    assert container_for_address("198.51.100.2", str(tmp_path)) == cid
+    assert container_for_address("10.0.0.5", str(tmp_path)) is None  # the host itself
+    assert container_for_address("203.0.113.9", str(tmp_path)) is None
