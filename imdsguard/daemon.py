@@ -201,6 +201,15 @@ class Daemon:
     def _rule_states(self) -> dict[str, str]:
         return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
 
+    def _attribution(self) -> dict[str, Any]:
+        if "capture" in self._components:
+            return {"available": True, "reason": None}
+        if not getattr(self.backend, "supports_queue", lambda: True)():
+            reason = "the kernel cannot queue packets from nftables (CONFIG_NFT_QUEUE)"
+        else:
+            reason = "the capture could not start (see capture_unavailable in the log)"
+        return {"available": False, "reason": reason}
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """Figures for the metrics exporter (called from its threads)."""
         components = dict(self._components)
@@ -344,6 +353,7 @@ class Daemon:
             "reload_failures": self.counters.reload_failures,
             "components": {n: c.health() for n, c in self._components.items()},
             "degraded": self.degraded,
+            "attribution": self._attribution(),
         }
         try:
             _state.write_state(state)

@@ -73,6 +73,8 @@ def gather(config_path: str | None) -> dict[str, Any]:
         "rules": {"ipv4": "unknown", "ipv6": "unknown"},
         "problems": [],
         "broker": {"enabled": broker_enabled, "healthy": None},
+        # Who was blocked: informational, protection does not depend on it.
+        "attribution": (state or {}).get("attribution", {"available": None, "reason": None}),
         "blocked": _blocked(),
     }
     if ruleset is None:
@@ -139,6 +141,8 @@ def render_text(doc: dict[str, Any]) -> str:
         healthy = "healthy" if doc["broker"]["healthy"] else "NOT healthy"
         lines.append(f"  broker:   {healthy}")
     lines.append(f"  blocked:  {doc['blocked']['total']} attempts logged")
+    if doc["attribution"].get("available") is False:
+        lines.append(f"  note:     attribution unavailable: {doc['attribution']['reason']}")
     for reason in doc["reasons"]:
         lines.append(f"  ! {reason}")
     for problem in doc["problems"]:
