@@ -206,29 +206,24 @@ def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]]) -> Plan
         plan.add_rule("guard", [_mark_has(ruleset.allow_mark), {"accept": None}])
     for expr in _deny_exprs(ruleset):
         plan.add_rule("guard", expr, required=True)
-    plan.add_chain("output", hook="output")
-    for family in FAMILIES:
-        if ruleset.endpoints(family):
-            sname = "@imds_v4" if family == "ipv4" else "@imds_v6"
-            plan.add_rule(
-                "output", [_match(_daddr(family), sname), {"jump": {"target": "guard"}}], True
-            )
+    _hook(plan, ruleset, "output", "guard")
     if ruleset.containers == "deny":
         # Forwarded traffic has no local socket owner: nothing is allowed.
         plan.add_chain("fwd_guard")
-        deny = _deny_exprs(ruleset) or []
-        for expr in deny:
+        for expr in _deny_exprs(ruleset):
             plan.add_rule("fwd_guard", expr, required=True)
-        plan.add_chain("forward", hook="forward")
-        for family in FAMILIES:
-            if ruleset.endpoints(family):
-                sname = "@imds_v4" if family == "ipv4" else "@imds_v6"
-                plan.add_rule(
-                    "forward",
-                    [_match(_daddr(family), sname), {"jump": {"target": "fwd_guard"}}],
-                    True,
-                )
+        _hook(plan, ruleset, "forward", "fwd_guard")
     return plan
+
+
+def _hook(plan: Plan, ruleset: RuleSet, hook: str, target: str) -> None:
+    """A base chain on ``hook`` sending traffic to the IMDS addresses into ``target``."""
+    plan.add_chain(hook, hook=hook)
+    for family in FAMILIES:
+        if ruleset.endpoints(family):
+            addresses = "@imds_v4" if family == "ipv4" else "@imds_v6"
+            jump = {"jump": {"target": target}}
+            plan.add_rule(hook, [_match(_daddr(family), addresses), jump], required=True)
 
 
 def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict[str, Inspection]:
