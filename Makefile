@@ -56,6 +56,7 @@ test: lint typecheck
 bench: deps
 	$(VPY) benchmarks/repair.py
 	$(VPY) benchmarks/attribution.py
+	$(VPY) benchmarks/broker.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

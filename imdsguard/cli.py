@@ -38,6 +38,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _need_root("run")
     config = load_config(args.config)  # validate before anything else, for the exit code
+    # python-iptables reads rules back by pointing fd 1 at a pipe for a moment
+    # (iptc's _get_saved_buf). A log line another thread (capture) wrote then
+    # went into that pipe: lost, and it broke iptc's parsing, which killed the
+    # daemon. Log through a copy of fd 1 that nobody redirects.
+    sys.stdout = os.fdopen(
+        os.dup(sys.stdout.fileno()),
+        "w",
+        buffering=1,
+        encoding=sys.stdout.encoding,
+        errors=sys.stdout.errors,
+    )
     _log.configure(config.log_format)
     return Daemon(args.config, _log.get_logger()).run()
 
@@ -49,8 +60,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     backend = make_backend(config.backend)
     paths.ensure_dir(paths.run_dir())
     # With a daemon attributing packets, keep its queue in the rules; otherwise
-    # rules that need no daemon.
-    queue = QUEUE_NUM if _locks.is_held(paths.daemon_lock()) else None
+    # rules that need no daemon. The daemon queues only where the backend can
+    # (nftables needs CONFIG_NFT_QUEUE): the same test here, or the batch fails.
+    supports_queue = getattr(backend, "supports_queue", lambda: True)
+    queue = QUEUE_NUM if _locks.is_held(paths.daemon_lock()) and supports_queue() else None
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
         changed = backend.apply(build_ruleset(config, queue_num=queue))
     print(f"rules {'applied' if changed else 'already in place'} ({backend.name} backend)")
@@ -101,6 +114,23 @@ def cmd_events(args: argparse.Namespace) -> int:
             "run with sudo"
         ) from None
     return 0
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    """credential_process JSON from the broker (for the AWS SDKs and CLI)."""
+    from imdsguard.broker.client import credentials_main  # noqa: PLC0415
+
+    return credentials_main(load_config(args.config, trust=False).broker.socket)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Posture report of this instance's IMDS exposure."""
+    from imdsguard import audit  # noqa: PLC0415
+
+    config = load_config(args.config, trust=False)
+    report = audit.run_audit(config, args.config)
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else audit.render_text(report))
+    return audit.exit_code(report)
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
@@ -176,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
+    add("credentials", cmd_credentials, "print AWS credential_process JSON from the broker")
+    p = add("audit", cmd_audit, "posture report of this instance's IMDS exposure (exit 1: high)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("suggest", cmd_suggest, "proposed allowlist from what audit mode observed")
     p.add_argument("--events", metavar="PATH", help="event log to read (default: the daemon's)")
     p = add("check-config", cmd_check_config, "validate the config, print the effective policy")

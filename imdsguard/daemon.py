@@ -401,6 +401,10 @@ def _make_components(
         from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
 
         wanted["capture"] = existing.get("capture") or CaptureComponent(config, logger)
+    if config.broker.enabled:
+        from imdsguard.broker.server import Broker  # noqa: PLC0415
+
+        wanted["broker"] = existing.get("broker") or Broker(config, logger)
     if config.metrics.textfile or config.metrics.listen:
         from imdsguard.metrics import MetricsExporter  # noqa: PLC0415
 

@@ -1,0 +1,307 @@
+"""Who is on the other end of the broker's socket, and may they have credentials.
+
+The kernel tells us the peer's uid, gid and pid as they were at
+``connect()`` (``SO_PEERCRED``), and its supplementary groups
+(``SO_PEERGROUPS``). A client is allowed if its uid is in
+``broker.clients.users``, its gid or any supplementary group in
+``broker.clients.groups``, or its executable is one of
+``broker.clients.exes``.
+
+The executable is read from ``/proc/<pid>``, which raises two problems:
+
+- **pid reuse**: the client may be gone and its pid taken by another
+  process. We hold a pidfd of the connecting process (``SO_PEERPIDFD``,
+  Linux 6.5+; else ``pidfd_open`` plus a start-time check against the time
+  the connection was accepted), read ``/proc``, then check that the pidfd's
+  process still lives and has the same start time. A live process keeps its
+  pid, so what we read was that process.
+- **a replaceable binary**: allowing ``/opt/app/bin/app`` means nothing if
+  the caller can overwrite it or its directory. An allowed exe must be owned
+  by root and not writable by group or others, and so must every directory
+  above it (a sticky directory such as ``/tmp`` is tolerated above, not as
+  the file's own directory). The running image must be that very file (same
+  device and inode): a binary replaced after the process started no longer
+  matches.
+
+Even so, allowing an exe identifies a program, not a person: whoever can
+run it can make it ask (arguments, ``LD_PRELOAD``, ``ptrace`` by the same
+uid, or a connection made first and kept by a forked child across an
+``exec`` of the binary). List only binaries that untrusted users cannot
+run, never an interpreter (``/usr/bin/python3``) or a shell, and prefer
+users and groups. Note that with ``credential_process`` the peer is
+``imdsguard credentials`` itself (a Python interpreter), not the SDK's
+program: exes are for programs that talk to the socket directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+from imdsguard.config import BrokerClients
+from imdsguard.events.procfs import ProcessInfo, read_process
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_MAX_PEER_GROUPS = 256  # Python's getsockopt buffer is capped at 1024 bytes
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The connecting process.
+
+    ``uid``/``gid``/``pid``/``groups`` come from the kernel's record of the
+    connection. ``exe`` and ``exe_id`` (device, inode of the running image)
+    come from ``/proc`` and are None unless ``verified``: the process was
+    still the one that connected after we read them.
+    """
+
+    uid: int
+    gid: int
+    pid: int | None
+    groups: tuple[int, ...] = ()
+    exe: str | None = None
+    exe_id: tuple[int, int] | None = None
+    verified: bool = False
+    process: ProcessInfo | None = None
+
+
+def boot_ticks() -> int:
+    """Now, in the clock ticks since boot that ``/proc/<pid>/stat`` start times use."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The peer's uid at connect time (None if the kernel cannot say)."""
+    try:
+        return _peer_cred(sock)[1]
+    except OSError:
+        return None
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_PEER_GROUPS)
+    except OSError:
+        return None  # ERANGE (very many groups) or an old kernel: fall back to /proc
+    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+def _open_pidfd(sock: socket.socket, pid: int) -> tuple[int | None, bool]:
+    """A pidfd for the peer and whether it is the kernel's own (race-free) one."""
+    with contextlib.suppress(OSError):
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)), True
+    try:
+        return os.pidfd_open(pid), False
+    except (OSError, AttributeError):
+        return None, False
+
+
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; we just may not signal it
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _start_time(pid: int, proc_root: str) -> int | None:
+    try:
+        fd = os.open(f"{proc_root}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def kernel_peer(sock: socket.socket, proc_root: str = "/proc") -> Peer | None:
+    """The peer as the kernel recorded it at ``connect()``, without reading ``/proc``.
+
+    Enough to decide on users and groups, and race-free. ``exe`` is read
+    for the log only (unverified: ``exe_id`` stays None, so it never
+    matches ``broker.clients.exes``). None when the kernel cannot give the
+    groups (then use :func:`identify`).
+    """
+    pid, uid, gid = _peer_cred(sock)
+    groups = _peer_groups(sock)
+    if groups is None:
+        return None
+    exe = None
+    if pid > 0:
+        with contextlib.suppress(OSError):
+            exe = os.readlink(f"{proc_root}/{pid}/exe")
+    return Peer(uid=uid, gid=gid, pid=pid if pid > 0 else None, groups=groups, exe=exe)
+
+
+def identify(sock: socket.socket, accepted_ticks: int, proc_root: str = "/proc") -> Peer:
+    """Who holds the other end of ``sock`` (see the module docstring).
+
+    ``accepted_ticks`` is :func:`boot_ticks` taken when the connection was
+    accepted: without a kernel pidfd, a process that started later cannot
+    be the one that connected.
+    """
+    pid, uid, gid = _peer_cred(sock)
+    groups = _peer_groups(sock)
+    if pid <= 0:
+        return Peer(uid=uid, gid=gid, pid=None, groups=groups or ())
+    pidfd, exact = _open_pidfd(sock, pid)
+    try:
+        before = _start_time(pid, proc_root)
+        info = read_process(pid, proc_root)
+        exe_id: tuple[int, int] | None = None
+        with contextlib.suppress(OSError):
+            st = os.stat(f"{proc_root}/{pid}/exe")  # the running image, even if deleted
+            exe_id = (st.st_dev, st.st_ino)
+        after = _start_time(pid, proc_root)
+        verified = (
+            pidfd is not None
+            and info is not None
+            and before is not None
+            and before == after == info.start_time
+            and _alive(pidfd)
+            and (exact or before <= accepted_ticks)
+        )
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    if groups is None:
+        groups = info.groups if verified and info is not None else ()
+    if not verified:
+        return Peer(uid=uid, gid=gid, pid=pid, groups=groups, process=info)
+    assert info is not None  # noqa: S101 - part of `verified`
+    return Peer(
+        uid=uid,
+        gid=gid,
+        pid=pid,
+        groups=groups,
+        exe=info.exe,
+        exe_id=exe_id,
+        verified=True,
+        process=info,
+    )
+
+
+def exe_trust_problem(path: str) -> str | None:
+    """Why ``path`` cannot be trusted as an allowed client executable, or None.
+
+    The file (symlinks resolved) must be a regular file owned by root and not
+    writable by group or others; so must its directory and every directory
+    above it (sticky ones excepted above the file's own), for the path as
+    configured and as resolved.
+    """
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError as exc:
+        return f"cannot stat {path}: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{real} is not a regular file"
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{real} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}: "
+            "whoever can write it could run anything as an allowed client "
+            f"(chown root: {real} && chmod go-w {real})"
+        )
+    for start in dict.fromkeys((os.path.dirname(os.path.normpath(path)), os.path.dirname(real))):
+        directory, own = start, True
+        while True:
+            try:
+                dst = os.stat(directory)
+            except OSError as exc:
+                return f"cannot stat {directory}: {exc.strerror}"
+            writable = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            sticky = dst.st_mode & stat.S_ISVTX
+            if dst.st_uid != 0 or (writable and (own or not sticky)):
+                return (
+                    f"directory {directory} (above {path}) is owned by uid {dst.st_uid} with "
+                    f"mode {stat.S_IMODE(dst.st_mode):04o}: others could replace the binary"
+                )
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory, own = parent, False
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a peer may have credentials, what matched, and why not."""
+
+    allowed: bool
+    matched: str | None = None  # e.g. "user:app", "group:readers", "exe:/usr/bin/app"
+    reason: str = ""
+    exe_problem: str | None = None  # why an allowed exe did not count, for the log
+
+
+class ClientPolicy:
+    """``broker.clients`` as a decision on a :class:`Peer`."""
+
+    def __init__(self, clients: BrokerClients) -> None:
+        self.clients = clients
+        self._users = {p.id: p.name for p in clients.users}
+        self._groups = {p.id: p.name for p in clients.groups}
+
+    def decide(self, peer: Peer) -> Decision:
+        """Allowed by user, then group, then exe; otherwise the reason for refusal."""
+        if peer.uid in self._users:
+            return Decision(True, f"user:{self._users[peer.uid]}")
+        for gid in (peer.gid, *peer.groups):
+            if gid in self._groups:
+                return Decision(True, f"group:{self._groups[gid]}")
+        problems: list[str] = []
+        if self.clients.exes:
+            if not peer.verified or peer.exe_id is None:
+                problems.append("its executable could not be verified (process gone?)")
+            else:
+                for allowed in self.clients.exes:
+                    matched, problem = self._exe_matches(peer, allowed)
+                    if matched:
+                        return Decision(True, f"exe:{allowed}")
+                    if problem:
+                        problems.append(problem)
+        reason = f"uid {peer.uid} is not an allowed broker client (broker.clients)"
+        return Decision(False, None, reason, "; ".join(problems) or None)
+
+    @staticmethod
+    def _exe_matches(peer: Peer, allowed: str) -> tuple[bool, str | None]:
+        try:
+            st = os.stat(allowed)
+        except OSError:
+            return False, None
+        if (st.st_dev, st.st_ino) != peer.exe_id:
+            exe = peer.exe or ""
+            if exe.endswith(" (deleted)") and exe[: -len(" (deleted)")] == os.path.realpath(
+                allowed
+            ):
+                return False, f"it runs a former {allowed} (replaced since it started)"
+            return False, None
+        problem = exe_trust_problem(allowed)
+        if problem:
+            return False, f"allowed exe refused: {problem}"
+        return True, None

@@ -1,0 +1,718 @@
+"""The broker's socket server: HTTP/1.1 over a Unix socket, one event-loop thread.
+
+Routes (see the contract):
+
+- ``GET /v1/credentials``: 200 with the ``credential_process`` document for
+  an allowed peer, 403 ``{"error": ...}`` for any other, 503 when nothing
+  unexpired can be served.
+- ``GET /v1/health``: 200 while credentials can be served (``status`` is
+  ``ok`` or ``degraded``), else 503. Open to every local user: it holds no
+  secret.
+- Any other path is 404, any other method 405.
+
+Why one selector loop rather than a thread per connection: a client that
+connects and sends nothing (or a byte a second) then costs a file
+descriptor and a few KiB, not a thread, and every connection has a hard
+deadline for its whole request head. Connections are capped in total and
+per uid, so one user cannot crowd out the others. Answering is immediate
+from the cache; only when nothing is servable does a request wait (in a
+small worker pool, bounded) for the refresher's fetch.
+
+The socket is 0666: access control is by the peer's kernel credentials,
+not by file permissions. Its directory must be ours and not writable by
+others; we refuse to start over a live socket and never follow a symlink.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import pwd
+import queue
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from imdsguard import paths
+from imdsguard.broker import _http
+from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
+from imdsguard.broker.peer import (
+    ClientPolicy,
+    Decision,
+    Peer,
+    boot_ticks,
+    exe_trust_problem,
+    identify,
+    kernel_peer,
+)
+from imdsguard.config import Config
+from imdsguard.errors import BrokerError, ImdsGuardError
+from imdsguard.events.attribution import Attribution, redact_args
+from imdsguard.events.procfs import ancestors
+from imdsguard.imds import Credentials, ImdsClient
+from imdsguard.policy import MARK_BROKER
+
+CREDENTIALS_ROUTE = "/v1/credentials"
+HEALTH_ROUTE = "/v1/health"
+_REFUSAL_LOG_INTERVAL = 10.0  # per (uid, exe): one broker_refused line, then a count
+_REFUSAL_LOG_BURST = 20  # and at most this many lines per interval in all
+_BUSY_LOG_INTERVAL = 10.0
+_MAX_REFUSAL_KEYS = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a client may cost the broker."""
+
+    max_connections: int = 512
+    max_per_uid: int = 64
+    read_timeout: float = 3.0  # for the whole request head, however it trickles in
+    write_timeout: float = 5.0
+    workers: int = 4  # wait for a fetch when nothing is servable
+    max_waiting: int = 256
+
+
+class _Conn:
+    """One client connection and where it is in its life."""
+
+    __slots__ = (
+        "buf",
+        "deadline",
+        "exe",
+        "fd",
+        "matched",
+        "method",
+        "out",
+        "path",
+        "pid",
+        "sock",
+        "started",
+        "status",
+        "ticks",
+        "uid",
+    )
+
+    def __init__(self, sock: socket.socket, uid: int, pid: int | None, ticks: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.uid = uid
+        self.pid = pid
+        self.ticks = ticks
+        self.started = time.monotonic()
+        self.deadline: float | None = None
+        self.buf = b""
+        self.out = b""
+        self.status: int | None = None
+        self.method: str | None = None
+        self.path: str | None = None
+        self.exe: str | None = None
+        self.matched: str | None = None
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int | None, int]:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None, -1
+    pid, uid, _ = struct.unpack("3i", raw)
+    return (pid if pid > 0 else None), uid
+
+
+class Broker:
+    """The credential broker, a daemon component (start/stop/reconfigure/health).
+
+    ``imds``, ``refresh``, ``limits``, ``imds_mark`` and ``proc_root`` are
+    for tests; the daemon passes only ``config`` and ``logger``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        logger: Any,
+        *,
+        imds: ImdsClient | None = None,
+        refresh: RefreshPolicy | None = None,
+        limits: Limits | None = None,
+        imds_mark: int | None = MARK_BROKER,
+        proc_root: str = "/proc",
+    ) -> None:
+        self.config = config
+        self.log = logger
+        self.limits = limits or Limits()
+        self._refresh_policy = refresh
+        self._imds_mark = imds_mark
+        self._given_imds = imds
+        self._proc_root = proc_root
+        self._policy = ClientPolicy(config.broker.clients)
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._by_status: collections.Counter[int] = collections.Counter()
+        self._rejected = 0
+        self._refusals: collections.OrderedDict[tuple[int, str | None], tuple[float, int]] = (
+            collections.OrderedDict()
+        )
+        self._users: dict[int, str | None] = {}
+        self._refusal_times: collections.deque[float] = collections.deque(maxlen=_REFUSAL_LOG_BURST)
+        self._running = False
+        self._new_state()
+
+    def _new_state(self) -> None:
+        self.imds = self._given_imds or ImdsClient(self.config.imds_url, mark=self._imds_mark)
+        self.cache = CredentialCache(
+            self.imds.role_credentials, self._refresh_policy, logger=self.log
+        )
+        self._refresher = Refresher(self.cache, self.log)
+        self._listen: socket.socket | None = None
+        self._socket_path = self.config.broker.socket
+        self._socket_id: tuple[int, int] | None = None
+        self._sel: selectors.BaseSelector | None = None
+        self._conns: dict[int, _Conn] = {}
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._waiting = 0
+        self._finished: queue.SimpleQueue[tuple[_Conn, int, dict[str, Any]]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._accept_paused_until = 0.0
+        self._busy_logged = 0.0
+
+    # -- life cycle
+
+    def start(self) -> None:
+        """Bind the socket, start fetching credentials and serving; BrokerError if impossible."""
+        path = self.config.broker.socket
+        self._check_exes()
+        self._listen, self._socket_id = bind_socket(path)
+        self._socket_path = path
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listen, selectors.EVENT_READ, "listen")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="broker-wait")
+        self._refresher.start()
+        self._loop_thread = threading.Thread(target=self._loop, name="broker", daemon=True)
+        self._running = True
+        self._loop_thread.start()
+        self.log.info(
+            "broker_started",
+            socket=path,
+            imds=self.imds.url,
+            clients={
+                "users": [str(p) for p in self.config.broker.clients.users],
+                "groups": [str(p) for p in self.config.broker.clients.groups],
+                "exes": list(self.config.broker.clients.exes),
+            },
+        )
+
+    def stop(self) -> None:
+        """Stop serving, close and unlink the socket (only if it is still ours)."""
+        if self._loop_thread is None:
+            return
+        self._stopping.set()
+        self._wake()
+        self._loop_thread.join(10)
+        self._loop_thread = None
+        self._running = False
+        if self._pool is not None:
+            # Waiting requests end within request_wait; only then may the wake pipe close.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._refresher.stop()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.log.info("broker_stopped", socket=self._socket_path, requests=self._requests)
+
+    def reconfigure(self, config: Config) -> None:
+        """Adopt a new configuration: new clients at once; a new socket or IMDS URL restarts.
+
+        Never raises: if the new socket cannot be used, the broker goes back
+        to the old one (a reload must not take the daemon down).
+        """
+        old = self.config
+        self.config = config
+        self._policy = ClientPolicy(config.broker.clients)
+        if (old.broker.socket, old.imds_url) == (config.broker.socket, config.imds_url):
+            self._check_exes()
+            self.log.info("broker_reconfigured", socket=config.broker.socket)
+            return
+        self.stop()
+        self._new_state()
+        try:
+            self.start()
+        except ImdsGuardError as exc:
+            self.log.error("broker_reconfigure_failed", error=str(exc), kept=old.broker.socket)
+            # The new clients apply; the socket and IMDS URL stay as they were.
+            self.config = dataclasses.replace(
+                config,
+                imds_url=old.imds_url,
+                broker=dataclasses.replace(config.broker, socket=old.broker.socket),
+            )
+            self._new_state()
+            try:
+                self.start()
+            except ImdsGuardError as again:
+                self.log.error("broker_unavailable", error=str(again))
+            return
+        self.log.info("broker_reconfigured", socket=config.broker.socket)
+
+    def health(self) -> dict[str, Any]:
+        """For ``status`` and metrics: state, expiry, errors and counters; never a secret."""
+        doc = self.cache.health()
+        if not self._running:
+            doc.update(status="unavailable", healthy=False, last_error="broker is not running")
+        with self._lock:
+            by_status = {str(k): v for k, v in sorted(self._by_status.items())}
+            doc.update(
+                requests=self._requests,
+                requests_by_status=by_status,
+                rejected_connections=self._rejected,
+                connections=len(self._conns),
+            )
+        doc.update(imds_requests=self.imds.request_count, socket=self.config.broker.socket)
+        return doc
+
+    def _check_exes(self) -> None:
+        for exe in self.config.broker.clients.exes:
+            problem = exe_trust_problem(exe)
+            if problem:
+                self.log.warning(
+                    "broker_exe_untrusted",
+                    exe=exe,
+                    problem=problem,
+                    effect="processes running it are not allowed",
+                )
+
+    # -- the loop
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _loop(self) -> None:
+        sel = self._sel
+        assert sel is not None  # noqa: S101 - set by start()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    events = sel.select(self._timeout())
+                    for key, mask in events:
+                        self._on_event(key.data, mask)
+                    self._deliver_finished()
+                    self._expire()
+                except Exception as exc:  # noqa: BLE001 - one bad connection must not stop serving
+                    self.log.error("broker_loop_error", error=type(exc).__name__)
+        finally:
+            self._close_all()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [c.deadline for c in self._conns.values() if c.deadline is not None]
+        if self._accept_paused_until:
+            deadlines.append(self._accept_paused_until)
+        if not deadlines:
+            return 1.0
+        return max(0.0, min(min(deadlines) - now, 1.0))
+
+    def _on_event(self, tag: Any, mask: int) -> None:
+        if tag == "listen":
+            self._accept()
+        elif tag == "wake":
+            with contextlib.suppress(OSError):
+                while os.read(self._wake_r, 4096):
+                    pass
+        elif isinstance(tag, _Conn) and self._live(tag):
+            if mask & selectors.EVENT_READ:
+                self._on_read(tag)
+            if mask & selectors.EVENT_WRITE and self._live(tag):
+                self._flush(tag)
+
+    def _accept(self) -> None:
+        assert self._listen is not None and self._sel is not None  # noqa: S101
+        for _ in range(64):
+            try:
+                sock, _ = self._listen.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # Out of file descriptors: stop accepting for a moment rather than spin.
+                self.log.error("broker_accept_failed", error=exc.strerror or str(exc))
+                self._sel.unregister(self._listen)
+                self._accept_paused_until = time.monotonic() + 0.1
+                return
+            ticks = boot_ticks()
+            sock.setblocking(False)
+            pid, uid = _peer_cred(sock)
+            if (
+                len(self._conns) >= self.limits.max_connections
+                or self._per_uid[uid] >= self.limits.max_per_uid
+            ):
+                self._refuse_busy(sock, uid)
+                continue
+            conn = _Conn(sock, uid, pid, ticks)
+            conn.deadline = conn.started + self.limits.read_timeout
+            self._conns[conn.fd] = conn
+            self._per_uid[uid] += 1
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _refuse_busy(self, sock: socket.socket, uid: int) -> None:
+        with contextlib.suppress(OSError):
+            sock.send(_http.response(503, {"error": "broker busy: too many connections"}))
+            sock.recv(65536)  # what already arrived, so close() does not reset the answer
+        sock.close()
+        with self._lock:
+            self._rejected += 1
+            self._by_status[503] += 1
+        now = time.monotonic()
+        if now - self._busy_logged >= _BUSY_LOG_INTERVAL:
+            self._busy_logged = now
+            self.log.warning(
+                "broker_busy",
+                uid=uid,
+                connections=len(self._conns),
+                uid_connections=self._per_uid[uid],
+                rejected_total=self._rejected,
+            )
+
+    def _on_read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)  # gone before a complete request: nothing to answer
+            return
+        conn.buf += data
+        try:
+            request = _http.parse_head(conn.buf)
+        except _http.HttpError as exc:
+            self._reply(conn, exc.status, {"error": exc.message})
+            return
+        if request is not None:
+            conn.method, conn.path = request.method, request.path
+            self._dispatch(conn, request)
+
+    def _dispatch(self, conn: _Conn, request: _http.Request) -> None:
+        if request.path not in (CREDENTIALS_ROUTE, HEALTH_ROUTE):
+            self._reply(conn, 404, {"error": f"no such path: use GET {CREDENTIALS_ROUTE}"})
+            return
+        if request.method != "GET":
+            self._reply(conn, 405, {"error": "only GET is served"}, (("Allow", "GET"),))
+            return
+        # Users and groups are decided on the kernel's record alone (fast, race-free);
+        # /proc is read in full only for an exe match or to log a refusal.
+        quick = kernel_peer(conn.sock, self._proc_root)
+        peer = quick or self._identify(conn)
+        conn.exe = peer.exe or (peer.process.exe if peer.process else None)
+        if request.path == HEALTH_ROUTE:
+            doc = self.health()
+            public = {
+                k: doc.get(k)
+                for k in ("status", "healthy", "credentials_expire", "serving_until", "last_error")
+            }
+            self._reply(conn, 503 if doc["status"] == "unavailable" else 200, public)
+            return
+        policy = self._policy
+        decision = policy.decide(peer)
+        if not decision.allowed and quick is not None:
+            peer = self._identify(conn)  # the exe, verified, and the process for the log
+            decision = policy.decide(peer)
+        if not decision.allowed:
+            self._log_refused(peer, decision)
+            self._reply(
+                conn,
+                403,
+                {
+                    "error": f"{decision.reason}: ask an administrator to add this user, a group "
+                    f"of it or the program to broker.clients in {self.config.path}"
+                },
+            )
+            return
+        conn.matched = decision.matched
+        creds = self.cache.current()
+        if creds is not None:
+            self._reply(conn, 200, creds.process_output())
+            return
+        if self._waiting >= self.limits.max_waiting or self._pool is None:
+            self._reply(conn, 503, self._unavailable())
+            return
+        # Nothing servable: wait (off the loop) for the refresher's next fetch.
+        self._waiting += 1
+        self._unwatch(conn)
+        conn.deadline = None
+        self._pool.submit(self._wait_for_credentials, conn)
+
+    def _identify(self, conn: _Conn) -> Peer:
+        try:
+            return identify(conn.sock, conn.ticks, self._proc_root)
+        except OSError:
+            return Peer(uid=conn.uid, gid=-1, pid=conn.pid)
+
+    def _unavailable(self) -> dict[str, Any]:
+        error = self.cache.health().get("last_error") or "no credentials yet"
+        return {"error": f"no unexpired credentials to serve: {error}"}
+
+    def _wait_for_credentials(self, conn: _Conn) -> None:
+        creds: Credentials | None = None
+        try:
+            creds = self.cache.wait_current()
+        finally:
+            if creds is not None:
+                self._finished.put((conn, 200, creds.process_output()))
+            else:
+                self._finished.put((conn, 503, self._unavailable()))
+            self._wake()
+
+    def _deliver_finished(self) -> None:
+        while True:
+            try:
+                conn, status, doc = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._waiting -= 1
+            if self._live(conn):
+                self._reply(conn, status, doc)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            assert self._sel is not None and self._listen is not None  # noqa: S101
+            self._sel.register(self._listen, selectors.EVENT_READ, "listen")
+        for conn in [c for c in self._conns.values() if c.deadline and c.deadline <= now]:
+            if conn.out:
+                self._close(conn)  # the client does not read its answer
+            elif conn.buf:
+                self._reply(conn, 408, {"error": "request head not received in time"})
+            else:
+                self._close(conn)  # connected and never said anything
+
+    # -- answering
+
+    def _unwatch(self, conn: _Conn) -> None:
+        assert self._sel is not None  # noqa: S101
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(conn.sock)
+
+    def _reply(
+        self,
+        conn: _Conn,
+        status: int,
+        doc: dict[str, Any],
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        conn.status = status
+        conn.out = _http.response(status, doc, headers)
+        conn.deadline = time.monotonic() + self.limits.write_timeout
+        self._unwatch(conn)
+        self._flush(conn)
+        if self._live(conn) and conn.out:
+            assert self._sel is not None  # noqa: S101
+            self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._finish(conn, delivered=False)
+            return
+        conn.out = conn.out[sent:]
+        if not conn.out:
+            self._finish(conn, delivered=True)
+
+    def _finish(self, conn: _Conn, delivered: bool) -> None:
+        status = conn.status or 0
+        with self._lock:
+            self._requests += 1
+            self._by_status[status] += 1
+        log = self.log.debug if conn.path == HEALTH_ROUTE and status == 200 else self.log.info
+        log(
+            "broker_request",
+            method=conn.method,
+            path=conn.path,
+            status=status,
+            uid=conn.uid,
+            pid=conn.pid,
+            exe=conn.exe,
+            allowed_as=conn.matched,
+            delivered=delivered,
+            ms=round((time.monotonic() - conn.started) * 1000, 2),
+        )
+        self._close(conn)
+
+    def _live(self, conn: _Conn) -> bool:
+        # By identity: a closed connection's fd number may already be a new one's.
+        return self._conns.get(conn.fd) is conn
+
+    def _close(self, conn: _Conn) -> None:
+        if not self._live(conn):
+            return
+        self._unwatch(conn)
+        del self._conns[conn.fd]
+        self._per_uid[conn.uid] -= 1
+        if self._per_uid[conn.uid] <= 0:
+            del self._per_uid[conn.uid]
+        conn.out = b""
+        # Unread input would turn our close into a reset that can cost the
+        # client our answer (e.g. a 431 sent while it was still writing).
+        with contextlib.suppress(OSError):
+            for _ in range(16):
+                if not conn.sock.recv(4096):
+                    break
+        conn.sock.close()
+
+    def _close_all(self) -> None:
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        if self._sel is not None:
+            self._sel.close()
+        if self._listen is not None:
+            self._listen.close()
+            unlink_socket(self._socket_path, self._socket_id)
+            self._listen = None
+
+    # -- logging a refusal
+
+    def _user(self, uid: int) -> str | None:
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = None
+            if len(self._users) > 1024:
+                self._users.pop(next(iter(self._users)))
+        return self._users[uid]
+
+    def _log_refused(self, peer: Peer, decision: Decision) -> None:
+        info = peer.process
+        key = (peer.uid, info.exe if info else None)
+        now = time.monotonic()
+        last, suppressed = self._refusals.get(key, (-_REFUSAL_LOG_INTERVAL, 0))
+        flooded = (
+            len(self._refusal_times) == _REFUSAL_LOG_BURST
+            and now - self._refusal_times[0] < _REFUSAL_LOG_INTERVAL
+        )
+        if now - last < _REFUSAL_LOG_INTERVAL or flooded:
+            # Reading /proc for the log costs ~1 ms: a refusal flood must not buy that.
+            self._refusals[key] = (last, suppressed + 1)
+            return
+        self._refusal_times.append(now)
+        self._refusals[key] = (now, 0)
+        self._refusals.move_to_end(key)
+        while len(self._refusals) > _MAX_REFUSAL_KEYS:
+            self._refusals.popitem(last=False)
+        chain = ancestors(info, self._proc_root) if info else []
+        who = Attribution(
+            uid=peer.uid,
+            user=self._user(peer.uid),
+            gid=peer.gid,
+            pid=peer.pid,
+            ppid=info.ppid if info else None,
+            exe=info.exe if info else None,
+            cmdline=redact_args(info.cmdline) if info else (),
+            comm=info.comm if info else None,
+            ancestors=tuple((a.pid, a.comm, a.exe) for a in chain),
+            unit=info.unit if info else None,
+            container=info.container if info else None,
+            attributed=peer.verified,
+        )
+        self.log.warning(
+            "broker_refused",
+            **who.fields(),
+            groups=list(peer.groups),
+            reason=decision.reason,
+            exe_problem=decision.exe_problem,
+            suppressed_before=suppressed,
+            socket=self.config.broker.socket,
+        )
+
+
+# -- the socket file
+
+
+def bind_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening, non-blocking Unix socket at ``path`` (mode 0666) and its (dev, inode).
+
+    The directory is created (0755) or must be ours and not writable by
+    others. An existing socket that answers means another broker runs: we
+    refuse. A stale one is removed. Anything else at ``path`` (a file, a
+    symlink) is refused, never followed or deleted.
+    """
+    directory = os.path.dirname(path) or "."
+    try:
+        paths.ensure_dir(directory)
+    except FileNotFoundError:
+        raise BrokerError(
+            f"cannot create the broker socket directory {directory}: its parent does not exist"
+        ) from None
+    except ImdsGuardError as exc:
+        raise BrokerError(f"broker socket directory: {exc}") from None
+    except OSError as exc:
+        raise BrokerError(f"cannot create {directory}: {exc.strerror}") from None
+    mode = stat.S_IMODE(os.stat(directory).st_mode)
+    if mode & 0o011 != 0o011:  # clients of every uid must be able to reach the socket
+        os.chmod(directory, mode | 0o011)  # noqa: S103 - search only, never write
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+            raise BrokerError(f"{path} exists and is {kind}: remove it, then start again")
+        if _answers(path):
+            raise BrokerError(
+                f"another broker is already listening on {path} (a second imdsguard daemon?)"
+            )
+        os.unlink(path)  # stale: its server is gone
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)  # noqa: S103 - access control is by peer credentials, not mode
+        sock.listen(128)
+        sock.setblocking(False)
+        st = os.lstat(path)
+    except OSError as exc:
+        sock.close()
+        raise BrokerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except socket.timeout:
+        return True  # a listener with a full backlog is still a listener
+    except OSError as exc:
+        raise BrokerError(f"cannot check the existing socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    return True
+
+
+def unlink_socket(path: str, expected: tuple[int, int] | None) -> None:
+    """Remove ``path`` if it is still the socket we bound (not a successor's)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if expected is None or (st.st_dev, st.st_ino) == expected:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

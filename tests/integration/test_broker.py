@@ -1,0 +1,480 @@
+"""The credential broker end to end: real uids, real firewall, botocore, IMDS faults.
+
+Layout: the simulated IMDS in VPC (tokens required, a control file for
+faults, a request log), the daemon in HOST with ``allow.users: []`` (not
+even root reaches IMDS directly) and the broker enabled. The broker gets
+through only because its sockets carry the broker mark.
+
+Until ``imdsguard run`` starts the broker itself (the daemon component),
+the tests start it next to the daemon with a small runner; they switch to
+the daemon's own broker as soon as its published state lists one.
+
+Test clients run as unprivileged users, so everything they execute must be
+readable by them. When the venv and the repository are world-readable (as
+with ``make test`` in a checkout outside /root), the clients use the venv's
+python and ``python -m imdsguard credentials`` exactly as a user would.
+Otherwise (a checkout under /root, mode 0700) the tests copy the packages
+the client side needs (imdsguard, botocore and its dependencies) into the
+world-readable work directory and run the system interpreter with
+``PYTHONPATH`` pointing there; ``credential_process`` inherits that
+environment, so botocore's child finds the same copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from imdsguard.netns import Topology, User, wait_for
+from tests.integration.conftest import DaemonHandle
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
+
+RUNNER = """
+import signal, sys, threading
+from imdsguard import _log
+from imdsguard.config import load_config
+from imdsguard.broker.server import Broker
+config = load_config(sys.argv[1])
+_log.configure(config.log_format)
+broker = Broker(config, _log.get_logger())
+broker.start()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+while not stop.wait(0.2):
+    pass
+broker.stop()
+"""
+
+BOTOCORE = """
+import json, botocore.session
+creds = botocore.session.get_session().get_credentials()
+frozen = creds.get_frozen_credentials()
+print(json.dumps({"method": creds.method, "access_key": frozen.access_key,
+                  "secret_key": frozen.secret_key, "token": frozen.token}))
+"""
+
+# Fetches through the broker every 0.1 s for argv[2] seconds; one JSON line per attempt.
+FETCH_LOOP = """
+import json, sys, time
+from imdsguard.broker.client import fetch_credentials
+from imdsguard.errors import BrokerError
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    t = time.time()
+    try:
+        d = fetch_credentials(sys.argv[1], timeout=5)
+        out = {"t": t, "ok": True, "exp": d["Expiration"], "key": d["AccessKeyId"],
+               "secret": d["SecretAccessKey"], "token": d["SessionToken"]}
+    except BrokerError as exc:
+        out = {"t": t, "ok": False, "error": str(exc)}
+    out["ms"] = round((time.time() - t) * 1000, 1)
+    print(json.dumps(out), flush=True)
+    time.sleep(0.1)
+"""
+
+
+@dataclass
+class Client:
+    """How a test user runs Python: interpreter, environment, credential command."""
+
+    python: str
+    env: dict[str, str]
+    credentials_argv: list[str] = field(default_factory=list)
+
+
+def _readable_by(user: User, path: str) -> bool:
+    """Whether ``user`` can traverse to and read ``path`` (checked as that user)."""
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
+         "test", "-r", path],
+        check=False,
+    )  # fmt: skip
+    return probe.returncode == 0
+
+
+def _copy_client_packages(dest: str) -> None:
+    """World-readable copies of what the client side imports."""
+    for name in ("imdsguard", "botocore", "dateutil", "jmespath", "urllib3", "six"):
+        module = importlib.import_module(name)
+        origin = module.__file__
+        assert origin is not None
+        if os.path.basename(origin) == "__init__.py":
+            shutil.copytree(os.path.dirname(origin), os.path.join(dest, name))
+        else:
+            shutil.copy2(origin, dest)
+    for root, dirs, files in os.walk(dest):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)  # noqa: S103 - test users read it
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    os.chmod(dest, 0o755)  # noqa: S103 - test users read it
+
+
+@dataclass
+class Env:
+    """One broker set-up: topology, daemon (and runner), paths and the client recipe."""
+
+    topo: Topology
+    daemon: DaemonHandle
+    workdir: str
+    socket: str
+    control: str
+    request_log: str
+    client: Client
+    runner: subprocess.Popen[Any] | None = None
+    runner_log: str = ""
+
+    def as_user(
+        self, user: User, argv: list[str], timeout: float = 60, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return self.topo.run(
+            self.topo.host,
+            ["env", "-i", *(f"{k}={v}" for k, v in {**self.client.env, **env}.items()), *argv],
+            user=user,
+            timeout=timeout,
+        )
+
+    def botocore(self, user: User) -> subprocess.CompletedProcess[str]:
+        return self.as_user(user, [self.client.python, "-c", BOTOCORE])
+
+    def credentials(self, user: User) -> subprocess.CompletedProcess[str]:
+        return self.as_user(user, self.client.credentials_argv)
+
+    def fault(self, kind: str | None, delay: float | None = None) -> None:
+        tmp = self.control + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"fault": kind, "delay": delay}, fh)
+        os.replace(tmp, self.control)
+
+    def poke_imds(self) -> None:
+        """A request from inside VPC, so the simulator reads its control file now."""
+        self.topo.run(
+            self.topo.vpc,
+            ["/usr/bin/curl", "-s", "-o", "/dev/null", "--max-time", "2",
+             "http://169.254.169.254/latest/meta-data/"],
+        )  # fmt: skip
+
+    def imds_records(self) -> list[dict[str, Any]]:
+        with open(self.request_log) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for path in (self.daemon.log_path, self.runner_log):
+            if path and os.path.exists(path):
+                with open(path) as fh:
+                    out += [json.loads(ln) for ln in fh if ln.startswith("{")]
+        return out
+
+    def all_log_text(self) -> str:
+        """Everything the guard wrote: daemon and runner output, event log, state."""
+        text = ""
+        for root, _, files in os.walk(self.workdir):
+            for name in files:
+                if name.endswith((".log", ".jsonl", ".json")) and "site" not in root:
+                    with open(os.path.join(root, name), errors="replace") as fh:
+                        text += fh.read()
+        return text
+
+    def health(self) -> dict[str, Any]:
+        from imdsguard.broker.client import fetch_health
+
+        status, doc = fetch_health(self.socket, 5)
+        doc["http_status"] = status
+        return doc
+
+
+def _client_recipe(workdir: str, user: User, config_path: str, sock: str) -> Client:
+    python = sys.executable
+    env = {"HOME": workdir, "PATH": "/usr/bin:/bin", "AWS_EC2_METADATA_DISABLED": "true"}
+    import botocore
+
+    needed = (python, os.path.join(REPO, "imdsguard"), os.path.dirname(botocore.__file__))
+    if not all(_readable_by(user, path) for path in needed):
+        site = os.path.join(workdir, "site")
+        _copy_client_packages(site)
+        python = os.path.realpath(
+            sys.executable
+        )  # the interpreter itself, e.g. /usr/bin/python3.11
+        env["PYTHONPATH"] = site
+    has_command = (
+        subprocess.run(
+            [python, "-m", "imdsguard", "credentials", "--help"],
+            capture_output=True,
+            env={**os.environ, **env},
+            check=False,
+        ).returncode
+        == 0
+    )
+    if has_command:
+        argv = [python, "-m", "imdsguard", "credentials", "-c", config_path]
+    else:  # until the CLI has the subcommand: the function it runs
+        argv = [
+            python,
+            "-c",
+            "import sys; from imdsguard.broker.client import credentials_main as m; "
+            "sys.exit(m(sys.argv[1]))",
+            sock,
+        ]
+    aws = os.path.join(workdir, "aws")
+    os.makedirs(aws, exist_ok=True)
+    os.chmod(aws, 0o755)  # noqa: S103 - test users read it
+    with open(os.path.join(aws, "config"), "w") as fh:
+        command = " ".join(f'"{a}"' if " " in a or ";" in a else a for a in argv)
+        fh.write(f"[default]\nregion = us-east-1\ncredential_process = {command}\n")
+    os.chmod(os.path.join(aws, "config"), 0o644)
+    env["AWS_CONFIG_FILE"] = os.path.join(aws, "config")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(aws, "none")
+    return Client(python, env, argv)
+
+
+def _broker_env(
+    workdir: str, backend: str, users: dict[str, User], lifetime: float = 3600
+) -> Iterator[Env]:
+    control = os.path.join(workdir, "control.json")
+    request_log = os.path.join(workdir, "imds-requests.log")
+    with Topology() as topo:
+        topo.start_imds(
+            workdir,
+            "--http-tokens", "required",
+            "--credential-lifetime", str(lifetime),
+            "--control-file", control,
+            "--request-log", request_log,
+        )  # fmt: skip
+        env = dict(os.environ)
+        for key in ("run", "state", "log"):
+            path = os.path.join(workdir, key)
+            os.makedirs(path, exist_ok=True)
+            env[f"IMDSGUARD_{key.upper()}_DIR"] = path
+        sock = os.path.join(workdir, "run", "broker.sock")
+        daemon = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env, backend)
+        daemon.write_config(
+            textwrap.dedent(
+                f"""\
+                allow:
+                  users: []
+                broker:
+                  enabled: true
+                  socket: {sock}
+                  clients:
+                    users: [imdsg-app]
+                    groups: [imdsg-readers]
+                """
+            )
+        )
+        daemon.start()
+        setup = Env(
+            topo,
+            daemon,
+            workdir,
+            sock,
+            control,
+            request_log,
+            _client_recipe(workdir, users["imdsg-app"], daemon.config_path, sock),
+        )
+        try:
+            with open(os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")) as fh:
+                wired = "broker" in json.load(fh).get("components", {})
+            if not wired:
+                setup.runner_log = os.path.join(workdir, "broker-runner.log")
+                setup.runner = topo.popen(
+                    topo.host,
+                    [sys.executable, "-c", RUNNER, daemon.config_path],
+                    env=env,
+                    stdout=open(setup.runner_log, "w"),  # noqa: SIM115 - closed with the process
+                    stderr=subprocess.STDOUT,
+                )
+            wait_for(lambda: os.path.exists(sock), 10, "the broker socket", setup.runner)
+            wait_for(lambda: setup.health()["status"] == "ok", 10, "the broker's first credentials")
+            yield setup
+        finally:
+            if setup.runner is not None and setup.runner.poll() is None:
+                setup.runner.send_signal(signal.SIGTERM)
+                setup.runner.wait(10)
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.stop()
+
+
+@pytest.fixture
+def backend() -> str:
+    """iptables unless a test asks for both (the broker's mark rule differs per backend)."""
+    return "iptables"
+
+
+@pytest.fixture
+def env(workdir: str, backend: str, test_users: dict[str, User]) -> Iterator[Env]:
+    yield from _broker_env(workdir, backend, test_users)
+
+
+@pytest.fixture
+def short_lived(workdir: str, test_users: dict[str, User]) -> Iterator[Env]:
+    """Credentials that live 40 s: the broker refreshes at 20 s, stops serving at 36 s."""
+    yield from _broker_env(workdir, "iptables", test_users, lifetime=40)
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_botocore_gets_credentials_through_the_broker(
+    env: Env, test_users: dict[str, User]
+) -> None:
+    app, member = test_users["imdsg-app"], test_users["imdsg-member"]
+    # Nobody reaches IMDS directly, root included ...
+    for user in (app, None):
+        assert env.topo.imds_get(user, CREDS, v2=True).rc != 0
+    # ... but the broker fetched credentials with IMDSv2 through its mark.
+    records = env.imds_records()
+    assert [r["path"] for r in records][:3] == [
+        "/latest/api/token",
+        "/latest/meta-data/iam/security-credentials/",
+        CREDS,
+    ]
+    assert all(r["token"] for r in records if r["method"] == "GET")
+    for user in (app, member):  # allowed as a user, and through a group
+        result = env.botocore(user)
+        assert result.returncode == 0, result.stderr
+        creds = json.loads(result.stdout)
+        assert creds["method"] == "custom-process"
+        assert re.fullmatch(r"ASIA[A-Z0-9]{16}", creds["access_key"])
+        assert creds["secret_key"]
+        assert creds["token"].startswith("IQoJb3JpZ2luX2Vj")
+    served = [e for e in env.log_lines() if e.get("event") == "broker_request"]
+    assert {(e["uid"], e["status"]) for e in served} >= {(app.uid, 200), (member.uid, 200)}
+    assert all(e["exe"] for e in served)
+    assert len(env.imds_records()) == 3  # every client was served from the cache
+
+
+def test_non_client_gets_a_clear_refusal(env: Env, test_users: dict[str, User]) -> None:
+    denied = test_users["imdsg-denied"]
+    assert env.topo.imds_get(denied, CREDS, v2=True).rc != 0
+    result = env.credentials(denied)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        f"imdsguard: the broker refused: uid {denied.uid} is not an allowed broker client"
+    )
+    boto = env.botocore(denied)
+    assert boto.returncode != 0
+    assert "is not an allowed broker client" in boto.stderr
+    refused = [e for e in env.log_lines() if e.get("event") == "broker_refused"]
+    assert refused, env.log_lines()
+    first = refused[0]
+    assert first["uid"] == denied.uid
+    assert first["user"] == "imdsg-denied"
+    assert first["attributed"] is True
+    assert first["exe"] == os.path.realpath(env.client.python)
+    assert first["cmdline"][0] == env.client.credentials_argv[0]
+    assert first["ancestors"]
+
+
+def test_imds_faults_do_not_interrupt_service(
+    short_lived: Env, test_users: dict[str, User]
+) -> None:
+    env = short_lived
+    app = test_users["imdsg-app"]
+    first = json.loads(env.credentials(app).stdout)
+    expires = datetime_epoch(first["Expiration"])
+    serve_until = expires - 4  # 10% of the 40 s lifetime
+    out: list[dict[str, Any]] = []
+    duration = str(round(expires - time.time() + 5, 1))  # through expiry and recovery
+    loop = threading.Thread(
+        target=lambda: out.extend(
+            json.loads(line)
+            for line in env.as_user(
+                app, [env.client.python, "-c", FETCH_LOOP, env.socket, duration], timeout=90
+            ).stdout.splitlines()
+        )
+    )
+    loop.start()
+    # The broker's token is revoked: its first request after the outage gets a 401.
+    env.fault("expire-tokens")
+    env.poke_imds()
+    # From the refresh point (20 s) on, every attempt of the broker meets a fault:
+    # each kind in turn until the broker has met it, then 500s until shortly
+    # before the cached set must be withdrawn.
+    degraded_seen = False
+    for kind in ("500", "truncate", "reset", "timeout", "500"):
+        env.fault(kind, delay=3.0 if kind == "timeout" else None)
+        seen = sum(1 for r in env.imds_records() if r.get("fault") == kind)
+        while time.time() < serve_until - 1:
+            if sum(1 for r in env.imds_records() if r.get("fault") == kind) > seen:
+                break
+            time.sleep(0.05)
+        degraded_seen = degraded_seen or env.health()["status"] == "degraded"
+    while time.time() < serve_until - 1:
+        time.sleep(0.05)
+    env.fault(None)
+    loop.join()
+    records = env.imds_records()
+    faulted = {r.get("fault") for r in records}
+    assert {"500", "truncate", "reset", "timeout"} <= faulted, faulted
+    assert any(r["status"] == 401 and r["client"] == "192.0.2.1" for r in records), records
+    assert degraded_seen
+    while_valid = [r for r in out if r["t"] < serve_until - 0.5]
+    assert len(while_valid) > 100
+    assert all(r["ok"] for r in while_valid), [r for r in while_valid if not r["ok"]][:3]
+    assert all(r["ms"] < 200 for r in while_valid), max(r["ms"] for r in while_valid)
+    for r in out:  # never a set about to expire
+        if r["ok"]:
+            assert datetime_epoch(r["exp"]) - r["t"] > 3, r
+    # Once IMDS is back, fresh credentials.
+    assert out[-1]["ok"], out[-5:]
+    assert datetime_epoch(out[-1]["exp"]) > expires
+    assert env.health()["status"] == "ok"
+    _assert_no_secrets(env, out)
+
+
+def _assert_no_secrets(env: Env, served: list[dict[str, Any]]) -> None:
+    secrets = {r["secret"] for r in served if r["ok"]} | {r["token"] for r in served if r["ok"]}
+    assert len(secrets) >= 4  # at least two sets of credentials were served
+    text = env.all_log_text()
+    assert "broker_request" in text
+    for secret in secrets:
+        assert secret not in text
+        assert secret[:16] not in text
+    # IMDSv2 session tokens (56 base64 characters starting AQAE) never appear either.
+    assert not re.search(r"AQAE[A-Za-z0-9+/]{40,}", text)
+    assert "IQoJb3JpZ2luX2Vj" not in text
+
+
+def test_no_secret_in_any_log(env: Env, test_users: dict[str, User]) -> None:
+    app = test_users["imdsg-app"]
+    served = []
+    for _ in range(3):
+        result = env.as_user(app, [env.client.python, "-c", FETCH_LOOP, env.socket, "0.2"])
+        served += [json.loads(line) for line in result.stdout.splitlines()]
+    env.credentials(test_users["imdsg-denied"])
+    env.fault("500")
+    time.sleep(0.3)
+    env.fault(None)
+    env.daemon.signal(signal.SIGHUP)
+    env.daemon.wait_log("config_reloaded")
+    status = env.daemon.cli("status", "--json")
+    secrets = {r["secret"] for r in served} | {r["token"] for r in served}
+    for secret in secrets:
+        assert secret not in status.stdout + status.stderr
+    text = env.all_log_text()
+    for secret in secrets:
+        assert secret not in text
+    assert not re.search(r"AQAE[A-Za-z0-9+/]{40,}", text)
+
+
+def datetime_epoch(text: str) -> float:
+    from imdsguard.imds import parse_time
+
+    return parse_time(text)

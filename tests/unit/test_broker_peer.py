@@ -1,0 +1,230 @@
+"""Who is on the other end of the broker socket, and whether broker.clients allows it."""
+
+# ruff: noqa: S103 - these tests make files and directories writable by others on purpose
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imdsguard.broker import peer as peer_mod
+from imdsguard.broker.peer import ClientPolicy, Peer, boot_ticks, exe_trust_problem, identify
+from imdsguard.config import BrokerClients, Principal
+
+PYTHON = os.path.realpath(sys.executable)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as root")
+
+CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"x")
+if len(sys.argv) > 2:
+    s.recv(1)  # stay alive until told
+"""
+
+
+def policy(
+    users: tuple[int, ...] = (), groups: tuple[int, ...] = (), exes: tuple[str, ...] = ()
+) -> ClientPolicy:
+    return ClientPolicy(
+        BrokerClients(
+            users=tuple(Principal(f"u{u}", u) for u in users),
+            groups=tuple(Principal(f"g{g}", g) for g in groups),
+            exes=exes,
+        )
+    )
+
+
+def exe_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_allowed_by_user_then_group_then_exe() -> None:
+    me = Peer(uid=1001, gid=1001, pid=4242, groups=(1001, 27))
+    assert policy(users=(1001,)).decide(me).matched == "user:u1001"
+    assert policy(groups=(1001,)).decide(me).matched == "group:g1001"  # primary group
+    assert policy(groups=(27,)).decide(me).matched == "group:g27"  # supplementary
+    runs_python = Peer(1001, 1001, 4242, (), PYTHON, exe_id(PYTHON), verified=True)
+    decision = policy(exes=(PYTHON,)).decide(runs_python)
+    assert decision.allowed
+    assert decision.matched == f"exe:{PYTHON}"
+
+
+def test_refused_with_a_reason() -> None:
+    stranger = Peer(uid=1002, gid=1002, pid=4243, groups=(1002,))
+    decision = policy(users=(1001,), groups=(27,)).decide(stranger)
+    assert not decision.allowed
+    assert decision.reason == "uid 1002 is not an allowed broker client (broker.clients)"
+
+
+def test_exe_needs_a_verified_process() -> None:
+    gone = Peer(1001, 1001, 4242, (), None, None, verified=False)
+    decision = policy(exes=(PYTHON,)).decide(gone)
+    assert not decision.allowed
+    assert decision.exe_problem is not None
+    assert "could not be verified" in decision.exe_problem
+
+
+def test_exe_matched_by_inode() -> None:
+    runs_python = Peer(0, 0, 1, (), PYTHON, exe_id(PYTHON), verified=True)
+    runs_sh = Peer(0, 0, 1, (), "/bin/sh", exe_id("/bin/sh"), verified=True)
+    assert not policy(exes=("/bin/sh",)).decide(runs_python).allowed
+    assert policy(exes=(PYTHON,)).decide(runs_python).allowed
+    assert not policy(exes=(PYTHON,)).decide(runs_sh).allowed
+
+
+@needs_root
+def test_exe_matched_through_a_trusted_symlink(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    link = tmp_path / "python-link"
+    link.symlink_to(PYTHON)
+    runs_python = Peer(0, 0, 1, (), PYTHON, exe_id(PYTHON), verified=True)
+    assert policy(exes=(str(link),)).decide(runs_python).matched == f"exe:{link}"
+
+
+def test_identify_own_connection() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        peer = identify(a, boot_ticks())
+    assert peer.uid == os.geteuid()
+    assert peer.gid == os.getegid()
+    assert peer.pid == os.getpid()
+    assert peer.verified
+    assert peer.exe == PYTHON
+    assert peer.exe_id == exe_id(PYTHON)
+    assert set(os.getgroups()) <= set(peer.groups) | {os.getegid()}
+
+
+def _listener(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "peer.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    return server, path
+
+
+def test_a_process_gone_is_never_verified(tmp_path: Path) -> None:
+    server, path = _listener(tmp_path)
+    with server:
+        subprocess.run([PYTHON, "-c", CONNECT, path], check=True, timeout=10)
+        conn, _ = server.accept()
+        with conn:
+            peer = identify(conn, boot_ticks())
+    assert peer.pid is not None
+    assert not peer.verified  # its pid may already belong to someone else
+    assert peer.exe is None
+    assert not policy(exes=(PYTHON,)).decide(peer).allowed
+
+
+def test_without_a_kernel_pidfd_a_later_process_is_not_the_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback for kernels before 6.5: pidfd_open plus a start-time check."""
+    monkeypatch.setattr(peer_mod, "_open_pidfd", lambda sock, pid: (os.pidfd_open(pid), False))
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert identify(a, boot_ticks()).verified
+        # "Accepted" before this process started: a reused pid, not our peer.
+        reused = identify(a, accepted_ticks=0)
+    assert not reused.verified
+    assert reused.exe is None
+
+
+# -- executables the caller could replace
+
+
+@pytest.fixture
+def bindir(tmp_path: Path) -> Path:
+    os.chmod(tmp_path, 0o755)
+    d = tmp_path / "bin"
+    d.mkdir(mode=0o755)
+    return d
+
+
+def _install(bindir: Path, name: str = "app") -> str:
+    path = bindir / name
+    shutil.copy2(PYTHON, path)
+    os.chmod(path, 0o755)
+    return str(path)
+
+
+@needs_root
+def test_trusted_exe(bindir: Path) -> None:
+    assert exe_trust_problem(_install(bindir)) is None
+    assert exe_trust_problem(PYTHON) is None
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda exe, d: os.chmod(exe, 0o775), "mode 0775"),
+        (lambda exe, d: os.chmod(exe, 0o757), "mode 0757"),
+        (lambda exe, d: os.chown(exe, 65534, 0), "owned by uid 65534"),
+        (lambda exe, d: os.chmod(d, 0o777), "others could replace the binary"),
+        (lambda exe, d: os.chmod(d, 0o1777), "others could replace the binary"),  # own dir
+        (lambda exe, d: os.chown(d, 65534, 65534), "owned by uid 65534"),
+    ],
+)
+def test_replaceable_exe_refused(bindir: Path, change: object, expected: str) -> None:
+    exe = _install(bindir)
+    change(exe, str(bindir))  # type: ignore[operator]
+    problem = exe_trust_problem(exe)
+    assert problem is not None
+    assert expected in problem
+    peer = Peer(0, 0, 1, (), exe, exe_id(exe), verified=True)
+    decision = policy(exes=(exe,)).decide(peer)
+    assert not decision.allowed
+    assert decision.exe_problem is not None
+    assert expected in decision.exe_problem
+
+
+@needs_root
+def test_symlink_in_a_writable_directory_refused(bindir: Path, tmp_path: Path) -> None:
+    exe = _install(bindir)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    link = open_dir / "app"
+    link.symlink_to(exe)  # anyone could point it at another root-owned binary
+    problem = exe_trust_problem(str(link))
+    assert problem is not None
+    assert str(open_dir) in problem
+
+
+@needs_root
+def test_exe_replaced_after_start_no_longer_matches(bindir: Path, tmp_path: Path) -> None:
+    exe = _install(bindir)
+    server, path = _listener(tmp_path)
+    proc = subprocess.Popen([exe, "-c", CONNECT, path, "wait"])
+    try:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                assert policy(exes=(exe,)).decide(identify(conn, boot_ticks())).allowed
+                # An upgrade (or an attacker with write access) swaps the file.
+                _install(bindir, "app.new")
+                os.replace(bindir / "app.new", exe)
+                peer = identify(conn, boot_ticks())
+                decision = policy(exes=(exe,)).decide(peer)
+                conn.send(b"x")
+    finally:
+        proc.wait(timeout=10)
+    assert peer.verified
+    assert not decision.allowed
+    assert decision.exe_problem is not None
+    assert "replaced since it started" in decision.exe_problem
+
+
+def test_missing_exe_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    problem = exe_trust_problem(str(tmp_path / "nope"))
+    assert problem is not None
+    assert "cannot stat" in problem
