@@ -8,6 +8,7 @@ Nothing here touches the host's own firewall or its real IMDS.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -41,7 +42,11 @@ def run_demo() -> int:
             _say(f"== network namespaces {topo.host} (host) and {topo.vpc} (IMDS), like EC2")
             backend = _pick_backend(topo)
             with open(config, "w") as fh:
-                fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
+                fh.write(
+                    f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n"
+                    f"broker:\n  enabled: true\n  socket: {work}/run/broker.sock\n"
+                    f"  clients: {{users: [{DEMO_USER}]}}\n"
+                )
             topo.start_imds(work)
             _say("== simulated IMDS listening on 169.254.169.254 and [fd00:ec2::254]")
             log_path = os.path.join(work, "daemon.log")
@@ -60,6 +65,26 @@ def run_demo() -> int:
             nobody = User(65534, 65534)
             ok &= _show(topo, f"{DEMO_USER} (not allowlisted)", nobody, expect_ok=False)
             ok &= _show(topo, f"{DEMO_USER} over IPv6", nobody, expect_ok=False, v6=True)
+            _say(f"\n== the broker: {DEMO_USER} is a broker client, so it gets credentials anyway")
+            creds = topo.run(
+                topo.host,
+                [sys.executable, "-m", "imdsguard", "credentials", "-c", config],
+                user=nobody,
+                env=env,
+            )
+            if creds.returncode == 0:
+                data = json.loads(creds.stdout)
+                _say(
+                    f"   ok  imdsguard credentials as {DEMO_USER}: Version {data['Version']}, "
+                    f"AccessKeyId {data['AccessKeyId'][:8]}..., expires {data['Expiration']}"
+                )
+            elif "ermission denied" in creds.stderr:
+                _say(
+                    f"   (skipped: {DEMO_USER} cannot run {sys.executable}; the checkout is private)"
+                )
+            else:
+                ok = False
+                _say(f"   BAD imdsguard credentials as {DEMO_USER}: {creds.stderr.strip()}")
             _say("\n== imdsguard events: who tried (attributed while the packet was held)")
             events = topo.run(
                 topo.host,
