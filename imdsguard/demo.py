@@ -79,9 +79,7 @@ def run_demo() -> int:
                     f"AccessKeyId {data['AccessKeyId'][:8]}..., expires {data['Expiration']}"
                 )
             elif "ermission denied" in creds.stderr:
-                _say(
-                    f"   (skipped: {DEMO_USER} cannot run {sys.executable}; the checkout is private)"
-                )
+                _say(f"   (skipped: {DEMO_USER} cannot run {sys.executable}: private checkout)")
             else:
                 ok = False
                 _say(f"   BAD imdsguard credentials as {DEMO_USER}: {creds.stderr.strip()}")
