@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from imdsguard import __version__, _locks, _log, paths
+from imdsguard import __version__, _locks, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.detect import choose, make_backend
-from imdsguard.firewall.iptables import render
-from imdsguard.firewall.nftables import expand_groups
-from imdsguard.firewall.nftables import render as nft_render
 from imdsguard.policy import QUEUE_NUM, build_ruleset
+
+# Heavier modules (structlog, the rule renderers) are imported by the commands
+# that need them: `imdsguard credentials` runs on every SDK credential refresh.
 
 
 def _need_root(what: str) -> None:
@@ -34,7 +34,8 @@ def _need_root(what: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Foreground daemon."""
-    from imdsguard.daemon import Daemon  # noqa: PLC0415 - keep one-shot commands light
+    from imdsguard import _log  # noqa: PLC0415 - keep one-shot commands light
+    from imdsguard.daemon import Daemon  # noqa: PLC0415
 
     _need_root("run")
     config = load_config(args.config)  # validate before anything else, for the exit code
@@ -153,6 +154,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"# {config.path}: OK")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
     if args.rules:
+        from imdsguard.firewall.iptables import render  # noqa: PLC0415
+        from imdsguard.firewall.nftables import expand_groups  # noqa: PLC0415
+        from imdsguard.firewall.nftables import render as nft_render  # noqa: PLC0415
+
         ruleset = build_ruleset(config, queue_num=None)
         backend = choose(config.backend)
         if backend == "nftables":
