@@ -14,6 +14,8 @@ help:
 	@echo "make demo   - run the guard end to end in throw-away network namespaces (root)"
 	@echo "make test   - lint, type check, unit and real-kernel integration tests (root)"
 	@echo "make bench  - benchmarks (figures for the README)"
+	@echo "make rpm    - build the RPM for Amazon Linux 2023 / RHEL 9 (build/rpm/)"
+	@echo "make test-system - boot the packaged unit under systemd-nspawn and check it"
 
 os-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -30,7 +32,7 @@ $(VENV)/.installed: pyproject.toml | os-deps
 
 venv: os-deps $(VENV)/.installed
 
-deps: venv
+deps: venv rpm-os-deps
 
 demo: deps
 	$(VPY) -m imdsguard demo

@@ -1,0 +1,84 @@
+# Packer example: bake imdsguard into an Amazon Linux 2023 golden AMI.
+#
+#   make rpm
+#   packer init packaging/packer && packer build \
+#     -var rpm=build/rpm/RPMS/x86_64/imdsguard-0.1.0-1.x86_64.rpm packaging/packer
+#
+# The provisioners are the part to copy into an existing template. They
+# install and enable imdsguard but do not start it: it starts on the image's
+# first boot, before the network, and nothing it writes at run time is baked.
+# See docs/ami.md.
+
+packer {
+  required_plugins {
+    amazon = {
+      source  = "github.com/hashicorp/amazon"
+      version = ">= 1.3.0"
+    }
+  }
+}
+
+variable "rpm" {
+  type        = string
+  description = "Path to the imdsguard RPM built by `make rpm` (same architecture as the AMI)."
+}
+
+variable "allow_users" {
+  type        = list(string)
+  default     = ["root"]
+  description = "allow.users: keep root (cloud-init, the SSM agent, amazon-ec2-net-utils)."
+}
+
+variable "region" {
+  type    = string
+  default = "us-east-1"
+}
+
+source "amazon-ebs" "al2023" {
+  region        = var.region
+  instance_type = "t3.small"
+  ssh_username  = "ec2-user"
+  ami_name      = "golden-al2023-imdsguard-{{timestamp}}"
+
+  source_ami_filter {
+    filters = {
+      name                = "al2023-ami-2023.*-x86_64"
+      virtualization-type = "hvm"
+    }
+    owners      = ["amazon"]
+    most_recent = true
+  }
+
+  # IMDSv2 only on the build instance and on instances launched from the AMI.
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+  }
+  imds_support = "v2.0"
+}
+
+build {
+  sources = ["source.amazon-ebs.al2023"]
+
+  provisioner "file" {
+    source      = var.rpm
+    destination = "/tmp/imdsguard.rpm"
+  }
+
+  provisioner "shell" {
+    execute_command = "sudo sh -eux '{{ .Path }}'"
+    inline = [
+      "dnf install -y /tmp/imdsguard.rpm",
+      "rm -f /tmp/imdsguard.rpm",
+      "umask 022; printf 'mode: enforce\\nallow:\\n  users: [%s]\\n' '${join(", ", var.allow_users)}' > /etc/imdsguard/config.yaml",
+      "imdsguard check-config",
+      "rpm -V --noconfig imdsguard",
+      "systemctl enable imdsguard.service",
+      "test \"$(systemctl is-enabled imdsguard.service)\" = enabled",
+      # Never bake per-instance state, the event log or /run.
+      "systemctl stop imdsguard.service || true",
+      "rm -rf /var/lib/imdsguard /var/log/imdsguard /run/imdsguard",
+    ]
+  }
+}

@@ -1,0 +1,479 @@
+"""The packaged unit under a real systemd, booted in an EC2-like topology.
+
+A Debian 12 rootfs (cached, see conftest.py) gets the RPM's payload
+(rpm2cpio) and its own %post scriptlet (the preset enables the unit), then
+boots with systemd-nspawn inside the HOST namespace of an
+:class:`imdsguard.netns.Topology`, whose VPC namespace runs the simulated
+IMDS beyond a route, as on EC2. Every command goes in with
+``nsenter -t <container init> -a`` after checking that the init's network
+namespace is HOST's.
+
+The tests share one boot and run in file order: boot, journal, sandbox,
+restart, stop, attribution, then erase (the package's %preun), which must
+leave no rules. The broker under the sandbox slots in before the erase
+(``Container.run`` / ``write_config`` / ``reload`` are the building blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rpmpkg
+
+from imdsguard.netns import IMDS_V4, IMDS_V6, Topology, wait_for
+
+pytestmark = pytest.mark.integration
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+PROBE = "/usr/local/lib/imdsguard-test/probe.py"
+STOP = "/run/imdsguard-test-probe.stop"
+#: CAP_DAC_READ_SEARCH (2) | CAP_NET_ADMIN (12) | CAP_NET_RAW (13) | CAP_SYS_PTRACE (19)
+CAPS = (1 << 2) | (1 << 12) | (1 << 13) | (1 << 19)
+
+#: Runs inside the container as `nobody`: TCP connects to IMDS port 80.
+#: "once" tries IPv4 once and exits 0 only if the connection was made; "loop"
+#: tries both families in a tight loop until STOP exists and prints the
+#: outcome counts ("ipv4:refused", ...) as JSON.
+PROBE_CODE = f"""\
+import json, os, socket, sys, time
+
+def attempt(family, addr, timeout):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((addr, 80))
+        return "connected"
+    except ConnectionRefusedError:
+        return "refused"
+    except socket.timeout:
+        return "timeout"
+    except OSError as exc:
+        return "error-%d" % exc.errno
+    finally:
+        s.close()
+
+if sys.argv[1] == "once":
+    result = attempt(socket.AF_INET, {IMDS_V4!r}, 2.0)
+    print(result)
+    sys.exit(0 if result == "connected" else 1)
+counts = {{}}
+deadline = time.monotonic() + 120
+while not os.path.exists({STOP!r}) and time.monotonic() < deadline:
+    for name, family, addr in (("ipv4", socket.AF_INET, {IMDS_V4!r}),
+                               ("ipv6", socket.AF_INET6, {IMDS_V6!r})):
+        key = name + ":" + attempt(family, addr, 0.5)
+        counts[key] = counts.get(key, 0) + 1
+    time.sleep(0.002)
+print(json.dumps(counts))
+"""
+
+#: A stand-in for a workload: ordered only after network-pre.target, as
+#: network managers (and through network.target, services) are. It records
+#: whether our rules were in the kernel when it started, and what a denied
+#: user got.
+WORKLOAD = "/usr/local/lib/imdsguard-test/workload.sh"
+WORKLOAD_CODE = f"""\
+#!/bin/sh
+nft list table inet imdsguard >/dev/null 2>&1
+echo rules=$?
+{" ".join(NOBODY)} python3 {PROBE} once
+echo probe=$?
+"""
+WORKLOAD_UNIT = f"""\
+[Unit]
+Description=stand-in workload, ordered after network-pre.target only
+After=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c '{WORKLOAD} > /run/workload.result 2>&1'
+
+[Install]
+WantedBy=multi-user.target
+"""
+#: Root is allowlisted: it gets an answer from the simulated IMDS.
+ROOT_GET = (
+    "import urllib.request as u; "
+    f"print(u.urlopen('http://{IMDS_V4}/latest/meta-data/', timeout=5).status)"
+)
+
+
+class Container:
+    """A booted systemd-nspawn container sharing ``topology.host``'s network namespace."""
+
+    def __init__(self, rootfs: Path, topology: Topology, log: Path) -> None:
+        self.rootfs = rootfs
+        self.topology = topology
+        self.log = log
+        self.netns_inode = os.stat(f"/run/netns/{topology.host}").st_ino
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+
+    def boot(self) -> None:
+        """Start the container and wait until its systemd finished booting."""
+        env = dict(os.environ)
+        # cgroup v2 inside, as on AL2023 and RHEL 9 (this host mounts a hybrid tree).
+        env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
+        with open(self.log, "wb") as console:
+            self.proc = subprocess.Popen(
+                [
+                    "systemd-nspawn",
+                    "-D", str(self.rootfs),
+                    "--register=no",  # no systemd-machined here
+                    "--keep-unit",  # PID 1 of this VM is not systemd: no scope to create
+                    "-b",
+                    "--quiet",
+                    # NET_ADMIN for the firewall; BPF (and the bpf() call) so that the
+                    # unit's IPAddressAllow= is enforced as on a real host.
+                    "--capability=CAP_NET_ADMIN,CAP_NET_RAW,CAP_BPF",
+                    "--system-call-filter=bpf",
+                    f"--network-namespace-path=/run/netns/{self.topology.host}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )  # fmt: skip
+        wait_for(self._find_init, 30, "the container's systemd to start", self.proc)
+        self.check()
+        # Until its manager listens, systemctl answers nothing: ask again.
+        deadline = time.monotonic() + 90
+        while True:
+            out = self.run(["systemctl", "is-system-running", "--wait"], timeout=90).stdout
+            state = out.strip()
+            if state or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert state in ("running", "degraded"), f"container state {state!r}\n{self.console()}"
+
+    def _find_init(self) -> bool:
+        assert self.proc is not None
+        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        with contextlib.suppress(OSError):
+            for child in Path(path).read_text().split():
+                if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                    self.pid = int(child)
+                    return True
+        return False
+
+    def check(self) -> None:
+        """Refuse to go on unless the container's init is in HOST (never the root namespace)."""
+        self.topology.check(self.topology.host)
+        inode = os.stat(f"/proc/{self.pid}/ns/net").st_ino
+        assert inode == self.netns_inode, "the container is not in the test's HOST namespace"
+        assert inode != os.stat("/proc/self/ns/net").st_ino
+
+    def command(self, argv: Sequence[str], user: bool = False) -> list[str]:
+        """The argv that runs ``argv`` inside (as nobody with ``user``)."""
+        self.check()
+        return ["nsenter", "-t", str(self.pid), "-a", "--", *(NOBODY if user else ()), *argv]
+
+    def run(
+        self, argv: Sequence[str], *, user: bool = False, timeout: float = 60, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run to completion inside the container."""
+        proc = subprocess.run(
+            self.command(argv, user), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def sh(self, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``sh -c script args`` inside the container."""
+        return self.run(["sh", "-c", script, *args], check=check)
+
+    def show(self, unit: str, prop: str) -> str:
+        """One property of a unit (``systemctl show -p``)."""
+        return self.run(
+            ["systemctl", "show", "-p", prop, "--value", unit], check=True
+        ).stdout.strip()
+
+    def main_pid(self) -> int:
+        """The daemon's pid inside the container (0 when it is not running)."""
+        return int(self.show("imdsguard.service", "MainPID"))
+
+    def journal(self, *match: str) -> list[dict[str, Any]]:
+        """This boot's journal entries matching ``match`` (``FIELD=value``), as JSON."""
+        out = self.run(["journalctl", "-b", "-o", "json", "--no-pager", *match], check=True)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    def daemon_lines(self) -> list[str]:
+        """Every line the service wrote to the journal (stdout and stderr)."""
+        return [e["MESSAGE"] for e in self.journal("_SYSTEMD_UNIT=imdsguard.service")]
+
+    def daemon_events(self) -> list[dict[str, Any]]:
+        """The daemon's own log events. (With the iptables backend, libxtables also
+        prints plain-text warnings on stderr; those are not the daemon's.)"""
+        return [json.loads(line) for line in self.daemon_lines() if line.startswith("{")]
+
+    def probe_once(self) -> str:
+        """One connection attempt to IMDS as nobody: connected, refused, timeout..."""
+        return self.run(["python3", PROBE, "once"], user=True).stdout.strip()
+
+    @contextlib.contextmanager
+    def probe_loop(self) -> Iterator[dict[str, int]]:
+        """A denied user hammering IMDS for the duration of the block; counts after it."""
+        self.sh(f"rm -f {STOP}")
+        counts: dict[str, int] = {}
+        proc = subprocess.Popen(
+            self.command(["python3", PROBE, "loop"], user=True), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            time.sleep(0.3)  # already hammering when the block starts
+            yield counts
+            time.sleep(0.3)  # and still after it ends
+        finally:
+            self.sh(f"touch {STOP}")
+            out, _ = proc.communicate(timeout=30)
+            counts.update(json.loads(out))
+
+    def write_config(self, text: str) -> None:
+        """Replace /etc/imdsguard/config.yaml (root's, 0644, as check_trust wants)."""
+        self.sh("umask 022; cat > /etc/imdsguard/config.yaml.new <<'EOF'\n" + text + "EOF\n"
+                "mv /etc/imdsguard/config.yaml.new /etc/imdsguard/config.yaml")  # fmt: skip
+
+    def reload(self) -> None:
+        """``systemctl reload imdsguard`` and wait until the daemon logged the outcome."""
+        seen = len(self.daemon_events())
+        self.run(["systemctl", "reload", "imdsguard.service"], check=True)
+        wait_for(
+            lambda: any(
+                e["event"] in ("config_reloaded", "config_reload_failed")
+                for e in self.daemon_events()[seen:]
+            ),
+            15,
+            "the daemon to reload",
+        )
+
+    def console(self) -> str:
+        """The tail of the container's console, for failure messages."""
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def shutdown(self) -> None:
+        """Power the container off (SIGTERM to nspawn), killing it if that hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _prepare(cache: Path, rootfs: Path, rpm: Path) -> None:
+    """Copy the cached rootfs and install the package's payload and its %post into it."""
+    subprocess.run(["cp", "-a", "--reflink=auto", str(cache), str(rootfs)], check=True)
+    rpmpkg.extract(rpm, rootfs)
+    probe = rootfs / PROBE.lstrip("/")
+    probe.parent.mkdir(parents=True)
+    probe.write_text(PROBE_CODE)
+    workload = rootfs / WORKLOAD.lstrip("/")
+    workload.write_text(WORKLOAD_CODE)
+    workload.chmod(0o755)
+    (rootfs / "etc/systemd/system/workload.service").write_text(WORKLOAD_UNIT)
+    (rootfs / "etc/systemd/system/multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/systemd/system/multi-user.target.wants/workload.service").symlink_to(
+        "/etc/systemd/system/workload.service"
+    )
+    # The package's own %post, as rpm would run it on a first install ($1 = 1).
+    post = rpmpkg.scriptlet(rpm, "POSTIN")
+    subprocess.run(["chroot", str(rootfs), "/bin/sh", "-c", post, "post", "1"], check=True)
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants/imdsguard.service"
+    assert wants.is_symlink(), "%post did not enable imdsguard.service through the preset"
+
+
+@pytest.fixture(scope="module")
+def booted(rootfs_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """The container, booted once for this module, torn down whatever happens."""
+    rpm = rpmpkg.build_rpm()
+    work = tmp_path_factory.mktemp("nspawn")
+    rootfs = work / "rootfs"
+    topology = Topology(prefix="imdsgsys")
+    container: Container | None = None
+    try:
+        topology.create()
+        topology.start_imds(str(work))
+        _prepare(rootfs_cache, rootfs, rpm)
+        container = Container(rootfs, topology, work / "console.log")
+        container.boot()
+        yield container
+    finally:
+        if container is not None:
+            container.shutdown()
+        topology.destroy()  # also kills anything left in HOST, the container included
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def _usec(stamp: str) -> int:
+    """An RFC 3339 UTC timestamp (the daemon's) as microseconds since the epoch."""
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return int(when.timestamp() * 1_000_000)
+
+
+def test_rules_are_in_place_before_ready_and_before_workloads(booted: Container) -> None:
+    c = booted
+    assert c.show("imdsguard.service", "ActiveState") == "active", c.console()
+    assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode == 0
+    status = c.run(["imdsguard", "status", "--json"])
+    assert status.returncode == 0, status.stdout
+    assert json.loads(status.stdout)["state"] == "protected"
+
+    # READY came after the rules: the daemon logged rules_applied (after the
+    # kernel took them) before systemd logged the start job as done.
+    applied = next(e for e in c.daemon_events() if e["event"] == "rules_applied")
+    assert applied["reason"] == "startup"
+    started = next(
+        e
+        for e in c.journal("_PID=1", "UNIT=imdsguard.service")
+        if e.get("JOB_TYPE") == "start" and e.get("JOB_RESULT") == "done"
+    )
+    assert _usec(applied["timestamp"]) < int(started["__REALTIME_TIMESTAMP"])
+
+    # A unit ordered only after network-pre.target started after imdsguard was
+    # ready, found the rules in the kernel, and its denied user was refused.
+    ready = int(c.show("imdsguard.service", "ActiveEnterTimestampMonotonic"))
+    workload = int(c.show("workload.service", "ExecMainStartTimestampMonotonic"))
+    assert 0 < ready <= workload
+    result = c.sh("cat /run/workload.result").stdout.split()
+    assert result == ["rules=0", "refused", "probe=1"], result
+
+    # Root (allowed) is served: the refusal above is the guard, not the network.
+    served = c.run(["python3", "-c", ROOT_GET])
+    assert served.stdout.strip() == "200", served.stderr
+
+
+def test_logs_reach_journald_as_json(booted: Container) -> None:
+    lines = booted.daemon_lines()
+    assert lines
+    events = [json.loads(line) for line in lines]  # every line, stdout and stderr
+    assert all({"event", "level", "timestamp"} <= e.keys() for e in events)
+    names = [e["event"] for e in events]
+    assert names[:3] == ["daemon_starting", "rules_applied", "daemon_ready"], names
+
+
+def test_the_daemon_runs_sandboxed(booted: Container) -> None:
+    c = booted
+    pid = c.main_pid()
+    status = dict(
+        line.split(":", 1) for line in c.sh(f"cat /proc/{pid}/status").stdout.splitlines()
+    )
+    assert int(status["CapBnd"], 16) == CAPS
+    assert int(status["CapEff"], 16) == CAPS
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"  # a system call filter is installed
+    # Its own mount namespace, with / read-only (ProtectSystem=strict).
+    mounts = c.sh(f"cat /proc/{pid}/mountinfo").stdout.splitlines()
+    root = next(m.split() for m in mounts if m.split()[4] == "/")
+    assert "ro" in root[5].split(",")
+    # IPAddressAllow=: from the service's cgroup, IMDS is reachable and nothing else.
+    code = textwrap.dedent(f"""\
+        import os, socket
+        open('/sys/fs/cgroup/system.slice/imdsguard.service/cgroup.procs', 'w').write(str(os.getpid()))
+        for addr in [('{IMDS_V4}', 80), ('192.0.2.2', 80)]:
+            s = socket.socket(); s.settimeout(1)
+            try:
+                s.connect(addr); print('connected')
+            except ConnectionRefusedError:
+                print('refused')
+            except OSError:
+                print('blocked')
+        """)  # noqa: E501
+    reached = c.run(["python3", "-c", code], check=True).stdout.split()
+    assert reached[0] == "connected"
+    if reached[1] == "refused" and any(
+        "does not support BPF/cgroup firewalling" in e["MESSAGE"] for e in c.journal("_PID=1")
+    ):
+        pytest.skip("this kernel cannot enforce IPAddressAllow= (no BPF cgroup firewall)")
+    assert reached[1] == "blocked"
+
+
+def test_restart_leaves_no_gap(booted: Container) -> None:
+    c = booted
+    postun = rpmpkg.scriptlet(rpmpkg.build_rpm(), "POSTUN")
+    first = c.main_pid()
+    with c.probe_loop() as counts:
+        c.run(["systemctl", "restart", "imdsguard.service"], check=True)
+        second = c.main_pid()
+        # An upgrade: the package's own %postun ($1 = 1) restarts it.
+        c.sh(postun, "postun", "1")
+        third = c.main_pid()
+    assert len({first, second, third}) == 3 and 0 not in (second, third)
+    print(f"denied probe during two restarts: {counts}")
+    assert not [k for k in counts if k.endswith(":connected")], counts
+    for family in ("ipv4", "ipv6"):  # it really was hammering throughout
+        assert sum(n for k, n in counts.items() if k.startswith(family)) >= 50, counts
+    assert c.run(["imdsguard", "status"]).returncode == 0
+
+
+def test_stop_leaves_the_rules(booted: Container) -> None:
+    c = booted
+    c.run(["systemctl", "stop", "imdsguard.service"], check=True)
+    try:
+        assert c.show("imdsguard.service", "ActiveState") == "inactive"
+        assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode == 0
+        assert c.probe_once() == "refused"
+        status = c.run(["imdsguard", "status", "--json"])
+        assert status.returncode == 1  # degraded: protected, but nobody watches the rules
+        assert json.loads(status.stdout)["rules"] == {"ipv4": "ok", "ipv6": "ok"}
+    finally:
+        c.run(["systemctl", "start", "imdsguard.service"], check=True)
+
+
+def test_attribution_works_in_the_sandbox(booted: Container) -> None:
+    """Who was denied is found under the unit's capabilities and ProtectProc=.
+
+    This kernel cannot queue from nftables (no CONFIG_NFT_QUEUE), so switch
+    to the iptables backend: that also runs python-iptables (ctypes
+    callbacks) under MemoryDenyWriteExecute=, and iptables' lock under
+    ProtectSystem=strict.
+    """
+    c = booted
+    c.write_config("firewall:\n  backend: iptables\n")
+    c.reload()
+    assert "config_reloaded" in [e["event"] for e in c.daemon_events()]
+    assert "-j NFQUEUE" in c.run(["iptables-legacy", "-S", "IMDSGUARD"], check=True).stdout
+    assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode != 0
+    assert c.run(["imdsguard", "status"]).returncode == 0
+
+    assert c.probe_once() == "refused"
+
+    def blocked() -> list[dict[str, Any]]:
+        out = c.run(["imdsguard", "events", "--json", "-n", "5"]).stdout
+        return [e for e in map(json.loads, out.splitlines()) if e.get("uid") == 65534]
+
+    wait_for(lambda: bool(blocked()), 10, "the blocked attempt to be logged")
+    event = blocked()[-1]
+    assert event["attributed"] is True
+    assert event["user"] == "nobody"
+    assert event["exe"].startswith("/usr/bin/python3")
+    assert event["cmdline"][1:3] == [PROBE, "once"]
+
+
+def test_erase_takes_the_rules_out(booted: Container) -> None:
+    """The package's own %preun ($1 = 0): service stopped and disabled, no rules left."""
+    c = booted
+    preun = rpmpkg.scriptlet(rpmpkg.build_rpm(), "PREUN")
+    c.sh(preun, "preun", "0")
+    assert c.show("imdsguard.service", "ActiveState") == "inactive"
+    assert c.run(["systemctl", "is-enabled", "imdsguard.service"]).stdout.strip() == "disabled"
+    assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode != 0
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        assert "IMDSGUARD" not in c.run([tool, "-S"], check=True).stdout
+    assert c.run(["imdsguard", "status"]).returncode == 2  # unprotected
+    # The positive control: with the rules gone, the same probe gets through.
+    assert c.probe_once() == "connected"
