@@ -464,6 +464,32 @@ def test_attribution_works_in_the_sandbox(booted: Container) -> None:
     assert event["cmdline"][1:3] == [PROBE, "once"]
 
 
+def test_broker_works_in_the_sandbox(booted: Container) -> None:
+    """The broker's socket, its IMDS mark (IPAddressAllow=, CAP_NET_ADMIN) and peer checks
+    (SO_PEERCRED, pidfd, /proc under ProtectProc=) all work in the hardened unit."""
+    c = booted
+    c.write_config(
+        "firewall:\n  backend: iptables\nallow:\n  users: []\n"
+        "broker:\n  enabled: true\n  clients: {users: [nobody]}\n"
+    )
+    c.reload()
+    assert c.probe_once() == "refused"  # nobody still cannot reach IMDS directly
+
+    def served() -> subprocess.CompletedProcess[str]:
+        return c.run(["imdsguard", "credentials"], user=True)
+
+    wait_for(lambda: served().returncode == 0, 15, "the broker to serve nobody")
+    creds = json.loads(served().stdout)
+    assert creds["Version"] == 1 and creds["AccessKeyId"].startswith("ASIA")
+    status = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
+    assert status["broker"]["enabled"] is True
+    # Root is not a broker client here: refused, with a one-line reason.
+    refused = c.run(["imdsguard", "credentials"])
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    secret = creds["SecretAccessKey"]
+    assert not any(secret in line for line in c.daemon_lines())
+
+
 def test_erase_takes_the_rules_out(booted: Container) -> None:
     """The package's own %preun ($1 = 0): service stopped and disabled, no rules left."""
     c = booted
