@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from imdsguard.errors import LockTimeoutError
+from imdsguard.errors import ImdsGuardError, LockTimeoutError
 
 #: The lock iptables itself takes (``iptables -w``); holding it keeps our
 #: table replacement from racing an ``iptables`` command.
@@ -22,7 +22,13 @@ XTABLES_LOCK = "/run/xtables.lock"
 
 def _open_lock(path: str) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    return os.open(path, flags, 0o600)
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:  # ELOOP: a symlink planted in our place; EACCES: not root
+        raise ImdsGuardError(
+            f"cannot open the lock file {path}: {exc.strerror} "
+            "(a symlink or something else planted there? remove it and retry)"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -132,12 +132,30 @@ def _join_hostport(host: str, port: int) -> str:
 # --- reading YAML with line numbers -------------------------------------------------
 
 
+#: A real config has a few hundred values (a few thousand with a long allowlist). The
+#: limits stop alias bombs ("billion laughs") and nesting that would exhaust the stack.
+_MAX_NODES = 100_000
+_MAX_DEPTH = 32
+
+
+def _one_line(text: object) -> str:
+    """``text`` with every run of whitespace, line breaks included, as one space."""
+    return " ".join(str(text).split())
+
+
+def _printable(text: str) -> str:
+    """``text`` for a one-line message: non-printable characters escaped as in repr."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 class _Doc:
     """A parsed document: plain Python values plus the line of every dotted key."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.lines: dict[str, int] = {}
+        self.nodes = 0
+        self.active: set[int] = set()  # nodes being converted: an alias back to one loops
 
     def error(self, key: str, message: str) -> ConfigError:
         line = self.lines.get(key)
@@ -148,8 +166,41 @@ class _Doc:
         return ConfigError(self.path, message, key=key or None, line=line)
 
 
-def _convert(node: yaml.Node, key: str, doc: _Doc) -> Any:
-    doc.lines.setdefault(key, node.start_mark.line + 1)
+def _convert(node: yaml.Node, key: str, doc: _Doc, depth: int = 0) -> Any:
+    line = node.start_mark.line + 1
+    doc.lines.setdefault(key, line)
+    doc.nodes += 1
+    if doc.nodes > _MAX_NODES:
+        raise ConfigError(
+            doc.path, f"too many values (over {_MAX_NODES}): are aliases expanding?", line=line
+        )
+    if depth > _MAX_DEPTH:
+        raise ConfigError(doc.path, f"nested more than {_MAX_DEPTH} levels deep", line=line)
+    if id(node) in doc.active:
+        raise ConfigError(doc.path, "an alias refers to itself", key=key or None, line=line)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        doc.active.add(id(node))
+        try:
+            return _convert_collection(node, key, doc, depth)
+        finally:
+            doc.active.discard(id(node))
+    constructor = yaml.SafeLoader("")
+    try:
+        return constructor.construct_object(node, deep=True)
+    except yaml.MarkedYAMLError as exc:  # e.g. an unknown or unsupported !tag
+        problem = exc.problem or exc.context or "unsupported value"
+        raise ConfigError(doc.path, _one_line(problem), key=key or None, line=line) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. !!int abc, a 5000-digit int
+        raise ConfigError(
+            doc.path, f"cannot read this value: {_one_line(exc)}", key=key or None, line=line
+        ) from None
+    finally:
+        constructor.dispose()
+
+
+def _convert_collection(
+    node: yaml.MappingNode | yaml.SequenceNode, key: str, doc: _Doc, depth: int
+) -> Any:
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for knode, vnode in node.value:
@@ -157,22 +208,16 @@ def _convert(node: yaml.Node, key: str, doc: _Doc) -> Any:
                 raise ConfigError(
                     doc.path, "keys must be plain strings", line=knode.start_mark.line + 1
                 )
-            name = str(knode.value)
+            name = _printable(str(knode.value))  # keys appear in one-line messages
             child = f"{key}.{name}" if key else name
             if name in result:
                 raise ConfigError(
                     doc.path, "duplicate key", key=child, line=knode.start_mark.line + 1
                 )
             doc.lines[child] = knode.start_mark.line + 1
-            result[name] = _convert(vnode, child, doc)
+            result[name] = _convert(vnode, child, doc, depth + 1)
         return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, f"{key}[{i}]", doc) for i, item in enumerate(node.value)]
-    constructor = yaml.SafeLoader("")
-    try:
-        return constructor.construct_object(node, deep=True)
-    finally:
-        constructor.dispose()
+    return [_convert(item, f"{key}[{i}]", doc, depth + 1) for i, item in enumerate(node.value)]
 
 
 def _parse(text: str, path: str) -> tuple[dict[str, Any], _Doc]:
@@ -182,10 +227,12 @@ def _parse(text: str, path: str) -> tuple[dict[str, Any], _Doc]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark is not None else None
-        problem = exc.problem or str(exc)
+        problem = _one_line(exc.problem or exc)
         raise ConfigError(path, f"not valid YAML: {problem}", line=line) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, f"not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # e.g. a control character (ReaderError, over two lines)
+        raise ConfigError(path, f"not valid YAML: {_one_line(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(path, f"nested more than {_MAX_DEPTH} levels deep") from None
     if root is None or root.tag == "tag:yaml.org,2002:null":  # e.g. "---" then only comments
         return {}, doc
     if not isinstance(root, yaml.MappingNode):
@@ -232,7 +279,7 @@ def _bool(doc: _Doc, key: str, value: Any, default: bool) -> bool:
 def _abs_path(doc: _Doc, key: str, value: Any, default: str | None) -> str | None:
     if value is None:
         return default
-    if not isinstance(value, str) or not os.path.isabs(value):
+    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
         raise doc.error(key, f"must be an absolute path, got {value!r}")
     return os.path.normpath(value)
 
@@ -260,7 +307,8 @@ def _resolve(
             raise doc.error(ikey, f"must be a {kind} name or numeric id, got {item!r}")
         text = str(item).strip()
         if text.isascii() and text.isdigit():  # str.isdigit alone accepts "²", which int() rejects
-            num = int(text)
+            # More digits than int() converts (4300 on 3.11) is out of range too.
+            num = int(text) if len(text) <= 64 else 1 << 32
             if num > 0xFFFFFFFE:
                 raise doc.error(ikey, f"{kind} id {num} is out of range")
             try:
@@ -309,6 +357,8 @@ def _endpoints(doc: _Doc, value: Any) -> tuple[IPAddress, ...]:
             addr = ipaddress.ip_address(str(item).strip())
         except ValueError:
             raise doc.error(f"endpoints[{i}]", f"{item!r} is not an IPv4 or IPv6 address") from None
+        if getattr(addr, "scope_id", None):  # fe80::1%eth0: no firewall rule can say that
+            raise doc.error(f"endpoints[{i}]", f"{addr} has a scope (%zone): not supported")
         if addr.is_unspecified or addr.is_multicast:
             raise doc.error(f"endpoints[{i}]", f"{addr} cannot be an IMDS endpoint")
         if addr not in result:
@@ -321,10 +371,12 @@ def _imds_url(doc: _Doc, value: Any) -> str:
         return DEFAULT_IMDS_URL
     if not isinstance(value, str):
         raise doc.error("imds.url", f"must be a URL like {DEFAULT_IMDS_URL}, got {value!r}")
-    parts = urlsplit(value)
     try:
+        parts = urlsplit(value)
         port = parts.port
-    except ValueError:
+    except ValueError:  # "http://[abc", a netloc that NFKC changes, a bad port
+        parts, port = urlsplit(""), -1
+    if not value.isprintable() or " " in value:  # urlsplit drops tabs and newlines silently
         port = -1
     if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/"):
         raise doc.error(
@@ -385,8 +437,10 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
         allow_users = Config().allow.users
     exes: list[str] = []
     for i, exe in enumerate(_list(doc, "broker.clients.exes", clients_raw.get("exes"), "paths")):
-        path = _abs_path(doc, f"broker.clients.exes[{i}]", exe, None)
-        assert path is not None  # noqa: S101 - exe is not None here, so neither is path
+        key = f"broker.clients.exes[{i}]"
+        path = _abs_path(doc, key, exe, None)
+        if path is None:  # a null item: None means "the default" to _abs_path
+            raise doc.error(key, "must be an absolute path, got None")
         exes.append(path)
 
     return Config(

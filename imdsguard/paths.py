@@ -52,9 +52,12 @@ def events_file() -> str:
 
 def ensure_dir(path: str, mode: int = 0o755) -> None:
     """Create ``path`` if needed; refuse a symlink or a directory someone else owns."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, mode)
-    st = os.lstat(path)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
+        st = os.lstat(path)
+    except OSError as exc:  # e.g. the parent directory does not exist
+        raise ImdsGuardError(f"cannot create {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise ImdsGuardError(
             f"{path} is not a directory owned by uid {os.geteuid()} (a symlink, or planted by "
