@@ -175,13 +175,23 @@ def _imds_findings(client: ImdsClient, report: dict[str, Any]) -> list[Finding]:
                                 "its credentials are what the guard protects"))  # fmt: skip
     except ImdsRequestError as exc:
         report["role"] = None
-        findings.append(Finding("instance-role", "info", "no instance role attached", str(exc)))
+        # Only IMDS saying so means "no role"; a failed request (5xx, timeout) tells nothing.
+        title = (
+            "no instance role attached"
+            if exc.kind == "no-role"
+            else "could not tell whether an instance role is attached"
+        )
+        findings.append(Finding("instance-role", "info", title, str(exc)))
     try:
         resp = client.get("/latest/user-data")
     except ImdsRequestError as exc:
         findings.append(Finding("user-data-unreadable", "low", "user-data could not be read",
                                 str(exc)))  # fmt: skip
         return findings
+    if resp.status not in (200, 404):  # 404: no user-data; anything else: not read
+        detail = f"IMDS GET /latest/user-data answered HTTP {resp.status}"
+        findings.append(Finding("user-data-unreadable", "low", "user-data could not be read",
+                                detail))  # fmt: skip
     if resp.status == 200:
         secrets = scan_secrets(resp.body)
         if secrets:

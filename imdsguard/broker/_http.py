@@ -74,15 +74,16 @@ def parse_head(buf: bytes) -> Request | None:
     """
     raw_size = len(buf)
     buf = buf.lstrip(b"\r\n")  # RFC 9112: ignore blank lines before the request line
+    skipped = raw_size - len(buf)
     end = _head_end(buf)
     line_end = buf.find(b"\n")
     if (line_end < 0 and len(buf) > MAX_REQUEST_LINE) or line_end > MAX_REQUEST_LINE:
         raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
-    if (end < 0 and len(buf) > MAX_HEADER_BYTES) or end > MAX_HEADER_BYTES:
+    # The skipped blank lines count too, so the answer does not depend on how
+    # the bytes were split into reads.
+    if (end < 0 and raw_size > MAX_HEADER_BYTES) or (end >= 0 and skipped + end > MAX_HEADER_BYTES):
         raise HttpError(431, f"request head larger than {MAX_HEADER_BYTES} bytes")
     if end < 0:
-        if raw_size > MAX_HEADER_BYTES:
-            raise HttpError(431, f"request head larger than {MAX_HEADER_BYTES} bytes")
         return None
     try:
         text = buf[:end].decode("ascii")

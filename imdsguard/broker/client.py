@@ -31,7 +31,7 @@ def _exchange(socket_path: str, route: str, timeout: float) -> tuple[int, bytes]
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(socket_path)
+            _connect(sock, socket_path, deadline)
         except FileNotFoundError:
             raise BrokerError(
                 f"the broker socket {socket_path} does not exist: is the imdsguard daemon "
@@ -73,6 +73,25 @@ def _exchange(socket_path: str, route: str, timeout: float) -> tuple[int, bytes]
     finally:
         sock.close()
     raise BrokerError(f"the broker at {socket_path} sent an incomplete or oversized answer")
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """``connect``, waiting while the broker's listen queue is full (EAGAIN).
+
+    A burst of connections (another user's, say) can fill the queue for a
+    few milliseconds; the kernel then refuses a timed socket at once rather
+    than making it wait, so we wait ourselves, within the deadline.
+    """
+    pause = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise socket.timeout from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def _parse(data: bytes) -> tuple[int | None, bytes]:
