@@ -57,12 +57,41 @@ class BrokerClients:
 
 
 @dataclass(frozen=True)
+class BrokerLimits:
+    """What clients may cost the broker (``broker.limits``).
+
+    ``workers`` (threads that hold a request while credentials are fetched)
+    is not a configuration key.
+    """
+
+    max_connections: int = 512
+    max_per_uid: int = 64
+    read_timeout: float = 3.0  # for the whole request head, however it trickles in
+    write_timeout: float = 5.0
+    max_waiting: int = 256  # requests held while no credentials are servable
+    max_header_bytes: int = 8192  # request line included
+    workers: int = 4
+
+
+#: ``broker.limits`` keys: (lowest, highest, integer).
+LIMIT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "max_connections": (1, 65536, True),
+    "max_per_uid": (1, 65536, True),
+    "read_timeout": (0.05, 300, False),
+    "write_timeout": (0.05, 300, False),
+    "max_waiting": (1, 65536, True),
+    "max_header_bytes": (256, 65536, True),
+}
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """The credential broker (``broker:``)."""
 
     enabled: bool = False
     socket: str = DEFAULT_SOCKET
     clients: BrokerClients = field(default_factory=BrokerClients)
+    limits: BrokerLimits = field(default_factory=BrokerLimits)
 
 
 @dataclass(frozen=True)
@@ -113,6 +142,7 @@ class Config:
                     "groups": principals(self.broker.clients.groups),
                     "exes": list(self.broker.clients.exes),
                 },
+                "limits": {k: getattr(self.broker.limits, k) for k in LIMIT_RANGES},
             },
             "imds": {"url": self.imds_url},
             "logging": {"format": self.log_format},
@@ -284,6 +314,28 @@ def _abs_path(doc: _Doc, key: str, value: Any, default: str | None) -> str | Non
     return os.path.normpath(value)
 
 
+def _limits(doc: _Doc, raw: dict[str, Any]) -> BrokerLimits:
+    values: dict[str, Any] = {}
+    for name, (low, high, integer) in LIMIT_RANGES.items():
+        value = raw.get(name)
+        if value is None:
+            continue
+        key = f"broker.limits.{name}"
+        kind = "a whole number" if integer else "a number of seconds"
+        ok_type = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type) or not low <= value <= high:
+            raise doc.error(key, f"must be {kind} from {low:g} to {high:g}, got {value!r}")
+        values[name] = value if integer else float(value)
+    limits = BrokerLimits(**values)
+    if limits.max_per_uid > limits.max_connections:
+        raise doc.error(
+            "broker.limits.max_per_uid",
+            f"must not exceed broker.limits.max_connections ({limits.max_connections}), "
+            f"got {limits.max_per_uid}",
+        )
+    return limits
+
+
 def _list(doc: _Doc, key: str, value: Any, what: str) -> list[Any]:
     if value is None:
         return []
@@ -423,7 +475,10 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
     )
     firewall = _check_keys(doc, "firewall", top.get("firewall"), ("backend",))
     allow_raw = _check_keys(doc, "allow", top.get("allow"), ("users", "groups"))
-    broker_raw = _check_keys(doc, "broker", top.get("broker"), ("enabled", "socket", "clients"))
+    broker_raw = _check_keys(
+        doc, "broker", top.get("broker"), ("enabled", "socket", "clients", "limits")
+    )
+    limits_raw = _check_keys(doc, "broker.limits", broker_raw.get("limits"), tuple(LIMIT_RANGES))
     clients_raw = _check_keys(
         doc, "broker.clients", broker_raw.get("clients"), ("users", "groups", "exes")
     )
@@ -468,6 +523,7 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
                 groups=_groups(doc, "broker.clients.groups", clients_raw.get("groups")),
                 exes=tuple(exes),
             ),
+            limits=_limits(doc, limits_raw),
         ),
         imds_url=_imds_url(doc, imds.get("url")),
         log_format=_choice(

@@ -66,8 +66,11 @@ def _head_end(buf: bytes) -> int:
     return min(ends) if ends else -1
 
 
-def parse_head(buf: bytes) -> Request | None:
+def parse_head(buf: bytes, max_head: int = MAX_HEADER_BYTES) -> Request | None:
     """The request in ``buf``, None if it is incomplete (and still within limits).
+
+    ``max_head`` bounds the whole head (``broker.limits.max_header_bytes``);
+    the request line and the number of fields have fixed bounds.
 
     Raises :class:`HttpError` (400, 413, 414, 431, 505) for a request we
     will not serve.
@@ -81,8 +84,8 @@ def parse_head(buf: bytes) -> Request | None:
         raise HttpError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
     # The skipped blank lines count too, so the answer does not depend on how
     # the bytes were split into reads.
-    if (end < 0 and raw_size > MAX_HEADER_BYTES) or (end >= 0 and skipped + end > MAX_HEADER_BYTES):
-        raise HttpError(431, f"request head larger than {MAX_HEADER_BYTES} bytes")
+    if (end < 0 and raw_size > max_head) or (end >= 0 and skipped + end > max_head):
+        raise HttpError(431, f"request head larger than {max_head} bytes")
     if end < 0:
         return None
     try:

@@ -38,7 +38,6 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from imdsguard import paths
@@ -53,7 +52,7 @@ from imdsguard.broker.peer import (
     identify,
     kernel_peer,
 )
-from imdsguard.config import Config
+from imdsguard.config import BrokerLimits, Config
 from imdsguard.errors import BrokerError, ImdsGuardError
 from imdsguard.events.attribution import Attribution, redact_args
 from imdsguard.events.procfs import ancestors
@@ -68,16 +67,8 @@ _BUSY_LOG_INTERVAL = 10.0
 _MAX_REFUSAL_KEYS = 1024
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What a client may cost the broker."""
-
-    max_connections: int = 512
-    max_per_uid: int = 64
-    read_timeout: float = 3.0  # for the whole request head, however it trickles in
-    write_timeout: float = 5.0
-    workers: int = 4  # wait for a fetch when nothing is servable
-    max_waiting: int = 256
+#: What a client may cost the broker: ``broker.limits`` in the configuration.
+Limits = BrokerLimits
 
 
 class _Conn:
@@ -146,7 +137,8 @@ class Broker:
     ) -> None:
         self.config = config
         self.log = logger
-        self.limits = limits or Limits()
+        self._given_limits = limits
+        self.limits = limits or config.broker.limits
         self._refresh_policy = refresh
         self._imds_mark = imds_mark
         self._given_imds = imds
@@ -240,6 +232,8 @@ class Broker:
         old = self.config
         self.config = config
         self._policy = ClientPolicy(config.broker.clients)
+        # New limits apply to new connections (the worker pool keeps its size).
+        self.limits = self._given_limits or config.broker.limits
         if (old.broker.socket, old.imds_url) == (config.broker.socket, config.imds_url):
             self._check_exes()
             self.log.info("broker_reconfigured", socket=config.broker.socket)
@@ -395,7 +389,7 @@ class Broker:
             return
         conn.buf += data
         try:
-            request = _http.parse_head(conn.buf)
+            request = _http.parse_head(conn.buf, self.limits.max_header_bytes)
         except _http.HttpError as exc:
             self._reply(conn, exc.status, {"error": exc.message})
             return
@@ -682,7 +676,7 @@ def bind_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
     try:
         sock.bind(path)
         os.chmod(path, 0o666)  # noqa: S103 - access control is by peer credentials, not mode
-        sock.listen(128)
+        sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
         st = os.lstat(path)
     except OSError as exc:

@@ -18,8 +18,9 @@ gets a proper HTTP error (400/414/431/505, 408 for a head not complete
 within ``Limits.read_timeout``, 503 when over a cap) or is cut off (an idle
 connection is closed after ``read_timeout``), and never anything else.
 
-The limits are the defaults of :class:`imdsguard.broker.server.Limits`;
-they are not (yet) configuration keys.
+The limits are the defaults of ``broker.limits`` (the configuration keys,
+:class:`imdsguard.config.BrokerLimits`); ``test_broker_server`` shows that
+configured and reloaded values take effect.
 
 Abusers are a stdlib-only script run by the system interpreter (readable by
 every user); the client uses ``imdsguard.broker.client`` through the recipe

@@ -8,6 +8,7 @@ with real kernel credentials.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -92,12 +93,14 @@ def start_broker(
         refresh: RefreshPolicy | None = None,
         socket_path: str | None = None,
         url: str | None = None,
+        limits_yaml: str = "",
     ) -> Broker:
         path = socket_path or str(tmp_path / "run" / "broker.sock")
         clients = clients if clients is not None else f"users: [{os.geteuid()}]"
         config = parse_config(
             f"broker:\n  enabled: true\n  socket: {path}\n  clients: {{{clients}}}\n"
-            f"imds:\n  url: {url or sim[1]}\n",
+            + (f"  limits: {{{limits_yaml}}}\n" if limits_yaml else "")
+            + f"imds:\n  url: {url or sim[1]}\n",
             str(tmp_path / "config.yaml"),
         )
         broker = Broker(
@@ -351,6 +354,32 @@ def test_connection_cap_per_uid(start_broker: StartBroker, logs: Logs) -> None:
     assert get(path)[0] == 200
     assert broker.health()["rejected_connections"] == 1
     assert logs.events("broker_busy")
+
+
+def test_limits_come_from_the_config_and_a_reload(start_broker: StartBroker) -> None:
+    broker = start_broker(limits_yaml="max_per_uid: 2, max_header_bytes: 512")
+    path = sock_of(broker)
+    padded = b"GET /v1/credentials HTTP/1.1\r\nX-Pad: " + b"a" * 600 + b"\r\n\r\n"
+    assert raw(path, padded)[0] == 431
+    idle = []
+    try:
+        for _ in range(2):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            idle.append(s)
+        time.sleep(0.1)
+        assert get(path)[0] == 503
+        looser = dataclasses.replace(
+            broker.config,
+            broker=dataclasses.replace(broker.config.broker, limits=Limits(max_per_uid=8)),
+        )
+        broker.reconfigure(looser)  # same socket: applies to the next connection
+        assert broker.limits.max_per_uid == 8
+        assert get(path)[0] == 200
+        assert raw(path, padded)[0] == 200
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_many_concurrent_clients_one_imds_fetch(

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from imdsguard import config
-from imdsguard.config import Config, Principal, check_trust, load_config, parse_config
+from imdsguard.config import (
+    BrokerLimits,
+    Config,
+    Principal,
+    check_trust,
+    load_config,
+    parse_config,
+)
 from imdsguard.errors import ConfigError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="trust checks only apply as root")
@@ -96,6 +103,14 @@ def test_defaults_to_dict() -> None:
             "enabled": False,
             "socket": "/run/imdsguard/broker.sock",
             "clients": {"users": [], "groups": [], "exes": []},
+            "limits": {
+                "max_connections": 512,
+                "max_per_uid": 64,
+                "read_timeout": 3.0,
+                "write_timeout": 5.0,
+                "max_waiting": 256,
+                "max_header_bytes": 8192,
+            },
         },
         "imds": {"url": "http://169.254.169.254"},
         "logging": {"format": "json"},
@@ -120,6 +135,13 @@ broker:
   enabled: true
   socket: /run/imdsguard//other.sock
   clients: {users: [4242], groups: [root], exes: [/usr/bin/aws, /opt/app/../bin/app]}
+  limits:
+    max_connections: 100
+    max_per_uid: 100
+    read_timeout: 1
+    write_timeout: 0.5
+    max_waiting: 10
+    max_header_bytes: 4096
 imds:
   url: http://127.0.0.1:8080/
 logging:
@@ -144,6 +166,7 @@ def test_every_key_accepted() -> None:
     assert [p.id for p in cfg.broker.clients.users] == [4242]
     assert cfg.broker.clients.groups == (Principal("root", 0),)
     assert cfg.broker.clients.exes == ("/usr/bin/aws", "/opt/bin/app")
+    assert cfg.broker.limits == BrokerLimits(100, 100, 1.0, 0.5, 10, 4096)
     assert cfg.imds_url == "http://127.0.0.1:8080"
     assert cfg.log_format == "console"
     assert cfg.metrics.textfile == "/var/lib/node_exporter/imdsguard.prom"
@@ -165,6 +188,14 @@ def test_every_key_to_dict() -> None:
                 "users": ["4242"],
                 "groups": ["root (0)"],
                 "exes": ["/usr/bin/aws", "/opt/bin/app"],
+            },
+            "limits": {
+                "max_connections": 100,
+                "max_per_uid": 100,
+                "read_timeout": 1.0,
+                "write_timeout": 0.5,
+                "max_waiting": 10,
+                "max_header_bytes": 4096,
             },
         },
         "imds": {"url": "http://127.0.0.1:8080"},
@@ -308,6 +339,31 @@ ERRORS = [
     ("allow:\n  groups: [true]\n", 2, "allow.groups[0]", "must be a group name or numeric id"),
     ("broker:\n  enabled: maybe\n", 2, "broker.enabled", "must be true or false, got 'maybe'"),
     ("broker:\n  enabled: 1\n", 2, "broker.enabled", "must be true or false"),
+    # broker.limits
+    ("broker:\n  limits:\n    backlog: 5\n", 3, "broker.limits.backlog", "unknown key"),
+    ("broker:\n  limits: 5\n", 2, "broker.limits", "must be a mapping"),
+    (
+        "broker:\n  limits:\n    max_connections: 0\n",
+        3,
+        "broker.limits.max_connections",
+        "must be a whole number from 1 to 65536, got 0",
+    ),
+    ("broker:\n  limits: {max_per_uid: 2.5}\n", 2, "broker.limits.max_per_uid", "whole number"),
+    ("broker:\n  limits: {max_waiting: true}\n", 2, "broker.limits.max_waiting", "whole number"),
+    (
+        "broker:\n  limits:\n    read_timeout: '3s'\n",
+        3,
+        "broker.limits.read_timeout",
+        "must be a number of seconds from 0.05 to 300, got '3s'",
+    ),
+    ("broker:\n  limits: {write_timeout: 0}\n", 2, "broker.limits.write_timeout", "seconds"),
+    ("broker:\n  limits: {max_header_bytes: 100}\n", 2, "broker.limits.max_header_bytes", "256"),
+    (
+        "broker:\n  limits:\n    max_connections: 10\n    max_per_uid: 20\n",
+        4,
+        "broker.limits.max_per_uid",
+        "must not exceed broker.limits.max_connections (10), got 20",
+    ),
     # bad choices
     ("\nmode: block\n", 2, "mode", "must be one of enforce | audit, got 'block'"),
     ("mode: 1\n", 1, "mode", "must be one of enforce | audit, got 1"),
