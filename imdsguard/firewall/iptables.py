@@ -17,10 +17,12 @@ reload never lets a denied packet through.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any
 
 from imdsguard import _locks
 from imdsguard.errors import FirewallError, PermissionDeniedError
+from imdsguard.firewall import _xt_blob
 from imdsguard.firewall.base import FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
@@ -37,6 +40,9 @@ FORWARDED = "IMDSGUARD-FWD"
 OUR_CHAINS = (CHAIN, AUDITED, FORWARDED)
 #: Built-in chains we hook into, and the chain of ours each one jumps to.
 HOOKS = {"OUTPUT": CHAIN, "FORWARD": FORWARDED}
+#: Rules found in order are re-parsed at least this often even if the table's
+#: blob is unchanged (belt and braces; the blob check runs on every poll).
+FULL_CHECK_EVERY = 30.0
 
 Params = tuple[tuple[str, str], ...]
 
@@ -255,6 +261,26 @@ def _repoint(rule: Any) -> None:
     _own_scratch(rule.target)
 
 
+_owner_match_loaded = False
+
+
+@contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """fd 2 to /dev/null for the duration (C libraries write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @contextmanager
 def _without_distutils() -> Iterator[None]:
     """Import python-iptables as on Python 3.12+, where there is no distutils.
@@ -301,6 +327,16 @@ class _Snapshot:
         return self.output if name == "OUTPUT" else self.forward
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A table found in order: its fingerprint, for which policy, and when."""
+
+    fingerprint: bytes
+    ruleset: RuleSet
+    inspection: Inspection
+    at: float
+
+
 class IptablesBackend:
     """python-iptables implementation of :class:`~imdsguard.firewall.base.Backend`."""
 
@@ -315,6 +351,29 @@ class IptablesBackend:
                 f"python-iptables cannot be loaded ({exc}); install iptables (libxtables)"
             ) from None
         self._iptc = iptc
+        self._readers: dict[str, _xt_blob.TableReader] = {}
+        self._verified: dict[str, _Verified] = {}
+        self._load_owner_match()
+
+    def _load_owner_match(self) -> None:
+        """Load libxtables' owner match for both families once, with stderr muted.
+
+        The first IPv4 owner match after an IPv6 one makes libxtables print
+        "Warning: Extension owner revision 0 not supported, missing kernel
+        module?" (revision 0 left the kernel long ago; revision 1 is used).
+        It is harmless but lands in the journal as a stray non-JSON line and
+        on the terminal of every command, so it is said here, once per
+        process, to /dev/null. Nothing else runs yet (no threads), so no
+        other message can be lost.
+        """
+        global _owner_match_loaded  # noqa: PLW0603 - once per process, like the warning
+        if _owner_match_loaded:
+            return
+        _owner_match_loaded = True
+        probe = XtRule(CHAIN, "RETURN", matches=(("owner", (("uid-owner", "0"),)),))
+        with _stderr_muted(), contextlib.suppress(Exception):
+            for family in ("ipv6", "ipv4"):
+                self._build(family, probe)
 
     # -- low level
 
@@ -391,10 +450,42 @@ class IptablesBackend:
                     family, FamilyState.DISABLED, ("IPv6 is disabled in the kernel",)
                 )
             else:
-                with self._errors(f"read the {family} rules"):
-                    snap = self._snapshot(self._table(family))
-                result[family] = _compare(snap, ruleset, family)
+                result[family] = self._inspect_family(ruleset, family)
         return result
+
+    def _inspect_family(self, ruleset: RuleSet, family: str) -> Inspection:
+        """Parse the rules only when the kernel's table blob changed (see ``_xt_blob``)."""
+        before = self._fingerprint(family)
+        known = self._verified.get(family)
+        now = time.monotonic()
+        if (
+            before is not None
+            and known is not None
+            and known.fingerprint == before
+            and known.ruleset == ruleset
+            and now - known.at < FULL_CHECK_EVERY
+        ):
+            return known.inspection
+        with self._errors(f"read the {family} rules"):
+            snap = self._snapshot(self._table(family))
+        found = _compare(snap, ruleset, family)
+        # Remembered only if nothing changed while we parsed, and only when in order.
+        if found.state == FamilyState.OK and before is not None:
+            if self._fingerprint(family) == before:
+                self._verified[family] = _Verified(before, ruleset, found, now)
+        else:
+            self._verified.pop(family, None)
+        return found
+
+    def _fingerprint(self, family: str) -> bytes | None:
+        """The table's fingerprint, or None where it cannot be read this way."""
+        reader = self._readers.get(family)
+        try:
+            if reader is None:
+                reader = self._readers[family] = _xt_blob.TableReader(family)
+            return reader.fingerprint()
+        except OSError:
+            return None  # no permission, no table yet, no such family: parse instead
 
     def apply(self, ruleset: RuleSet) -> bool:
         """See :meth:`imdsguard.firewall.base.Backend.apply`."""

@@ -64,3 +64,45 @@ def test_thousand_users_apply_in_well_under_a_second(daemon: DaemonHandle) -> No
         check=True,
     ).stdout
     assert len(json.loads(listing)["nftables"][1]["set"]["elem"]) == 1000
+
+
+FINGERPRINTS = """
+from imdsguard.firewall._xt_blob import TableReader
+print(TableReader("ipv4").fingerprint().hex(), TableReader("ipv6").fingerprint().hex())
+"""
+
+
+@pytest.mark.parametrize("backend", ["iptables"])
+def test_table_fingerprint_ignores_traffic_and_sees_every_edit(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    """The daemon skips parsing the x_tables rules while this fingerprint stays the same."""
+    daemon.start()
+
+    def fingerprints() -> list[str]:
+        argv = [daemon.cli_argv()[0], "-c", FINGERPRINTS]
+        return daemon.topo.run(daemon.topo.host, argv, check=True, env=daemon.env).stdout.split()
+
+    before = fingerprints()
+    denied = test_users["imdsg-denied"]
+    for v6 in (False, True):  # counters move on both families' rules
+        assert not daemon.topo.imds_get(denied, "/latest/meta-data/", v2=True, v6=v6).ok
+        assert daemon.topo.imds_get(None, "/latest/meta-data/", v2=True, v6=v6).ok
+    assert fingerprints() == before
+    swap = [
+        "iptables-legacy",
+        "-R",
+        "IMDSGUARD",
+        "1",
+        "-m",
+        "owner",
+        "--uid-owner",
+        "1",
+        "-j",
+        "RETURN",
+    ]
+    daemon.topo.run(daemon.topo.host, swap, check=True)
+    changed = fingerprints()
+    assert changed[0] != before[0] and changed[1] == before[1]
+    assert daemon.wait_log("rules_restored", timeout=2)[0]["problems"]
+    assert fingerprints() == before  # repaired to exactly the same table

@@ -90,6 +90,7 @@ def test_root_is_denied_unless_listed(daemon: DaemonHandle, test_users: dict[str
     assert daemon.topo.imds_get(test_users["imdsg-app"], CREDS, v2=True).ok
 
 
+SWAP_TO_NOBODY = ["-m", "owner", "--uid-owner", "65534", "-j", "RETURN"]
 TAMPERS = {
     "iptables": {
         "flush-output": [["iptables-legacy", "-F", "OUTPUT"]],
@@ -102,6 +103,14 @@ TAMPERS = {
         "accept-inserted-first": [["iptables-legacy", "-I", "OUTPUT", "-j", "ACCEPT"]],
         "whole-table-flush": [["iptables-legacy", "-F"], ["iptables-legacy", "-X"]],
         "ipv6-flush": [["ip6tables-legacy", "-F"]],
+        # Same-size edits: the table's blob keeps its length, only a uid changes
+        # (the daemon skips parsing while the blob is unchanged; this must not).
+        "allowlist-uid-swapped": [
+            ["iptables-legacy", "-R", "IMDSGUARD", "1", *SWAP_TO_NOBODY],
+        ],
+        "ipv6-allowlist-uid-swapped": [
+            ["ip6tables-legacy", "-R", "IMDSGUARD", "1", *SWAP_TO_NOBODY],
+        ],
     },
     "nftables": {
         "flush-ruleset": [["nft", "flush", "ruleset"]],  # what a firewalld reload does
