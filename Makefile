@@ -8,11 +8,12 @@ VPY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev
 TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML types-psutil botocore hypothesis prometheus-client
 
-.PHONY: help deps os-deps venv demo test test-unit test-integration lint typecheck bench clean
+.PHONY: help deps os-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
 
 help:
 	@echo "make demo   - run the guard end to end in throw-away network namespaces (root)"
 	@echo "make test   - lint, type check, unit and real-kernel integration tests (root)"
+	@echo "make test-long - the long reliability suite (100 restarts, 100 SIGHUPs, 60 kill -9, long fuzzing)"
 	@echo "make bench  - benchmarks (figures for the README)"
 	@echo "make rpm    - build the RPM for Amazon Linux 2023 / RHEL 9 (build/rpm/)"
 	@echo "make test-system - boot the packaged unit under systemd-nspawn and check it"
@@ -55,10 +56,18 @@ test-integration: deps
 test: lint typecheck
 	$(VPY) -m pytest -q -m "not long" tests
 
+# The long versions of the reliability scenarios (the short ones run in
+# `make test`) and the fuzzers with 10x the examples: about 8 minutes.
+test-long: deps
+	$(VPY) -m pytest -q -m long tests
+	IMDSGUARD_FUZZ_EXAMPLES=3000 $(VPY) -m pytest -q tests/unit/test_config_fuzz.py tests/unit/test_broker_fuzz.py
+
 bench: deps
 	$(VPY) benchmarks/repair.py
 	$(VPY) benchmarks/attribution.py
 	$(VPY) benchmarks/broker.py
+	$(VPY) benchmarks/resources.py
+	$(VPY) benchmarks/flood.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

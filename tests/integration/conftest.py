@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from imdsguard.errors import ImdsGuardError
 from imdsguard.netns import Topology, User, wait_for
 
 USERS = {
@@ -139,7 +140,12 @@ class DaemonHandle:
             stderr=subprocess.STDOUT,
         )
         if wait:
-            wait_for(lambda: os.path.exists(state), 15, "the daemon to be ready", self.proc)
+            try:
+                wait_for(lambda: os.path.exists(state), 15, "the daemon to be ready", self.proc)
+            except ImdsGuardError as exc:
+                with open(self.log_path) as fh:
+                    tail = fh.read()[-2000:]
+                raise AssertionError(f"{exc}; the daemon said:\n{tail}") from None
         return self
 
     def signal(self, signum: int) -> None:
@@ -152,16 +158,24 @@ class DaemonHandle:
         return self.proc.wait(timeout=15)
 
     def logs(self) -> list[dict[str, Any]]:
+        """Every line the daemon wrote (stdout and stderr), each one JSON object.
+
+        Anything else (a traceback, a C library's warning) is a stray line in
+        the journal and fails the test. A last line still being written
+        (no newline yet) is left for the next call.
+        """
         out = []
         with open(self.log_path) as fh:
             for line in fh:
-                if line.startswith("{"):
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        raise AssertionError(
-                            f"daemon printed a broken log line: {line!r}"
-                        ) from None
+                if not line.endswith("\n"):
+                    break
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    doc = None
+                if not isinstance(doc, dict):
+                    raise AssertionError(f"daemon printed a non-JSON line: {line!r}")
+                out.append(doc)
         return out
 
     def wait_log(self, event: str, count: int = 1, timeout: float = 5) -> list[dict[str, Any]]:
