@@ -65,6 +65,28 @@ _REFUSAL_LOG_INTERVAL = 10.0  # per (uid, exe): one broker_refused line, then a 
 _REFUSAL_LOG_BURST = 20  # and at most this many lines per interval in all
 _BUSY_LOG_INTERVAL = 10.0
 _MAX_REFUSAL_KEYS = 1024
+_FAILED_LOG_INTERVAL = 10.0  # per (uid, status >= 400): one broker_request line, then a count
+
+
+class _Throttle:
+    """At most one log line per key and interval; counts what it held back (bounded keys)."""
+
+    def __init__(self, interval: float, max_keys: int = _MAX_REFUSAL_KEYS) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._seen: collections.OrderedDict[Any, tuple[float, int]] = collections.OrderedDict()
+
+    def allow(self, key: Any, now: float) -> tuple[bool, int]:
+        """(log it?, lines held back for ``key`` since its last line)."""
+        last, held = self._seen.get(key, (now - self.interval, 0))
+        if now - last < self.interval:
+            self._seen[key] = (last, held + 1)
+            return False, 0
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        return True, held
 
 
 #: What a client may cost the broker: ``broker.limits`` in the configuration.
@@ -152,6 +174,7 @@ class Broker:
             collections.OrderedDict()
         )
         self._users: dict[int, str | None] = {}
+        self._failed_log = _Throttle(_FAILED_LOG_INTERVAL)
         self._refusal_times: collections.deque[float] = collections.deque(maxlen=_REFUSAL_LOG_BURST)
         self._running = False
         self._new_state()
@@ -532,6 +555,15 @@ class Broker:
         with self._lock:
             self._requests += 1
             self._by_status[status] += 1
+        extra: dict[str, Any] = {}
+        if status >= 400 or status == 0:
+            # Junk, slow or refused requests cost an abuser nothing to repeat:
+            # one line per (uid, status) and interval keeps the journal usable.
+            logged, held = self._failed_log.allow((conn.uid, status), time.monotonic())
+            if not logged:
+                self._close(conn)
+                return
+            extra["suppressed_before"] = held
         log = self.log.debug if conn.path == HEALTH_ROUTE and status == 200 else self.log.info
         log(
             "broker_request",
@@ -544,6 +576,7 @@ class Broker:
             allowed_as=conn.matched,
             delivered=delivered,
             ms=round((time.monotonic() - conn.started) * 1000, 2),
+            **extra,
         )
         self._close(conn)
 

@@ -268,6 +268,27 @@ def test_other_paths_and_methods(start_broker: StartBroker) -> None:
     assert raw(path, b"GET /v1/credentials HTTP/1.1\r\nX: \xff\r\n\r\n")[0] == 400
 
 
+def test_failed_requests_are_logged_once_per_uid_and_status(
+    start_broker: StartBroker, logs: Logs
+) -> None:
+    broker = start_broker()
+    path = sock_of(broker)
+    for _ in range(30):
+        assert raw(path, b"junk\r\n\r\n")[0] == 400
+    for _ in range(5):
+        assert raw(path, b"GET /v1/credentials HTTP/2.0\r\n\r\n")[0] == 505
+    for _ in range(3):
+        assert get(path)[0] == 200
+    lines = logs.events("broker_request")
+    assert [e["status"] for e in lines] == [400, 505, 200, 200, 200]
+    assert lines[0]["suppressed_before"] == 0 and "suppressed_before" not in lines[2]
+    assert broker.health()["requests_by_status"] == {"200": 3, "400": 30, "505": 5}
+    # After the interval, the next line says how many were held back.
+    broker._failed_log.interval = 0.0
+    assert raw(path, b"junk\r\n\r\n")[0] == 400
+    assert logs.events("broker_request")[-1]["suppressed_before"] == 29
+
+
 def test_size_limits(start_broker: StartBroker) -> None:
     path = sock_of(start_broker())
     huge_header = b"GET /v1/credentials HTTP/1.1\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n"
