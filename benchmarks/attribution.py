@@ -28,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-import psutil
+from _proc import rss_kib
 
 from imdsguard.netns import IMDS_V4, Topology, User, wait_for
 
@@ -143,12 +143,11 @@ def main() -> int:
                     return "daemon_ready" in fh.read()
 
             wait_for(ready, 15, "the capture", guard)
-            rss = psutil.Process(guard.pid)
             watcher = Watcher(events_path)
             watcher.start()
             burst(topo, work, min(args.procs, 20), 1)  # warm-up
             wait_for(lambda: len(watcher.seen) >= min(args.procs, 20), 10, "warm-up events")
-            rss_before = rss.memory_info().rss
+            rss_before = rss_kib(guard.pid) * 1024
             skip = len(watcher.seen)
             attempts = burst(topo, work, args.procs, args.per_proc)
             total = len(attempts)
@@ -156,7 +155,7 @@ def main() -> int:
             while len(watcher.seen) - skip < total and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.5)
-            rss_after = rss.memory_info().rss
+            rss_after = rss_kib(guard.pid) * 1024
             watcher.stop.set()
             guard.send_signal(signal.SIGTERM)
             guard.wait(timeout=15)

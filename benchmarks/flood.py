@@ -34,6 +34,8 @@ import tempfile
 import time
 from typing import Any
 
+from _proc import rss_kib
+
 from imdsguard.netns import IMDS_V4, Topology, User, wait_for
 
 NOBODY = User(65534, 65534)
@@ -61,14 +63,6 @@ while time.monotonic() < end:
     time.sleep(gap)
 print(json.dumps(counts))
 """
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def slope_mib_per_min(samples: list[tuple[float, int]]) -> float:
@@ -144,7 +138,7 @@ def run(
             time.sleep(settle)
             idle = []
             for _ in range(5):
-                idle.append(_rss_kib(pid))
+                idle.append(rss_kib(pid))
                 time.sleep(0.2)
             procs = [
                 topo.popen(
@@ -159,7 +153,7 @@ def run(
             start = time.monotonic()
             samples: list[tuple[float, int]] = []
             while any(p.poll() is None for p in procs):
-                samples.append((time.monotonic() - start, _rss_kib(pid)))
+                samples.append((time.monotonic() - start, rss_kib(pid)))
                 time.sleep(max(0.0, len(samples) - (time.monotonic() - start)))
             flood_s = time.monotonic() - start
             totals: dict[str, int] = {}
@@ -170,7 +164,7 @@ def run(
             settled = []
             end = time.monotonic() + after
             while time.monotonic() < end:
-                settled.append(_rss_kib(pid))
+                settled.append(rss_kib(pid))
                 time.sleep(1.0)
             alive = daemon.poll() is None
             daemon.send_signal(signal.SIGTERM)

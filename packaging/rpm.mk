@@ -4,8 +4,7 @@
 #   make clean-test-rootfs drop the cached Debian rootfs the system test boots
 # rpm-os-deps installs the OS packages these need (idempotent, like os-deps).
 
-RPM_APT_PACKAGES := rpm cpio debootstrap systemd-container systemd python3-pip python3-yaml \
-                    python3-psutil gcc
+RPM_APT_PACKAGES := rpm cpio debootstrap systemd-container systemd python3-pip python3-yaml gcc
 RPM_PYTHON ?= /usr/bin/python3
 RPM_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' imdsguard/__init__.py)
 RPM_TOPDIR := $(CURDIR)/build/rpm

@@ -3,7 +3,7 @@
 The package is built once per session by ``make rpm`` (see rpmpkg.py). Its
 code is then run straight from the extracted payload with the system python3,
 using only what the package bundles plus the distribution packages it
-declares (on this Debian host: python3-yaml, python3-psutil).
+declares (on this Debian host: python3-yaml).
 """
 
 from __future__ import annotations
@@ -89,7 +89,6 @@ def test_requires(rpm_file: Path) -> None:
         "python3 >= 3.9",
         "/usr/bin/python3",
         "python3-pyyaml",
-        "python3-psutil",
         "nftables",
         "libxtables.so.12()(64bit)",
         "libip4tc.so.2()(64bit)",
@@ -98,6 +97,7 @@ def test_requires(rpm_file: Path) -> None:
         "systemd",
     ):
         assert wanted in requires, f"missing Requires: {wanted}"
+    assert not any("psutil" in r for r in requires), "psutil is not used: no Requires"
     # Nothing tied to the build host's Python, and no glibc newer than the
     # targets' 2.34 (AL2023, RHEL 9).
     assert not [r for r in requires if r.startswith("python(abi)")]
@@ -189,10 +189,10 @@ def test_modules_come_from_the_bundle_and_the_declared_packages(payload: Path) -
     site = payload / SITE.lstrip("/")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); sys.dont_write_bytecode = True\n"
-        "import imdsguard, structlog, typing_extensions, yaml, psutil, iptc.xtables\n"
+        "import imdsguard, structlog, typing_extensions, yaml, iptc.xtables\n"
         "print(imdsguard.__file__); print(structlog.__file__); print(typing_extensions.__file__)\n"
         "print(iptc.__file__); print(iptc.xtables._lib_xtwrapper._name)\n"
-        "print(yaml.__file__); print(psutil.__file__)\n"
+        "print(yaml.__file__)\n"
     )
     proc = subprocess.run(
         ["/usr/bin/python3", "-I", "-c", code, str(site)],
@@ -202,12 +202,11 @@ def test_modules_come_from_the_bundle_and_the_declared_packages(payload: Path) -
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    *bundled, yaml_file, psutil_file = proc.stdout.split()
+    *bundled, yaml_file = proc.stdout.split()
     assert all(p.startswith(f"{site}/") for p in bundled), bundled
     assert bundled[-1] == f"{site}/libxtwrapper.so"  # version-free name, found on sys.path
-    # PyYAML and psutil come from the distribution, as the RPM's Requires say.
+    # PyYAML comes from the distribution, as the RPM's Requires say.
     assert yaml_file.startswith("/usr/lib/python3/")
-    assert psutil_file.startswith("/usr/lib/python3/")
 
 
 def _python39() -> str | None:
