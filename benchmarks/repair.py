@@ -27,7 +27,7 @@ PROBE = r"""
 import subprocess, sys, time
 from imdsguard.config import parse_config
 from imdsguard.firewall.detect import make_backend
-from imdsguard.policy import build_ruleset
+from imdsguard.policy import QUEUE_NUM, build_ruleset
 tampers = {
     "iptables": [
         [["iptables-legacy", "-F", "OUTPUT"]],
@@ -44,7 +44,12 @@ tampers = {
     ],
 }[sys.argv[3]]
 backend = make_backend(sys.argv[3])
-ruleset = build_ruleset(parse_config(open(sys.argv[2]).read()), queue_num=None)
+config = parse_config(open(sys.argv[2]).read())
+# The daemon queues denied packets for attribution where it can: compare
+# with whichever of its two rule sets is in place before the first tamper.
+candidates = [build_ruleset(config, queue_num=q) for q in (QUEUE_NUM, None)]
+ruleset = next(r for r in candidates if all(
+    x.state == "ok" for x in backend.inspect(r).values()))
 for i in range(int(sys.argv[1])):
     for argv in tampers[i % len(tampers)]:
         subprocess.run(argv, check=True)
