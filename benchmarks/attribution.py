@@ -30,14 +30,12 @@ from typing import Any
 
 from _proc import rss_kib
 
-from imdsguard.netns import IMDS_V4, Topology, User, wait_for
+from imdsguard.netns import IMDS_V4, Topology, User, guard_env, wait_for
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOBODY = User(65534, 65534)
-
-# The real daemon: it starts the capture, then applies the queue rules; on
-# SIGTERM it swaps in queue-less rules, stops the capture and logs its counters.
-RUNNER = ["-m", "imdsguard", "run", "-c"]
+# The real daemon (Topology.start_guard): it starts the capture, then applies the
+# queue rules; on SIGTERM it swaps in queue-less rules, stops the capture and
+# logs its counters.
 
 CLIENT = """
 import json, os, socket, sys, time
@@ -114,10 +112,7 @@ def main() -> int:
         return 2
     work = tempfile.mkdtemp(prefix="imdsg-bench-")
     os.chmod(work, 0o755)  # noqa: S103 - the client runs as nobody
-    env = dict(os.environ)
-    for key in ("run", "state", "log"):
-        os.makedirs(os.path.join(work, key))
-        env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
+    env = guard_env(work)
     with open(os.path.join(work, "client.py"), "w") as fh:
         fh.write(CLIENT)
     config = os.path.join(work, "config.yaml")
@@ -129,20 +124,7 @@ def main() -> int:
             topo.start_imds(work)
             log_path = os.path.join(work, "guard.log")
             with open(log_path, "w") as log:
-                guard = topo.popen(
-                    topo.host,
-                    [sys.executable, *RUNNER, config],
-                    env=env,
-                    cwd=REPO,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-
-            def ready() -> bool:
-                with open(log_path) as fh:
-                    return "daemon_ready" in fh.read()
-
-            wait_for(ready, 15, "the capture", guard)
+                guard = topo.start_guard(config, env, log)
             watcher = Watcher(events_path)
             watcher.start()
             burst(topo, work, min(args.procs, 20), 1)  # warm-up

@@ -36,7 +36,7 @@ from typing import Any
 
 from _proc import rss_kib
 
-from imdsguard.netns import IMDS_V4, Topology, User, wait_for
+from imdsguard.netns import IMDS_V4, Topology, User, guard_env
 
 NOBODY = User(65534, 65534)
 
@@ -108,10 +108,7 @@ def run(
     """One flood against a fresh daemon; the figures."""
     work = tempfile.mkdtemp(prefix="imdsg-flood-")
     os.chmod(work, 0o755)  # noqa: S103 - the daemon's files live here; nothing secret
-    env = dict(os.environ)
-    for key in ("run", "state", "log"):
-        env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
-        os.makedirs(os.path.join(work, key))
+    env = guard_env(work)
     config = os.path.join(work, "config.yaml")
     with open(config, "w") as fh:
         fh.write("firewall:\n  backend: iptables\nallow:\n  users: [root]\n")
@@ -121,15 +118,8 @@ def run(
     try:
         with Topology(prefix="imdsg-bench") as topo, open(log_path, "w") as log:
             topo.start_imds(work)
-            daemon = topo.popen(
-                topo.host,
-                [sys.executable, "-m", "imdsguard", "run", "-c", config],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            daemon = topo.start_guard(config, env, log)
             state_path = os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")
-            wait_for(lambda: os.path.exists(state_path), 15, "the daemon", daemon)
             with open(state_path) as fh:
                 capture = json.load(fh).get("components", {}).get("capture")
             if not capture or not capture.get("running"):

@@ -17,11 +17,10 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from imdsguard.netns import Topology, wait_for
+from imdsguard.netns import Topology, guard_env
 
 PROBE = r"""
 import subprocess, sys, time
@@ -81,23 +80,13 @@ backend.remove()
 
 def _bench(backend: str, tampers: int) -> tuple[list[float], dict[int, float]]:
     work = tempfile.mkdtemp(prefix="imdsg-bench-")
-    env = dict(os.environ)
-    for key in ("run", "state", "log"):
-        env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
+    env = guard_env(work)
     config = os.path.join(work, "config.yaml")
     with open(config, "w") as fh:
         fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
     try:
         with Topology(prefix="imdsg-bench") as topo:
-            daemon = topo.popen(
-                topo.host,
-                [sys.executable, "-m", "imdsguard", "run", "-c", config],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            state = os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")
-            wait_for(lambda: os.path.exists(state), 15, "the daemon", daemon)
+            daemon = topo.start_guard(config, env)
             probe = topo.run(
                 topo.host,
                 [sys.executable, "-c", PROBE, str(tampers), config, backend],

@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from imdsguard.netns import Topology, wait_for
+from imdsguard.netns import Topology, guard_env
 
 RSS_TARGET_MB = 40.0
 CPU_TARGET_PCT = 1.0  # "near zero": under 1% of one core
@@ -123,24 +122,14 @@ def _pss_kib(pid: int) -> int:
 def _idle(backend: str, seconds: float, settle: float) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="imdsg-bench-")
     os.chmod(work, 0o755)  # noqa: S103 - the daemon's files live here; nothing secret
-    env = dict(os.environ)
-    for key in ("run", "state", "log"):
-        env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
+    env = guard_env(work)
     config = os.path.join(work, "config.yaml")
     with open(config, "w") as fh:
         fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
     try:
         with Topology(prefix="imdsg-bench") as topo:
-            daemon = topo.popen(
-                topo.host,
-                [sys.executable, "-m", "imdsguard", "run", "-c", config],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            state = os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")
             launched = time.monotonic()
-            wait_for(lambda: os.path.exists(state), 15, "the daemon", daemon)
+            daemon = topo.start_guard(config, env)
             ready_s = time.monotonic() - launched
             time.sleep(settle)
             pid = daemon.pid  # `ip netns exec` execs the daemon: same pid

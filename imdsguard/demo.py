@@ -12,12 +12,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from typing import Any
 
-from imdsguard.netns import Topology, User, wait_for
+from imdsguard.netns import Topology, User, guard_env, wait_for
 
 DEMO_USER = "nobody"
 TAMPER = {"nftables": ["nft", "flush", "ruleset"], "iptables": ["iptables-legacy", "-F", "OUTPUT"]}
@@ -32,9 +31,7 @@ def run_demo() -> int:
     """Run the demo; 0 when the guard behaved as it should."""
     work = tempfile.mkdtemp(prefix="imdsguard-demo-")
     os.chmod(work, 0o755)  # noqa: S103 - the demo's unprivileged client reads nothing here
-    env = dict(os.environ)
-    for key in ("run", "state", "log"):
-        env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(work, key)
+    env = guard_env(work)
     config = os.path.join(work, "config.yaml")
     ok = True
     try:
@@ -51,15 +48,7 @@ def run_demo() -> int:
             _say("== simulated IMDS listening on 169.254.169.254 and [fd00:ec2::254]")
             log_path = os.path.join(work, "daemon.log")
             with open(log_path, "w") as log:
-                daemon = topo.popen(
-                    topo.host,
-                    [sys.executable, "-m", "imdsguard", "run", "-c", config],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            state = os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")
-            wait_for(lambda: os.path.exists(state), 15, "the daemon", daemon)
+                daemon = topo.start_guard(config, env, log)
             _say(f"== imdsguard run (pid {daemon.pid}) is protecting the host namespace\n")
             ok &= _show(topo, "root (allowlisted)", None, expect_ok=True)
             nobody = User(65534, 65534)

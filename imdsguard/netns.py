@@ -219,6 +219,25 @@ class Topology:
         self._procs.append(proc)
         return proc
 
+    def start_guard(
+        self, config: str, env: dict[str, str], log: Any = subprocess.DEVNULL
+    ) -> subprocess.Popen[Any]:
+        """``imdsguard run -c config`` in HOST, its output (stdout and stderr) to ``log``.
+
+        Returns once the daemon is ready (its state file exists, rules in place).
+        ``env`` is usually :func:`guard_env`'s.
+        """
+        state = os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")
+        proc = self.popen(
+            self.host,
+            [sys.executable, "-m", "imdsguard", "run", "-c", config],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: os.path.exists(state), 15, "the daemon", proc)
+        return proc
+
     def start_imds(self, workdir: str, *extra: str) -> subprocess.Popen[Any]:
         """Start the simulated IMDS in VPC on both IMDS addresses; wait until it listens."""
         ready = os.path.join(workdir, f"imds-{self.vpc}.ready")
@@ -291,6 +310,14 @@ class HttpResult:
     def json(self) -> Any:
         """The body parsed as JSON."""
         return json.loads(self.body)
+
+
+def guard_env(workdir: str) -> dict[str, str]:
+    """This process's environment with imdsguard's run, state and log directories in ``workdir``."""
+    env = dict(os.environ)
+    for key in ("run", "state", "log"):
+        env[f"IMDSGUARD_{key.upper()}_DIR"] = os.path.join(workdir, key)
+    return env
 
 
 def wait_for(
