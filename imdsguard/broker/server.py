@@ -379,6 +379,9 @@ class Broker:
             self._conns[conn.fd] = conn
             self._per_uid[uid] += 1
             self._sel.register(sock, selectors.EVENT_READ, conn)
+            # The request has often arrived already (clients send right after
+            # connect): serve it now rather than after another trip through select.
+            self._on_read(conn)
 
     def _refuse_busy(self, sock: socket.socket, uid: int) -> None:
         with contextlib.suppress(OSError):
