@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,25 +41,7 @@ from typing import Any
 
 from imdsguard.netns import Topology, guard_env, wait_for
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
-
-# Until `imdsguard run` starts the broker itself, it runs beside the daemon.
-RUNNER = """
-import signal, sys, threading
-from imdsguard import _log
-from imdsguard.config import load_config
-from imdsguard.broker.server import Broker
-config = load_config(sys.argv[1])
-_log.configure(config.log_format)
-broker = Broker(config, _log.get_logger())
-broker.start()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-while not stop.wait(0.2):
-    pass
-broker.stop()
-"""
 
 BURST_CLIENT = """
 import json, os, sys, time
@@ -134,25 +115,13 @@ def run(samples: int, clients: int, per_client: int) -> dict[str, Any]:
             "logging: {format: json}\n"
         )
     os.chmod(config, 0o644)
-    runner = None
     try:
         with Topology(prefix="imdsg-bench") as topo:
             topo.start_imds(work, "--http-tokens", "required", "--request-log", request_log)
             before = _count(request_log)
             daemon_log = open(os.path.join(work, "daemon.log"), "w")  # noqa: SIM115
-            topo.start_guard(config, env, daemon_log)
-            state = os.path.join(work, "run", "state.json")
-            with open(state) as fh:
-                wired = "broker" in json.load(fh).get("components", {})
-            if not wired:
-                runner = topo.popen(
-                    topo.host,
-                    [sys.executable, "-c", RUNNER, config],
-                    env=env,
-                    stdout=open(os.path.join(work, "broker.log"), "w"),  # noqa: SIM115
-                    stderr=subprocess.STDOUT,
-                )
-            wait_for(lambda: os.path.exists(sock), 10, "the broker socket", runner)
+            daemon = topo.start_guard(config, env, daemon_log)
+            wait_for(lambda: os.path.exists(sock), 10, "the broker socket", daemon)
 
             # 1. The burst: N client processes, M fetches each, all released at once.
             go = os.path.join(work, "go")
@@ -191,9 +160,6 @@ def run(samples: int, clients: int, per_client: int) -> dict[str, Any]:
                 check=True,
             )  # fmt: skip
             times: dict[str, list[float]] = json.loads(result.stdout)
-            if runner is not None:
-                runner.send_signal(signal.SIGTERM)
-                runner.wait(10)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ms = {k: {"p50": _pct(v, 50) * 1000, "p99": _pct(v, 99) * 1000} for k, v in times.items()}

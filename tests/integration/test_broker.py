@@ -5,10 +5,6 @@ faults, a request log), the daemon in HOST with ``allow.users: []`` (not
 even root reaches IMDS directly) and the broker enabled. The broker gets
 through only because its sockets carry the broker mark.
 
-Until ``imdsguard run`` starts the broker itself (the daemon component),
-the tests start it next to the daemon with a small runner; they switch to
-the daemon's own broker as soon as its published state lists one.
-
 Test clients run as unprivileged users, so everything they execute must be
 readable by them. When the venv and the repository are world-readable (as
 with ``make test`` in a checkout outside /root), the clients use the venv's
@@ -44,22 +40,6 @@ from tests.integration.conftest import DaemonHandle
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
-
-RUNNER = """
-import signal, sys, threading
-from imdsguard import _log
-from imdsguard.config import load_config
-from imdsguard.broker.server import Broker
-config = load_config(sys.argv[1])
-_log.configure(config.log_format)
-broker = Broker(config, _log.get_logger())
-broker.start()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-while not stop.wait(0.2):
-    pass
-broker.stop()
-"""
 
 BOTOCORE = """
 import json, botocore.session
@@ -128,7 +108,7 @@ def _copy_client_packages(dest: str) -> None:
 
 @dataclass
 class Env:
-    """One broker set-up: topology, daemon (and runner), paths and the client recipe."""
+    """One broker set-up: topology, daemon, paths and the client recipe."""
 
     topo: Topology
     daemon: DaemonHandle
@@ -137,8 +117,6 @@ class Env:
     control: str
     request_log: str
     client: Client
-    runner: subprocess.Popen[Any] | None = None
-    runner_log: str = ""
 
     def as_user(
         self, user: User, argv: list[str], timeout: float = 60, **env: str
@@ -175,15 +153,10 @@ class Env:
             return [json.loads(line) for line in fh if line.strip()]
 
     def log_lines(self) -> list[dict[str, Any]]:
-        out = []
-        for path in (self.daemon.log_path, self.runner_log):
-            if path and os.path.exists(path):
-                with open(path) as fh:
-                    out += [json.loads(ln) for ln in fh if ln.startswith("{")]
-        return out
+        return self.daemon.logs()
 
     def all_log_text(self) -> str:
-        """Everything the guard wrote: daemon and runner output, event log, state."""
+        """Everything the guard wrote: daemon output, event log, state."""
         text = ""
         for root, _, files in os.walk(self.workdir):
             for name in files:
@@ -289,24 +262,10 @@ def _broker_env(
             _client_recipe(workdir, users["imdsg-app"], daemon.config_path, sock),
         )
         try:
-            with open(os.path.join(env["IMDSGUARD_RUN_DIR"], "state.json")) as fh:
-                wired = "broker" in json.load(fh).get("components", {})
-            if not wired:
-                setup.runner_log = os.path.join(workdir, "broker-runner.log")
-                setup.runner = topo.popen(
-                    topo.host,
-                    [sys.executable, "-c", RUNNER, daemon.config_path],
-                    env=env,
-                    stdout=open(setup.runner_log, "w"),  # noqa: SIM115 - closed with the process
-                    stderr=subprocess.STDOUT,
-                )
-            wait_for(lambda: os.path.exists(sock), 10, "the broker socket", setup.runner)
+            wait_for(lambda: os.path.exists(sock), 10, "the broker socket", daemon.proc)
             wait_for(lambda: setup.health()["status"] == "ok", 10, "the broker's first credentials")
             yield setup
         finally:
-            if setup.runner is not None and setup.runner.poll() is None:
-                setup.runner.send_signal(signal.SIGTERM)
-                setup.runner.wait(10)
             if daemon.proc is not None and daemon.proc.poll() is None:
                 daemon.stop()
 
