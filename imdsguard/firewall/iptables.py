@@ -477,6 +477,16 @@ class IptablesBackend:
             self._verified.pop(family, None)
         return found
 
+    def fast_check_problem(self) -> str | None:
+        """Why the cheap table check cannot be used here (then every poll parses), or None."""
+        try:
+            if "ipv4" not in self._readers:
+                self._readers["ipv4"] = _xt_blob.TableReader("ipv4")
+            self._readers["ipv4"].fingerprint()
+        except OSError as exc:
+            return str(exc)
+        return None
+
     def _fingerprint(self, family: str) -> bytes | None:
         """The table's fingerprint, or None where it cannot be read this way."""
         reader = self._readers.get(family)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
 
 from imdsguard.firewall.detect import host_flavour
-from imdsguard.netns import User
+from imdsguard.netns import Topology, User
 from tests.integration.conftest import DaemonHandle
 
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
@@ -89,20 +90,43 @@ def test_table_fingerprint_ignores_traffic_and_sees_every_edit(
         assert not daemon.topo.imds_get(denied, "/latest/meta-data/", v2=True, v6=v6).ok
         assert daemon.topo.imds_get(None, "/latest/meta-data/", v2=True, v6=v6).ok
     assert fingerprints() == before
-    swap = [
-        "iptables-legacy",
-        "-R",
-        "IMDSGUARD",
-        "1",
-        "-m",
-        "owner",
-        "--uid-owner",
-        "1",
-        "-j",
-        "RETURN",
-    ]
-    daemon.topo.run(daemon.topo.host, swap, check=True)
+    assert not [e for e in daemon.logs() if e["event"] == "fast_check_unavailable"]
+    # An edit that keeps the blob's size (a uid swapped) changes it. Checked with
+    # the daemon stopped (its rules stay), so it cannot repair first; that the
+    # daemon repairs such an edit is test_protect's allowlist-uid-swapped case.
+    assert daemon.stop() == 0
+    stopped = fingerprints()
+    swap = ["iptables-legacy", "-R", "IMDSGUARD", "1", "-m", "owner", "--uid-owner", "1"]
+    daemon.topo.run(daemon.topo.host, [*swap, "-j", "RETURN"], check=True)
     changed = fingerprints()
-    assert changed[0] != before[0] and changed[1] == before[1]
-    assert daemon.wait_log("rules_restored", timeout=2)[0]["problems"]
-    assert fingerprints() == before  # repaired to exactly the same table
+    assert changed[0] != stopped[0] and changed[1] == stopped[1]
+
+
+WITHOUT_FAST_CHECK = """
+from imdsguard.config import parse_config
+from imdsguard.firewall import _xt_blob, iptables
+from imdsguard.policy import build_ruleset
+
+class Refused(_xt_blob.TableReader):
+    def __init__(self, family, table="filter"):
+        raise PermissionError(1, "Operation not permitted")
+
+iptables._xt_blob.TableReader = Refused
+backend = iptables.IptablesBackend()
+ruleset = build_ruleset(parse_config("allow: {users: [root]}"), queue_num=None)
+print(backend.fast_check_problem())
+backend.apply(ruleset)
+print(sorted(i.state for i in backend.inspect(ruleset).values()))
+backend.remove()
+print(sorted(i.state for i in backend.inspect(ruleset).values()))
+"""
+
+
+def test_without_the_fast_check_rules_are_parsed_every_time(topo: Topology) -> None:
+    """Where the raw table read is refused, inspection falls back to parsing: same answers."""
+    proc = topo.run(topo.host, [sys.executable, "-c", WITHOUT_FAST_CHECK], check=True)
+    problem, applied, removed = proc.stdout.splitlines()
+    assert problem == "[Errno 1] Operation not permitted"
+    assert applied == "['ok', 'ok']"
+    assert removed == "['missing', 'missing']"
+    assert proc.stderr == ""
