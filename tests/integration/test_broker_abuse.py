@@ -379,7 +379,9 @@ def test_abuse_does_not_delay_a_legitimate_client(
     allowed = {
         "idle": {"closed", "503"},
         "slow": {"408", "closed", "503"},
-        "junk": {"400", "413", "414", "431", "505", "closed", "503"},
+        # 408 too: random bytes that are all CR/LF (about 2 in 100,000 of the
+        # first kind) are blank lines the parser skips, so the head is incomplete.
+        "junk": {"400", "408", "413", "414", "431", "505", "closed", "503"},
         "oversized": {"414", "431", "closed", "503"},
         "burst": {"held", "503", "closed"},
     }

@@ -219,6 +219,13 @@ def test_a_decision_does_not_depend_on_how_bytes_arrive(case: tuple[bytes, int])
         assert same(first, whole), (cut, first, whole)
 
 
+@pytest.mark.parametrize("data", [b"\r\r\n\r\n", b"\n\r\n\r\n", b"\r\n" * 8])
+def test_blank_lines_alone_are_no_request_yet(data: bytes) -> None:
+    """Only blank lines (RFC 9112 says skip them) leave the head incomplete: the broker
+    waits for the request line, and a client that sends nothing more gets 408."""
+    assert _http.parse_head(data) is None
+
+
 # --- through the running broker -------------------------------------------------------
 
 
