@@ -144,7 +144,18 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         events = read_events(path, n=1_000_000)
     except PermissionError:
         raise PermissionDeniedError(f"cannot read {path}: run with sudo") from None
-    print(suggest(events, source=path), end="")
+    # The proposal keeps what is allowed now (audit mode never logs it); without
+    # the config it still helps, and says what it leaves out.
+    try:
+        config = load_config(args.config, trust=False)
+    except ImdsGuardError as exc:
+        print(
+            f"imdsguard: warning: {exc}; the proposal leaves out the current allowlist",
+            file=sys.stderr,
+        )
+        print(suggest(events, source=path), end="")
+        return 0
+    print(suggest(events, source=path, allowed=config.allow, config_path=config.path), end="")
     return 0
 
 

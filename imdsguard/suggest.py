@@ -6,6 +6,13 @@ allow, or a group where several of them share one, with counts and
 last-seen times as YAML comments, ready to paste into the config; and it
 lists who still uses IMDSv1.
 
+Audit mode does not log allowlisted users, so the proposal also carries the
+users and groups the config already allows (marked ``# already allowed``):
+pasting it must not take anyone's access away. Everything taken from events
+(executables, units, user names, times) is escaped before it is printed, so
+a program cannot add lines to the proposal or hide them on a terminal by
+its name.
+
 A group is proposed only when every member of it was seen using IMDS:
 allowing a group lets all its members through, and a suggestion must not
 quietly widen access beyond what was observed.
@@ -14,12 +21,16 @@ quietly widen access beyond what was observed.
 from __future__ import annotations
 
 import grp
+import json
 import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from imdsguard.config import AllowConfig, Principal
+from imdsguard.events.log import escape
 
 AUDITED = "imds_access_audited"
 
@@ -39,12 +50,20 @@ class _Seen:
         if event.get("unit"):
             self.units.add(str(event["unit"]))
 
+    def merge(self, other: _Seen) -> None:
+        self.count += other.count
+        self.last = max(self.last, other.last)
+        self.exes |= other.exes
+        self.units |= other.units
+
     def describe(self) -> str:
-        what = ", ".join(sorted(self.exes)[:3]) or "unknown exe"
+        """Counts, last time, executables and units: escaped, fit for one comment line."""
+        what = ", ".join(escape(e) for e in sorted(self.exes)[:3]) or "unknown exe"
         if len(self.exes) > 3:
             what += f" (+{len(self.exes) - 3} more)"
-        units = f" [{', '.join(sorted(self.units)[:3])}]" if self.units else ""
-        return f"{self.count} accesses, last {self.last or '?'}: {what}{units}"
+        units = ", ".join(escape(u) for u in sorted(self.units)[:3])
+        where = f" [{units}]" if units else ""
+        return f"{self.count} accesses, last {escape(self.last) or '?'}: {what}{where}"
 
 
 def _user_name(uid: int) -> str:
@@ -86,8 +105,38 @@ def _groups_covering(uids: set[int]) -> list[tuple[grp.struct_group, set[int]]]:
     return chosen
 
 
-def suggest(events: Iterable[dict[str, Any]], source: str = "") -> str:
-    """The proposal as YAML text (with comments) for ``events``."""
+def _item(value: str) -> str:
+    """``value`` as a YAML list item on one line (quoted where YAML needs it)."""
+    dumped: str = yaml.safe_dump([value], default_flow_style=False, width=1 << 20)
+    lines = [ln for ln in dumped.splitlines() if ln != "..."]
+    if len(lines) == 1:
+        return lines[0]
+    return f"- {json.dumps(value)}"  # JSON's escapes are valid in a YAML double-quoted string
+
+
+def _section(key: str, entries: list[tuple[str, str]]) -> list[str]:
+    """``key:`` and its items under ``allow:``, each with its comment."""
+    if not entries:
+        return [f"  {key}: []"]
+    lines = [f"  {key}:"]
+    for name, note in entries:
+        item = f"  {_item(name)}"
+        lines.append(f"{item}  # {note}" if note else item)
+    return lines
+
+
+def suggest(
+    events: Iterable[dict[str, Any]],
+    source: str = "",
+    allowed: AllowConfig | None = None,
+    config_path: str = "",
+) -> str:
+    """The proposal as YAML text (with comments) for ``events``.
+
+    ``allowed`` is the allowlist in force (from ``config_path``): its users
+    and groups are kept in the proposal. ``None`` means it could not be
+    read, and the output says that it is left out.
+    """
     by_uid: dict[int, _Seen] = {}
     v1: dict[tuple[str, str, str], _Seen] = {}
     forwarded = _Seen()
@@ -110,36 +159,54 @@ def suggest(events: Iterable[dict[str, Any]], source: str = "") -> str:
             key = (who, str(event.get("exe") or "?"), str(event.get("unit") or "-"))
             v1.setdefault(key, _Seen()).add(event)
 
+    span = f" between {escape(first)} and {escape(last)}" if total else ""
     lines = [
         "# imdsguard suggest: proposed allowlist from audit mode",
-        f"# {total} audited accesses{f' between {first} and {last}' if total else ''}"
-        + (f" ({source})" if source else ""),
+        f"# {total} audited accesses{span}" + (f" ({escape(source)})" if source else ""),
         "# Prefer the credential broker (broker.clients) for software that only",
         "# needs the role's credentials; allow direct IMDS access only where needed.",
     ]
-    groups = _groups_covering(set(by_uid))
+    if allowed is None:
+        lines += [
+            "# NOTE: the current allowlist is NOT included (the config could not be read):",
+            "# add the users and groups it allows, or pasting this takes their access away.",
+        ]
+    else:
+        where = escape(config_path) if config_path else "the config"
+        lines.append(f"# Keeps what {where} already allows (marked 'already allowed').")
+
+    old_users: tuple[Principal, ...] = allowed.users if allowed else ()
+    old_groups: tuple[Principal, ...] = allowed.groups if allowed else ()
+    # Seen uids the config lets through already (events logged before it changed).
+    covered = {p.id for p in old_users}
+    for old in old_groups:
+        covered |= _members(old.id)
+    new_uids = {u for u in by_uid if u not in covered}
+    old_group_ids = {g.id for g in old_groups}
+    groups = [(g, m) for g, m in _groups_covering(new_uids) if g.gr_gid not in old_group_ids]
     in_groups = set().union(*(m for _, m in groups)) if groups else set()
-    users = sorted(u for u in by_uid if u not in in_groups)
-    body: dict[str, Any] = {"allow": {"users": [_user_name(u) for u in users]}}
-    if groups:
-        body["allow"]["groups"] = [g.gr_name for g, _ in groups]
-    dumped = yaml.safe_dump(body, sort_keys=False, default_flow_style=False).splitlines()
-    comments = {f"- {_user_name(u)}": by_uid[u].describe() for u in users}
+
+    users: list[tuple[str, str]] = []
+    for principal in old_users:
+        seen = by_uid.get(principal.id)
+        note = "already allowed" + (f"; {seen.describe()}" if seen else "")
+        users.append((principal.name, note))
+    for uid in sorted(new_uids - in_groups):
+        users.append((_user_name(uid), by_uid[uid].describe()))
+    group_entries = [(g.name, "already allowed") for g in old_groups]
     for group, members in groups:
         seen = _Seen()
         for uid in members:
-            other = by_uid[uid]
-            seen.count += other.count
-            seen.last = max(seen.last, other.last)
-            seen.exes |= other.exes
-            seen.units |= other.units
-        names = ", ".join(sorted(_user_name(u) for u in members))
-        comments[f"- {group.gr_name}"] = f"members {names}: {seen.describe()}"
-    for line in dumped:
-        note = comments.get(line.strip())
-        lines.append(f"{line}  # {note}" if note else line)
-    if not by_uid:
-        lines.append("# nothing to allow: no local process used IMDS while audited")
+            seen.merge(by_uid[uid])
+        names = ", ".join(escape(_user_name(u)) for u in sorted(members))
+        group_entries.append((group.gr_name, f"members {names}: {seen.describe()}"))
+
+    lines.append("allow:")
+    lines += _section("users", users)
+    if group_entries:
+        lines += _section("groups", group_entries)
+    if not new_uids:
+        lines.append("# nothing new to allow: no local process outside the allowlist used IMDS")
     if forwarded.count:
         lines.append(
             f"# forwarded (container) traffic: {forwarded.count} accesses; owner matching "
@@ -151,7 +218,10 @@ def suggest(events: Iterable[dict[str, Any]], source: str = "") -> str:
             "# still using IMDSv1 (no token): move these to IMDSv2 before requiring tokens"
         )
         for (who, exe, unit), seen in sorted(v1.items(), key=lambda kv: -kv[1].count):
-            lines.append(f"#   user {who}, exe {exe}, unit {unit}: {seen.count}, last {seen.last}")
+            lines.append(
+                f"#   user {escape(who)}, exe {escape(exe)}, unit {escape(unit)}: "
+                f"{seen.count}, last {escape(seen.last)}"
+            )
     else:
         lines.append("# no IMDSv1 use seen: instances can require tokens (http-tokens required)")
     return "\n".join(lines) + "\n"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import grp
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from imdsguard import suggest as mod
-from imdsguard.config import parse_config
+from imdsguard.cli import main
+from imdsguard.config import AllowConfig, Principal, parse_config
 
 
 def _event(uid: int | None, user: str | None, exe: str, version: str, ts: str) -> dict[str, Any]:
@@ -70,5 +73,84 @@ def test_group_proposed_only_when_all_members_were_seen(monkeypatch: pytest.Monk
 def test_no_audit_events() -> None:
     text = mod.suggest([])
     assert yaml.safe_load(text) == {"allow": {"users": []}}
-    assert "no local process used IMDS" in text
+    assert "nothing new to allow" in text
     assert "no IMDSv1 use seen" in text
+
+
+HOSTILE_EXE = "/tmp/a\n  - root"
+HOSTILE_UNIT = "x.service\r\n  - root\x1b[2K\x1b]0;t\x07\x85\u2028\x7f\x9b"
+
+
+def _raw_controls(text: str) -> set[str]:
+    """Characters in ``text`` that a terminal or YAML would act on (newline aside)."""
+    return {ch for ch in text if ch != "\n" and not ch.isprintable()}
+
+
+def test_hostile_exe_and_unit_are_escaped() -> None:
+    hostile = _event(65534, "nobody\n  - root", HOSTILE_EXE, "v1", "2026-11-21T11:00:00Z\n- root")
+    hostile["unit"] = HOSTILE_UNIT
+    text = mod.suggest([hostile], source="/tmp/ev\x1b[8m", allowed=AllowConfig())
+    assert yaml.safe_load(text) == {"allow": {"users": ["nobody"]}}
+    assert _raw_controls(text) == set()
+    assert [p.id for p in parse_config(text, "suggested.yaml").allow.users] == [65534]
+    assert "/tmp/a\\n  - root" in text  # still readable, made visible
+    assert "\\x1b[2K" in text and "\\r\\n" in text
+    v1 = text.split("still using IMDSv1", 1)[1]
+    assert "user nobody\\n  - root, exe /tmp/a\\n  - root" in v1
+
+
+def test_current_allowlist_is_kept_and_marked() -> None:
+    group = grp.getgrgid(0)
+    allowed = AllowConfig(
+        users=(Principal("root", 0),), groups=(Principal(group.gr_name, group.gr_gid),)
+    )
+    text = mod.suggest(EVENTS, allowed=allowed, config_path="/etc/imdsguard/config.yaml")
+    data = yaml.safe_load(text)
+    # root was seen (events from before it was allowed) but is listed once, as already allowed.
+    assert data == {"allow": {"users": ["root", "nobody"], "groups": [group.gr_name]}}
+    assert "- root  # already allowed; 2 accesses, last 2026-11-21T10:00:00Z" in text
+    assert f"- {group.gr_name}  # already allowed" in text
+    assert "/etc/imdsguard/config.yaml already allows" in text
+    assert "NOT included" not in text
+    config = parse_config(text, "suggested.yaml")
+    assert [p.id for p in config.allow.users] == [0, 65534]
+    assert [p.id for p in config.allow.groups] == [0]
+
+
+def test_allowed_but_unseen_users_are_kept() -> None:
+    allowed = AllowConfig(users=(Principal("root", 0),))
+    text = mod.suggest([], allowed=allowed)
+    assert yaml.safe_load(text) == {"allow": {"users": ["root"]}}
+    assert "- root  # already allowed\n" in text
+
+
+def test_without_the_config_the_output_says_the_allowlist_is_left_out() -> None:
+    text = mod.suggest(EVENTS)
+    assert "the current allowlist is NOT included" in text
+    assert "already allowed" not in text
+
+
+def _write_events(tmp_path: Path) -> str:
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in EVENTS))
+    return str(path)
+
+
+def test_cli_merges_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("mode: audit\nallow:\n  users: [root]\n")
+    assert main(["suggest", "--events", _write_events(tmp_path), "-c", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert yaml.safe_load(out) == {"allow": {"users": ["root", "nobody"]}}
+    assert "- root  # already allowed" in out
+
+
+def test_cli_unreadable_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: sometimes\n")
+    assert main(["suggest", "--events", _write_events(tmp_path), "-c", str(bad)]) == 0
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "allowlist" in err
+    assert "the current allowlist is NOT included" in out
+    assert yaml.safe_load(out) == {"allow": {"users": ["root", "nobody"]}}
