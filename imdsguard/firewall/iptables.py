@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imdsguard import _locks
@@ -40,6 +40,11 @@ FORWARDED = "IMDSGUARD-FWD"
 OUR_CHAINS = (CHAIN, AUDITED, FORWARDED)
 #: Built-in chains we hook into, and the chain of ours each one jumps to.
 HOOKS = {"OUTPUT": CHAIN, "FORWARD": FORWARDED}
+#: Docker's chain for the host's own rules: Docker evaluates it before its own
+#: (and puts its jump back on top of FORWARD each time it starts), so our forward
+#: jumps also go first in it when it exists. Docker owns the chain; we never
+#: create or delete it.
+DOCKER_USER = "DOCKER-USER"
 #: Rules found in order are re-parsed at least this often even if the table's
 #: blob is unchanged (belt and braces; the blob check runs on every poll).
 FULL_CHECK_EVERY = 30.0
@@ -322,6 +327,7 @@ class _Snapshot:
     output: list[XtRule]
     chains: dict[str, list[XtRule]]  # our chains that exist
     forward: list[XtRule] = field(default_factory=list)
+    docker_user: list[XtRule] | None = None  # None: no DOCKER-USER chain
 
     def builtin(self, name: str) -> list[XtRule]:
         return self.output if name == "OUTPUT" else self.forward
@@ -414,7 +420,10 @@ class IptablesBackend:
             for name in OUR_CHAINS
             if table.is_chain(name)
         }
-        return _Snapshot(output, chains, forward)
+        docker_user = None
+        if table.is_chain(DOCKER_USER):
+            docker_user = [_from_iptc(r, DOCKER_USER) for r in iptc.Chain(table, DOCKER_USER).rules]
+        return _Snapshot(output, chains, forward, docker_user)
 
     def _build(self, family: str, rule: XtRule) -> Any:
         iptc = self._iptc
@@ -529,7 +538,8 @@ class IptablesBackend:
             for rule in wanted.chains[name]:
                 self._add(chain, family, rule)
         stale = [n for n in OUR_CHAINS if n not in wanted.chains and table.is_chain(n)]
-        for hook in HOOKS:  # jumps to a stale chain must go before the chain can
+        hooks = [*HOOKS, *([DOCKER_USER] if table.is_chain(DOCKER_USER) else [])]
+        for hook in hooks:  # jumps to a stale chain must go before the chain can
             builtin = iptc.Chain(table, hook)
             for rule in list(builtin.rules):
                 if rule.target is not None and rule.target.name in stale:
@@ -538,12 +548,12 @@ class IptablesBackend:
             iptc.Chain(table, name).flush()
         for name in stale:
             table.delete_chain(name)
-        for hook in HOOKS:
+        for hook in hooks:
             builtin = iptc.Chain(table, hook)
             for rule in list(builtin.rules):
                 if rule.target is not None and rule.target.name in OUR_CHAINS:
                     builtin.delete_rule(rule)
-            for rule in reversed([j for j in wanted.jumps if j.chain == hook]):
+            for rule in reversed(_hook_jumps(wanted, hook)):
                 self._add(builtin, family, rule, position=0)
 
     def _add(self, chain: Any, family: str, rule: XtRule, position: int | None = None) -> None:
@@ -585,6 +595,41 @@ class IptablesBackend:
         return found
 
 
+def _hook_jumps(wanted: Rendered, hook: str) -> list[XtRule]:
+    """Our jumps at the top of ``hook`` (DOCKER-USER gets the FORWARD ones)."""
+    source = "FORWARD" if hook == DOCKER_USER else hook
+    return [replace(j, chain=hook) for j in wanted.jumps if j.chain == source]
+
+
+def _bypass(
+    rules: list[XtRule],
+    ours: list[XtRule],
+    needed: list[XtRule],
+    guards: tuple[str, ...] = (),
+) -> str | None:
+    """The first rule not in ``ours`` that IMDS traffic meets before all of ``needed``.
+
+    Such a rule can accept (or RETURN, or jump somewhere that accepts) before
+    our deny (or our jump) is reached, so with it in place we cannot vouch for
+    the family. ``guards`` are targets that send everything through our rules
+    first (DOCKER-USER when it starts with our jumps).
+    """
+    known = {_canonical(r) for r in ours}
+    seen = [_canonical(r) for r in rules]
+    firsts = [seen.index(c) for c in map(_canonical, needed) if c in seen]
+    for rule in rules[: max(firsts, default=0)]:
+        if _canonical(rule) in known:
+            continue
+        if rule.target in guards and not (rule.dst or rule.protocol or rule.matches):
+            return None
+        return rule.save()
+    return None
+
+
+def _in_front(rules: list[XtRule], jumps: list[XtRule]) -> bool:
+    return [_canonical(r) for r in rules[: len(jumps)]] == [_canonical(j) for j in jumps]
+
+
 def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
     wanted = render(ruleset, family)
     missing: list[str] = []
@@ -597,13 +642,18 @@ def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
             present = {_canonical(r) for r in have}
             required = _required(ruleset, family, name)
             absent = [r for r in required if _canonical(r) not in present]
+            intruder = _bypass(have, rules, required)
             if absent:
                 missing.append(f"chain {name} lacks '{absent[0].save()}' (flushed or edited)")
+            elif intruder:
+                missing.append(f"'{intruder}' comes before our deny: it can admit IMDS traffic")
             else:
                 drift.append(f"chain {name} differs from the policy")
     for name in snap.chains:
         if name not in wanted.chains:
             drift.append(f"stale chain {name}")
+    docker = _hook_jumps(wanted, DOCKER_USER) if snap.docker_user is not None else []
+    docker_first = bool(docker) and _in_front(snap.docker_user or [], docker)
     for hook, target in HOOKS.items():
         rules = snap.builtin(hook)
         current = [_canonical(r) for r in rules if r.target in OUR_CHAINS]
@@ -613,10 +663,18 @@ def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
                 missing.append(f"{hook} has no jump for {jump.dst} to {target}")
         if missing:
             continue
-        if [_canonical(r) for r in rules[: len(jumps)]] != jumps:
+        guards = (DOCKER_USER,) if hook == "FORWARD" and docker_first else ()
+        intruder = _bypass(rules, jumps, jumps, guards) if ruleset.enforcing else None
+        if intruder:
+            missing.append(
+                f"'{intruder}' comes before our jump in {hook}: it can admit IMDS traffic"
+            )
+        elif not _in_front(rules, jumps):
             drift.append(f"the jumps to {target} are not the first rules of {hook}")
         if current != jumps:
             drift.append(f"{hook} has extra or duplicate jumps to our chains")
+    if docker and not docker_first:
+        drift.append(f"our jumps are not the first rules of {DOCKER_USER}")
     if missing:
         return Inspection(family, FamilyState.MISSING, tuple(missing + drift))
     if drift:

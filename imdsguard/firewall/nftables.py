@@ -248,7 +248,17 @@ def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict
         have = sets.get(name)
         if have is None:
             missing.append(f"set {name} does not exist")
-        elif sorted(map(str, _elements(have))) != sorted(map(str, elements)):
+            continue
+        found, wanted = set(map(str, _elements(have))), set(map(str, elements))
+        if found == wanted:
+            continue
+        # Fewer IMDS addresses: traffic to the others skips us. More allowed uids:
+        # users the policy denies get through. Either way we cannot vouch for it.
+        opened = wanted - found if name.startswith("imds_") else found - wanted
+        if opened and ruleset.enforcing:
+            what = "lacks" if name.startswith("imds_") else "also admits"
+            missing.append(f"set {name} {what} {', '.join(sorted(opened))}")
+        else:
             drift.append(f"set {name} differs from the policy")
     for name, hooks in plan.chains.items():
         have_chain = chains.get(name)
@@ -262,7 +272,13 @@ def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict
         if absent:
             missing.append(f"chain {name} lacks {len(absent)} of our rules (flushed or edited)")
         elif have_rules != plan.rules[name]:
-            drift.append(f"chain {name} differs from the policy")
+            if ruleset.enforcing and _foreign_first(have_rules, plan, name):
+                missing.append(
+                    f"chain {name} has a rule we did not write before our deny: "
+                    "it can admit IMDS traffic"
+                )
+            else:
+                drift.append(f"chain {name} differs from the policy")
     for name in chains:
         if name not in plan.chains:
             drift.append(f"stale chain {name}")
@@ -277,6 +293,13 @@ def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict
         else:
             result[family] = Inspection(family, FamilyState.OK)
     return result
+
+
+def _foreign_first(have: list[str], plan: Plan, chain: str) -> bool:
+    """True when a rule that is not ours comes before the last of our required rules."""
+    ours, required = set(plan.rules[chain]), plan.required[chain]
+    last = max((have.index(c) for c in required if c in have), default=0)
+    return any(comment not in ours for comment in have[:last])
 
 
 def _elements(nft_set: dict[str, Any]) -> list[Any]:

@@ -130,3 +130,47 @@ def test_without_the_fast_check_rules_are_parsed_every_time(topo: Topology) -> N
     assert applied == "['ok', 'ok']"
     assert removed == "['missing', 'missing']"
     assert proc.stderr == ""
+
+
+#: Per backend: a tamper that opens IMDS to a denied user, and one that only
+#: makes our rules differ (an allowed user lost: stricter, still guarded).
+OPENING = {
+    "iptables": ["iptables-legacy", "-I", "OUTPUT", "1", "-j", "ACCEPT"],
+    "nftables": ["nft", "insert", "rule", "inet", "imdsguard", "guard", "accept"],
+}
+STRICTER = {
+    "iptables": ["iptables-legacy", "-D", "IMDSGUARD", "-m", "owner", "--uid-owner", "{uid}",
+                 "-j", "RETURN"],
+    "nftables": ["nft", "delete", "element", "inet", "imdsguard", "allow_uids", "{{ {uid} }}"],
+}  # fmt: skip
+
+
+def test_status_tells_a_hole_from_a_harmless_difference(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    """With nothing repairing (daemon stopped), status judges the kernel's rules as they are."""
+    app, denied = test_users["imdsg-app"], test_users["imdsg-denied"]
+    daemon.write_config(f"endpoints: [169.254.169.254]\nallow:\n  users: [root, {app.uid}]\n")
+    daemon.start()
+    assert daemon.stop() == 0
+
+    def status() -> tuple[int, dict[str, object]]:
+        proc = daemon.cli("status", "--json")
+        return proc.returncode, json.loads(proc.stdout)
+
+    code, doc = status()
+    # No IPv6 endpoint configured: that family is disabled, not missing.
+    assert code == 1 and doc["rules"] == {"ipv4": "ok", "ipv6": "disabled"}, doc
+    host = daemon.topo.host
+    argv = [a.format(uid=app.uid) for a in STRICTER[daemon.backend]]
+    daemon.topo.run(host, argv, check=True)
+    assert daemon.topo.imds_get(app, CREDS, v2=True).rc != 0  # locked out: stricter
+    code, doc = status()
+    assert code == 1 and doc["state"] == "degraded", doc
+    assert doc["rules"]["ipv4"] == "drifted", doc
+    daemon.topo.run(host, OPENING[daemon.backend], check=True)
+    assert daemon.topo.imds_get(denied, CREDS, v2=True).ok  # the hole is real
+    code, doc = status()
+    assert code == 2 and doc["state"] == "unprotected", doc
+    assert doc["rules"]["ipv4"] == "missing", doc
+    assert any("admit" in p for p in doc["problems"]), doc["problems"]  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from imdsguard.firewall.base import FamilyState, Inspection
 from imdsguard.firewall.iptables import (
     AUDITED,
     CHAIN,
+    DOCKER_USER,
     FORWARDED,
     XtRule,
     _compare,
@@ -185,9 +186,48 @@ def test_accept_inserted_above_our_jumps() -> None:
     ruleset = _ruleset()
     snap = _snapshot(ruleset)
     snap.output.insert(0, XtRule("OUTPUT", "ACCEPT", dst="169.254.169.254/32"))
-    result = _check(snap, ruleset, FamilyState.DRIFTED, "not the first rules of OUTPUT")
+    # IMDS traffic is accepted before it reaches us: not protected, whatever follows.
+    result = _check(snap, ruleset, FamilyState.MISSING, "comes before our jump in OUTPUT")
     assert len(result.problems) == 1
-    assert result.effective
+    assert not result.effective
+
+
+def test_harmless_rule_above_our_jumps_in_audit_mode_only_drifts() -> None:
+    # Audit mode denies nothing, so a rule ahead of our jump cannot open anything.
+    ruleset = _ruleset("mode: audit\n")
+    snap = _snapshot(ruleset)
+    snap.output.insert(0, XtRule("OUTPUT", "ACCEPT", dst="169.254.169.254/32"))
+    _check(snap, ruleset, FamilyState.DRIFTED, "not the first rules of OUTPUT")
+
+
+def test_return_inserted_at_the_top_of_our_chain() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN].insert(0, XtRule(CHAIN, "RETURN"))
+    result = _check(snap, ruleset, FamilyState.MISSING, "'-A IMDSGUARD -j RETURN' comes before")
+    assert not result.effective
+
+
+def test_foreign_rule_after_our_deny_only_drifts() -> None:
+    # Never reached: the deny above it ends every packet's way through the chain.
+    ruleset = _ruleset(queue_num=None)
+    snap = _snapshot(ruleset)
+    snap.chains[CHAIN].append(XtRule(CHAIN, "ACCEPT"))
+    _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs")
+
+
+def test_docker_user_starting_with_our_jumps_guards_forward() -> None:
+    ruleset = _ruleset()
+    snap = _snapshot(ruleset)
+    ours = [dataclasses.replace(j, chain=DOCKER_USER) for j in snap.forward]
+    snap.docker_user = [*ours, XtRule(DOCKER_USER, "RETURN")]
+    # dockerd's restart puts its jumps on top of FORWARD; DOCKER-USER still denies first.
+    snap.forward[:0] = [XtRule("FORWARD", DOCKER_USER), XtRule("FORWARD", "DOCKER-FORWARD")]
+    _check(snap, ruleset, FamilyState.DRIFTED, "not the first rules of FORWARD")
+    # Without our jumps in DOCKER-USER, Docker's ACCEPTs come first.
+    snap.docker_user = [XtRule(DOCKER_USER, "RETURN")]
+    result = _check(snap, ruleset, FamilyState.MISSING, "comes before our jump in FORWARD")
+    assert "our jumps are not the first rules of DOCKER-USER" in result.problems
 
 
 def test_duplicate_jump() -> None:
@@ -218,7 +258,8 @@ def test_extra_allow_rule() -> None:
     snap.chains[CHAIN].insert(
         0, XtRule(CHAIN, "RETURN", matches=(("owner", (("uid-owner", "1000"),)),))
     )
-    _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs")
+    # uid 1000 reaches IMDS although the policy denies it.
+    _check(snap, ruleset, FamilyState.MISSING, "'-A IMDSGUARD -m owner --uid-owner 1000 -j RETURN'")
 
 
 def test_stale_audited_chain_in_enforce_mode() -> None:

@@ -97,8 +97,31 @@ def test_compare_detects_each_kind_of_drift() -> None:
         if "set" in obj and obj["set"]["name"] == "allow_uids":
             obj["set"]["elem"].append(65534)
     result = compare(edited, plan, ruleset)
-    assert _states(result) == {FamilyState.DRIFTED}
-    assert result["ipv4"].problems == ("set allow_uids differs from the policy",)
+    # uid 65534 reaches IMDS although the policy denies it.
+    assert _states(result) == {FamilyState.MISSING}
+    assert result["ipv4"].problems == ("set allow_uids also admits 65534",)
+
+    fewer = copy.deepcopy(good)
+    for obj in fewer:
+        if "set" in obj and obj["set"]["name"] == "allow_uids":
+            obj["set"]["elem"] = obj["set"]["elem"][1:]
+    # An allowed user lost: stricter than the policy, still guarded.
+    assert _states(compare(fewer, plan, ruleset)) == {FamilyState.DRIFTED}
+
+    no_address = copy.deepcopy(good)
+    for obj in no_address:
+        if "set" in obj and obj["set"]["name"] == "imds_v4":
+            obj["set"]["elem"] = []
+    result = compare(no_address, plan, ruleset)
+    assert _states(result) == {FamilyState.MISSING}
+    assert result["ipv4"].problems == ("set imds_v4 lacks 169.254.169.254",)
+
+    accept_first = copy.deepcopy(good)
+    at = next(i for i, o in enumerate(accept_first) if o.get("rule", {}).get("chain") == "guard")
+    accept_first.insert(at, {"rule": {"chain": "guard", "expr": [{"accept": None}]}})
+    result = compare(accept_first, plan, ruleset)
+    assert _states(result) == {FamilyState.MISSING}
+    assert "before our deny" in result["ipv4"].problems[0]
 
     reprioritised = copy.deepcopy(good)
     for obj in reprioritised:
