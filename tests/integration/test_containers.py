@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -42,6 +43,49 @@ def test_docker_restart_pushing_our_forward_jump_down_is_repaired(daemon: Daemon
         daemon.topo.run(host, argv, check=True)
     daemon.wait_log("rules_restored", timeout=2)
     assert daemon.topo.http(None, URL, ns=container, timeout=2).rc != 0
+
+
+@pytest.mark.parametrize("backend", ["iptables"])
+def test_docker_user_keeps_containers_out_while_docker_reorders_forward(
+    daemon: DaemonHandle,
+) -> None:
+    container = daemon.topo.add_container()
+    host = daemon.topo.host
+
+    def ipt(*argv: str) -> str:
+        return daemon.topo.run(host, ["iptables-legacy", *argv], check=True).stdout
+
+    # dockerd's chains as it leaves them: DOCKER-USER first in FORWARD, then its own
+    # chain, which accepts the bridge's traffic.
+    ipt("-N", "DOCKER-USER")
+    ipt("-A", "DOCKER-USER", "-j", "RETURN")
+    ipt("-N", "DOCKER-FORWARD")
+    ipt("-A", "DOCKER-FORWARD", "-i", "docker0", "-j", "ACCEPT")
+    ipt("-A", "FORWARD", "-j", "DOCKER-USER")
+    ipt("-A", "FORWARD", "-j", "DOCKER-FORWARD")
+    daemon.start()
+    first = ipt("-S", "DOCKER-USER").splitlines()[1]
+    assert first == "-A DOCKER-USER -d 169.254.169.254/32 -j IMDSGUARD-FWD", first
+    # Stopped, so nothing repairs what follows: a dockerd restart puts its jumps
+    # back on top of FORWARD, above ours. DOCKER-USER still turns the container away.
+    assert daemon.stop() == 0
+    ipt("-D", "FORWARD", "-j", "DOCKER-USER")
+    ipt("-D", "FORWARD", "-j", "DOCKER-FORWARD")
+    ipt("-I", "FORWARD", "1", "-j", "DOCKER-FORWARD")
+    ipt("-I", "FORWARD", "1", "-j", "DOCKER-USER")
+    assert daemon.topo.http(None, URL, ns=container, timeout=2).rc != 0
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["rules"]["ipv4"] == "drifted", status  # guarded, not as laid out
+    # Without our jump in DOCKER-USER, dockerd's ACCEPT comes first: open, and said so.
+    ipt("-D", "DOCKER-USER", "-d", "169.254.169.254/32", "-j", "IMDSGUARD-FWD")
+    assert daemon.topo.http(None, URL, ns=container, timeout=2).ok
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["state"] == "unprotected" and status["rules"]["ipv4"] == "missing", status
+    # remove takes out what is ours, and leaves Docker's chain as Docker made it.
+    daemon.start()
+    assert daemon.stop() == 0
+    assert daemon.cli("remove").returncode == 0
+    assert ipt("-S", "DOCKER-USER").splitlines() == ["-N DOCKER-USER", "-A DOCKER-USER -j RETURN"]
 
 
 @pytest.mark.parametrize("backend", ["iptables"])  # events need the queue
