@@ -1,13 +1,14 @@
 """Attribution benchmark: share of attributed events and attempt-to-log-line latency.
 
-In a throw-away EC2-like topology, runs the capture in enforce/reject mode
-(as the daemon does: Capture bound first, then the queue rules), then fires
+In a throw-away EC2-like topology, runs the real daemon in enforce/reject
+mode (it binds the capture first, then applies the queue rules), then fires
 200 connection attempts to IMDS from 20 concurrent short-lived python
 processes (10 each) as user nobody. Each client notes the wall-clock time
 just before ``connect()``; a watcher notes when each event line appears in
 the event log. Prints the share of attempts with an attributed event,
-latency p50/p95, the capture's RSS before and after the burst, and a
-markdown table row for the README.
+latency p50/p95, the daemon's RSS before and after the burst (flat: at most
+2 MiB more), and a markdown table row for the README. Exit 1 when a target
+is missed.
 
     sudo .venv/bin/python benchmarks/attribution.py [--procs 20] [--per-proc 10]
 """
@@ -33,9 +34,8 @@ from _proc import rss_kib
 from imdsguard.netns import IMDS_V4, Topology, User, guard_env, wait_for
 
 NOBODY = User(65534, 65534)
-# The real daemon (Topology.start_guard): it starts the capture, then applies the
-# queue rules; on SIGTERM it swaps in queue-less rules, stops the capture and
-# logs its counters.
+#: "RSS stays flat": what the burst may add to the daemon's RSS.
+MAX_RSS_GROWTH = 2 << 20  # bytes
 
 CLIENT = """
 import json, os, socket, sys, time
@@ -179,7 +179,11 @@ def main() -> int:
         avg = stats["held_us_total"] / stats["packets"] / 1000
         worst = stats["held_us_max"] / 1000
         print(f"  packet held (read -> verdict): avg {avg:.2f} ms, max {worst:.2f} ms")
-    print(f"capture RSS:         {rss_before / mib:.1f} MiB before, {rss_after / mib:.1f} after")
+    grew = rss_after - rss_before
+    print(
+        f"daemon RSS:          {rss_before / mib:.1f} MiB before, {rss_after / mib:.1f} after "
+        f"(+{grew / mib:.1f} MiB; flat: <= {MAX_RSS_GROWTH / mib:.0f} MiB)"
+    )
     print()
     print("| attempts | processes | attributed | latency p50 | latency p95 | RSS before -> after |")
     print("|---|---|---|---|---|---|")
@@ -187,7 +191,7 @@ def main() -> int:
         f"| {total} | {args.procs} | {share:.1f}% | {p50:.1f} ms | {p95:.1f} ms | "
         f"{rss_before / mib:.1f} -> {rss_after / mib:.1f} MiB |"
     )
-    return 0 if share >= 99.0 and p95 <= 50 else 1
+    return 0 if share >= 99.0 and p95 <= 50 and grew <= MAX_RSS_GROWTH else 1
 
 
 if __name__ == "__main__":

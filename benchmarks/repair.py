@@ -4,7 +4,8 @@ For each firewall backend, runs the real daemon in a throw-away EC2-like
 topology, then 20 times: tamper (iptables: flush OUTPUT, flush our chain,
 ACCEPT inserted first, whole-table flush, IPv6 flush; nftables: flush ruleset
 as a firewalld reload does, flush our chain, delete our table, edit our set)
-and poll the kernel every 2 ms until the rules are whole again. Then times
+and poll the kernel every 2 ms until the rules are whole again (tampers
+0.30-0.55 s apart, at random, so they land anywhere in the poll cycle). Then times
 one apply of a policy with 10 and with 1,000 allowlisted users. Prints median
 and worst, and README table rows.
 
@@ -23,7 +24,7 @@ import tempfile
 from imdsguard.netns import Topology, guard_env
 
 PROBE = r"""
-import subprocess, sys, time
+import random, subprocess, sys, time
 from imdsguard.config import parse_config
 from imdsguard.firewall.detect import make_backend
 from imdsguard.policy import QUEUE_NUM, build_ruleset
@@ -43,6 +44,7 @@ tampers = {
     ],
 }[sys.argv[3]]
 backend = make_backend(sys.argv[3])
+rng = random.Random(4242)
 config = parse_config(open(sys.argv[2]).read())
 # The daemon queues denied packets for attribution where it can: compare
 # with whichever of its two rule sets is in place before the first tamper.
@@ -58,7 +60,9 @@ for i in range(int(sys.argv[1])):
             print("timeout"); sys.exit(1)
         time.sleep(0.002)
     print(f"{(time.monotonic() - start) * 1000:.1f}", flush=True)
-    time.sleep(0.3)
+    # A random pause, so tampers land anywhere in the iptables poll cycle (0.25 s)
+    # rather than at the same point of it each time.
+    time.sleep(0.3 + rng.uniform(0, 0.25))
 """
 
 APPLY = r"""

@@ -1,8 +1,10 @@
 """``imdsguard demo``: the guard end to end in throw-away network namespaces.
 
 Builds the EC2-like topology of :mod:`imdsguard.netns`, starts the simulated
-IMDS and a real daemon, shows an allowed user served and a denied user
-blocked (over IPv4 and IPv6), prints ``status`` and cleans everything up.
+IMDS and a real daemon with the broker, shows an allowed user served and a
+denied user blocked (over IPv4 and IPv6), the broker serving a client whose
+direct access is blocked, the attributed events, a tamper and its repair,
+``status``, and that SIGTERM leaves the rules; then cleans everything up.
 Nothing here touches the host's own firewall or its real IMDS.
 """
 

@@ -11,9 +11,12 @@ IMDS sits beyond a route, as on EC2, so the guard's OUTPUT rules in HOST see
 only the clients' packets, never the simulated IMDS's replies.
 
 Safety: the real machine's 169.254.169.254 answers from the root namespace.
-Every command this module runs in a namespace first checks that the
-namespace is one this object created (same inode as at creation) and is not
-the root namespace, so a bug fails loudly instead of reaching the real IMDS.
+Every program this module runs inside a namespace (``run``, ``popen``,
+``http`` and what is built on them) first checks that the namespace is one
+this object created (same inode as at creation) and is not the root
+namespace, so a bug fails loudly instead of reaching the real IMDS. Only
+``ip -n`` set-up of links and addresses, which sends no packets, runs
+without that check.
 """
 
 from __future__ import annotations

@@ -3,11 +3,18 @@
 Layout, per family (``filter`` table of iptables and ip6tables)::
 
     -A OUTPUT -d 169.254.169.254/32 -j IMDSGUARD        (first rules of OUTPUT)
+    -A FORWARD -d 169.254.169.254/32 -j IMDSGUARD-FWD   (containers: deny; also
+                                                         first in DOCKER-USER)
     -A IMDSGUARD -m owner --uid-owner 0 -j RETURN
     -A IMDSGUARD -m owner --gid-owner 1001 --suppl-groups -j RETURN
-    -A IMDSGUARD -j NFLOG --nflog-group 5421 ...        (when capture is on)
-    -A IMDSGUARD -p tcp -j REJECT --reject-with tcp-reset
-    -A IMDSGUARD -j REJECT --reject-with icmp-port-unreachable
+    -A IMDSGUARD -p tcp -m mark --mark 0x1000/0x1000 -j REJECT --reject-with tcp-reset
+    -A IMDSGUARD -m mark --mark 0x1000/0x1000 -j REJECT --reject-with icmp-port-unreachable
+    -A IMDSGUARD -j NFQUEUE --queue-num 5421             (capture on: the daemon
+                                                          attributes, marks, repeats)
+
+Without capture the two REJECTs carry no mark match and there is no NFQUEUE.
+The queue has no ``--queue-bypass`` in enforce mode: with nobody listening the
+packet is dropped, never admitted.
 
 Allowed traffic RETURNs rather than ACCEPTs: we never open anything the host's
 own rules would close. Every change is made on one libiptc handle and

@@ -7,7 +7,7 @@ Layout (``nft list table inet imdsguard``)::
         set imds_v4 { type ipv4_addr; elements = { 169.254.169.254 } }
         set imds_v6 { type ipv6_addr; elements = { fd00:ec2::254 } }
         chain output {
-            type filter hook output priority filter; policy accept;
+            type filter hook output priority -10; policy accept;
             ip daddr @imds_v4 jump guard
             ip6 daddr @imds_v6 jump guard
         }
@@ -16,8 +16,17 @@ Layout (``nft list table inet imdsguard``)::
             meta l4proto tcp reject with tcp reset
             reject
         }
-        chain forward { ... }    # containers: deny
+        chain forward {          # containers: deny
+            type filter hook forward priority -10; policy accept;
+            ip daddr @imds_v4 jump fwd_guard
+            ip6 daddr @imds_v6 jump fwd_guard
+        }
+        chain fwd_guard { ... }  # the deny rules of guard, without the allow rules
     }
+
+With capture on (``queue_num`` set), the deny rules are preceded by a
+``queue`` to the daemon and apply to packets it has marked as seen, as in
+:mod:`imdsguard.firewall.iptables`.
 
 Why this is safe next to other firewalls: an ``accept`` in another table (or
 an iptables-nft rule) only ends *that* table's evaluation; our table still

@@ -1,12 +1,10 @@
 """Blocked-attempt events against the real kernel: NFQUEUE capture, attribution, audit mode.
 
-Each test runs the capture in the HOST namespace of a throw-away EC2-like
+Each test runs the real daemon in the HOST namespace of a throw-away EC2-like
 topology, with the queue rules of the iptables backend (this kernel has no
 nft_queue), and clients as real users: /usr/bin/curl and /usr/bin/python3.
-
-Until ``imdsguard run`` wires the capture in, :data:`RUNNER` does what the
-daemon will: start Capture, then apply the rules with the queue; on SIGTERM
-swap in queue-less rules, then stop the capture.
+The daemon starts the capture, then applies the rules with the queue; on
+SIGTERM it swaps in queue-less rules, then stops the capture.
 """
 
 from __future__ import annotations
