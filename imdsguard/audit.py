@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from imdsguard.config import Config
 from imdsguard.errors import ImdsGuardError
@@ -74,10 +74,8 @@ def _client(config: Config, url: str, mark: bool) -> ImdsClient:
     return ImdsClient(url, timeout=2.0, mark=MARK_BROKER if mark else None)
 
 
-def _guard_findings(config_path: str | None) -> tuple[list[Finding], dict[str, Any]]:
-    from imdsguard import status  # noqa: PLC0415 - status pulls in the firewall
-
-    doc = status.gather(config_path)
+def guard_findings(doc: dict[str, Any]) -> tuple[list[Finding], dict[str, Any]]:
+    """The guard-state finding for a ``status`` document, and the report's ``guard``."""
     guard = {k: doc[k] for k in ("state", "mode", "backend", "rules", "reasons")}
     guard["daemon_running"] = doc["daemon"]["running"]
     reasons = "; ".join(doc["reasons"]) or "rules in place, daemon running"
@@ -108,32 +106,40 @@ def _guard_findings(config_path: str | None) -> tuple[list[Finding], dict[str, A
                     "see 'imdsguard status'")], guard  # fmt: skip
 
 
-def run_audit(config: Config, config_path: str | None) -> dict[str, Any]:
-    """Run every check; the report as a JSON-able dict."""
+def _gather_status(config_path: str | None) -> dict[str, Any]:
+    from imdsguard import status  # noqa: PLC0415 - status pulls in the firewall
+
+    return status.gather(config_path)
+
+
+def run_audit(
+    config: Config,
+    config_path: str | None,
+    *,
+    ipv6_url: str = IPV6_URL,
+    gather: Callable[[str | None], dict[str, Any]] = _gather_status,
+) -> dict[str, Any]:
+    """Run every check; the report as a JSON-able dict.
+
+    ``ipv6_url`` (where the IPv6 endpoint is probed) and ``gather`` (the
+    ``status`` document) are there for tests.
+    """
     findings: list[Finding] = []
     report: dict[str, Any] = {"imds_url": config.imds_url}
     # As root with the broker enabled, use its mark: the guard lets it through.
     client = _client(config, config.imds_url, mark=config.broker.enabled)
     try:
         client.token()
-        reachable = True
     except ImdsRequestError as exc:
-        reachable = False
-        findings.append(
-            Finding(
-                "imds-unreachable",
-                "info",
-                "IMDS did not answer this audit",
-                f"{exc} (if imdsguard blocks this user, that is the guard working; run the "
-                "audit as an allowlisted user, or enable the broker)",
-            )
-        )
-    if reachable:
-        findings += _imds_findings(client, report)
-    findings += _ipv6_findings(config, report)
+        # No token is not "no IMDS": one that answers only token-less GETs
+        # (IMDSv1 on, the PUT refused or its answer lost) is the worst case.
+        findings += _tokenless_findings(client, report, exc)
+    else:
+        findings += _imds_findings(client, report, token=True)
+    findings += _ipv6_findings(config, report, ipv6_url)
     try:
-        guard_findings, report["guard"] = _guard_findings(config_path)
-        findings += guard_findings
+        guard, report["guard"] = guard_findings(gather(config_path))
+        findings += guard
     except ImdsGuardError as exc:
         findings.append(Finding("guard-state", "info", "guard state unknown", str(exc)))
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.id))
@@ -141,19 +147,54 @@ def run_audit(config: Config, config_path: str | None) -> dict[str, Any]:
     return report
 
 
-def _imds_findings(client: ImdsClient, report: dict[str, Any]) -> list[Finding]:
+def _tokenless_findings(
+    client: ImdsClient, report: dict[str, Any], token_error: ImdsRequestError
+) -> list[Finding]:
+    """Findings when the token PUT failed: what a token-less GET still reads."""
+    try:
+        v1: bool | None = client.imdsv1_enabled()
+    except ImdsRequestError:
+        v1 = None
+    if not v1:
+        refused = "; a token-less GET was refused with 401" if v1 is False else ""
+        return [
+            Finding(
+                "imds-unreachable",
+                "info",
+                "IMDS did not answer this audit",
+                f"{token_error}{refused} (if imdsguard blocks this user, that is the guard "
+                "working; run the audit as an allowlisted user, or enable the broker)",
+            )
+        ]
+    return [
+        Finding(
+            "imdsv2-token-failed",
+            "low",
+            "IMDS answers token-less GETs but gave this audit no session token",
+            str(token_error),
+            "make sure IMDSv2 works here before requiring tokens (the PUT's hop limit, "
+            "--http-put-response-hop-limit, and any proxy in between)",
+        ),
+        *_imds_findings(client, report, token=False),
+    ]
+
+
+def _imds_findings(client: ImdsClient, report: dict[str, Any], *, token: bool) -> list[Finding]:
+    """The IMDS checks, over IMDSv2 (``token``) or, when no token came, IMDSv1 (known on)."""
     findings = []
     try:
-        instance_id = client.get_text("/latest/meta-data/instance-id").strip()
+        instance_id = client.get_text("/latest/meta-data/instance-id", token=token).strip()
     except ImdsRequestError:
         instance_id = "<instance-id>"
     report["instance_id"] = instance_id
-    try:
-        v1 = client.imdsv1_enabled()
-    except ImdsRequestError as exc:
-        v1 = None
-        findings.append(Finding("imdsv1-unknown", "low", "could not tell whether IMDSv1 is on",
-                                str(exc)))  # fmt: skip
+    v1: bool | None = True
+    if token:
+        try:
+            v1 = client.imdsv1_enabled()
+        except ImdsRequestError as exc:
+            v1 = None
+            findings.append(Finding("imdsv1-unknown", "low", "could not tell whether IMDSv1 is on",
+                                    str(exc)))  # fmt: skip
     if v1:
         findings.append(
             Finding(
@@ -168,22 +209,20 @@ def _imds_findings(client: ImdsClient, report: dict[str, Any]) -> list[Finding]:
     elif v1 is False:
         findings.append(Finding("imdsv1-disabled", "info", "IMDSv2 is required (tokens)",
                                 "a token-less GET was refused with 401"))  # fmt: skip
-    try:
-        role = client.role_name()
-        report["role"] = role
-        findings.append(Finding("instance-role", "info", f"instance role attached: {role}",
-                                "its credentials are what the guard protects"))  # fmt: skip
-    except ImdsRequestError as exc:
+    if token:
+        findings.append(_role_finding(client, report))
+    else:
         report["role"] = None
-        # Only IMDS saying so means "no role"; a failed request (5xx, timeout) tells nothing.
-        title = (
-            "no instance role attached"
-            if exc.kind == "no-role"
-            else "could not tell whether an instance role is attached"
+        findings.append(
+            Finding(
+                "instance-role",
+                "info",
+                "could not tell whether an instance role is attached",
+                "the role is read over IMDSv2, and IMDS gave no session token",
+            )
         )
-        findings.append(Finding("instance-role", "info", title, str(exc)))
     try:
-        resp = client.get("/latest/user-data")
+        resp = client.get("/latest/user-data", token=token)
     except ImdsRequestError as exc:
         findings.append(Finding("user-data-unreadable", "low", "user-data could not be read",
                                 str(exc)))  # fmt: skip
@@ -212,11 +251,40 @@ def _imds_findings(client: ImdsClient, report: dict[str, Any]) -> list[Finding]:
     return findings
 
 
-def _ipv6_findings(config: Config, report: dict[str, Any]) -> list[Finding]:
-    client = _client(config, IPV6_URL, mark=config.broker.enabled)
+def _role_finding(client: ImdsClient, report: dict[str, Any]) -> Finding:
+    try:
+        role = client.role_name()
+    except ImdsRequestError as exc:
+        report["role"] = None
+        # Only IMDS saying so means "no role"; a failed request (5xx, timeout) tells nothing.
+        title = (
+            "no instance role attached"
+            if exc.kind == "no-role"
+            else "could not tell whether an instance role is attached"
+        )
+        return Finding("instance-role", "info", title, str(exc))
+    report["role"] = role
+    return Finding("instance-role", "info", f"instance role attached: {role}",
+                   "its credentials are what the guard protects")  # fmt: skip
+
+
+def _answers(client: ImdsClient) -> bool:
+    """Whether IMDS at ``client`` answers: a token, or else a token-less GET (200 or 401)."""
     try:
         client.token()
+        return True
     except ImdsRequestError:
+        pass
+    try:
+        client.imdsv1_enabled()
+        return True
+    except ImdsRequestError:
+        return False
+
+
+def _ipv6_findings(config: Config, report: dict[str, Any], url: str) -> list[Finding]:
+    client = _client(config, url, mark=config.broker.enabled)
+    if not _answers(client):
         report["ipv6"] = False
         why = "fd00:ec2::254 did not answer (disabled, or blocked for this user)"
         return [Finding("imds-ipv6", "info", "IMDS IPv6 endpoint not reachable from here", why)]

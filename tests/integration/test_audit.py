@@ -62,6 +62,22 @@ def test_imdsv1_enabled_is_high_with_the_instance_id(sim: Any, workdir: str) -> 
     assert "--instance-id i-0abc1234def567890 --http-tokens required" in finding["remediation"]
 
 
+def test_imdsv1_only_is_high_not_unreachable(sim: Any, workdir: str) -> None:
+    # IMDS that refuses the token PUT but answers token-less GETs (on both addresses).
+    control = os.path.join(workdir, "imds-control.json")
+    with open(control, "w") as fh:
+        json.dump({"fault": "500", "paths": ["/latest/api/token"]}, fh)
+    topo = sim("--http-tokens", "optional", "--instance-id", "i-0abc1234def567890",
+               "--control-file", control)  # fmt: skip
+    rc, report, text = _audit(topo, workdir)
+    ids = _ids(report)
+    assert rc == 1 and ids["imdsv1-enabled"] == "high", report
+    assert "imds-unreachable" not in ids and ids["imdsv2-token-failed"] == "low"
+    assert report["instance_id"] == "i-0abc1234def567890"
+    assert report["ipv6"] is True  # fd00:ec2::254 answers the same way: reachable
+    assert "HIGH   imdsv1-enabled" in text
+
+
 def test_tokens_required_is_not_a_finding(sim: Any, workdir: str) -> None:
     topo = sim("--http-tokens", "required")
     _, report, _ = _audit(topo, workdir)

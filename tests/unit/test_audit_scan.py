@@ -1,12 +1,20 @@
-"""The user-data secret scanner: kinds and lines, never values."""
+"""imdsguard audit without root: the secret scanner, and run_audit against the
+simulated IMDS on loopback with a given status document (never the real IMDS)."""
 
 from __future__ import annotations
 
 import gzip
+import ipaddress
+import socket
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
-from imdsguard.audit import scan_secrets
+from imdsguard.audit import exit_code, guard_findings, run_audit, scan_secrets
+from imdsguard.config import Config
+from imdsguard.imds import TOKEN_PATH
+from imdsguard.imds_sim import ImdsSimulator, SimConfig
 
 KEY_ID = "AKIA" + "ABCDEFGHIJKLMNOP"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"
@@ -49,3 +57,163 @@ def test_gzipped_user_data_is_opened() -> None:
 
 def test_clean_user_data() -> None:
     assert scan_secrets(b"#cloud-config\npackages: [nginx]\n") == []
+
+
+# --- run_audit against the simulator on loopback ---------------------------------
+
+INSTANCE_ID = "i-0fedcba9876543210"
+
+
+def _status(state: str = "protected", mode: str = "enforce", **extra: Any) -> dict[str, Any]:
+    """A ``status --json`` document as status.gather builds it."""
+    return {
+        "protected": state == "protected",
+        "state": state,
+        "reasons": [],
+        "mode": mode,
+        "backend": "nftables",
+        "daemon": {"running": True, "pid": 4242},
+        "rules": {"ipv4": "ok", "ipv6": "ok"},
+        **extra,
+    }
+
+
+@pytest.fixture
+def closed_url() -> Iterator[str]:
+    """A loopback port that refuses connections (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def make_sim() -> Iterator[Callable[..., tuple[ImdsSimulator, str]]]:
+    sims: list[ImdsSimulator] = []
+
+    def make(host: str = "127.0.0.1", **kwargs: Any) -> tuple[ImdsSimulator, str]:
+        sim = ImdsSimulator(SimConfig(instance_id=INSTANCE_ID, **kwargs))
+        [(bound, port)] = sim.serve([(host, 0)])
+        sims.append(sim)
+        return sim, f"http://[{bound}]:{port}" if ":" in bound else f"http://{bound}:{port}"
+
+    yield make
+    for sim in sims:
+        sim.shutdown()
+
+
+def _audit(url: str, ipv6_url: str, doc: dict[str, Any] | None = None, **config: Any) -> Any:
+    return run_audit(
+        Config(imds_url=url, **config),
+        None,
+        ipv6_url=ipv6_url,
+        gather=lambda _path: doc or _status(),
+    )
+
+
+def _ids(report: dict[str, Any]) -> dict[str, str]:
+    return {f["id"]: f["severity"] for f in report["findings"]}
+
+
+def test_imdsv1_only_endpoint_is_imdsv1_enabled(make_sim: Any, closed_url: str) -> None:
+    # The token PUT fails, token-less GETs work: the worst case, not "unreachable".
+    data = f"#!/bin/sh\nexport AWS_ACCESS_KEY_ID={KEY_ID}\n".encode()
+    sim, url = make_sim(http_tokens="optional", user_data=data)
+    sim.set_fault("500", paths=[TOKEN_PATH])
+    report = _audit(url, closed_url)
+    ids = _ids(report)
+    assert ids["imdsv1-enabled"] == "high" and "imds-unreachable" not in ids
+    assert ids["imdsv2-token-failed"] == "low"
+    (v1,) = [f for f in report["findings"] if f["id"] == "imdsv1-enabled"]
+    assert f"--instance-id {INSTANCE_ID} --http-tokens required" in v1["remediation"]
+    assert ids["user-data-secrets"] == "high"  # read and scanned over IMDSv1
+    assert KEY_ID not in repr(report)
+    assert report["role"] is None
+    assert exit_code(report) == 1
+
+
+def test_token_refused_and_tokens_required_is_unreachable(make_sim: Any, closed_url: str) -> None:
+    sim, url = make_sim(http_tokens="required")
+    sim.set_fault("500", paths=[TOKEN_PATH])
+    report = _audit(url, closed_url)
+    ids = _ids(report)
+    assert ids["imds-unreachable"] == "info" and "imdsv1-enabled" not in ids
+    (found,) = [f for f in report["findings"] if f["id"] == "imds-unreachable"]
+    assert "HTTP 500" in found["detail"] and "refused with 401" in found["detail"]
+    assert exit_code(report) == 0
+
+
+def test_no_imds_at_all_is_unreachable(closed_url: str) -> None:
+    report = _audit(closed_url, closed_url)
+    ids = _ids(report)
+    assert ids["imds-unreachable"] == "info"
+    assert not {"imdsv1-enabled", "imdsv1-disabled", "imdsv2-token-failed"} & set(ids)
+    assert exit_code(report) == 0
+
+
+def test_ipv6_not_reachable(make_sim: Any, closed_url: str) -> None:
+    _, url = make_sim(http_tokens="required")
+    report = _audit(url, closed_url)
+    assert report["ipv6"] is False
+    (found,) = [f for f in report["findings"] if f["id"].startswith("imds-ipv6")]
+    assert found["id"] == "imds-ipv6" and found["severity"] == "info"
+    assert found["title"] == "IMDS IPv6 endpoint not reachable from here"
+
+
+@pytest.mark.parametrize("v1_only", [False, True])
+def test_ipv6_reachable(make_sim: Any, v1_only: bool) -> None:
+    _, url = make_sim(http_tokens="required")
+    v6, v6_url = make_sim("127.0.0.2", http_tokens="optional")  # stands in for fd00:ec2::254
+    if v1_only:
+        v6.set_fault("500", paths=[TOKEN_PATH])  # answers all the same
+    report = _audit(url, v6_url)
+    assert report["ipv6"] is True
+    assert _ids(report)["imds-ipv6"] == "info" and "imds-ipv6-unguarded" not in _ids(report)
+    report = _audit(url, v6_url, endpoints=(ipaddress.ip_address("169.254.169.254"),))
+    assert _ids(report)["imds-ipv6-unguarded"] == "high" and "imds-ipv6" not in _ids(report)
+
+
+# --- guard state, from the status document --------------------------------------
+
+
+def test_guard_protected_is_info() -> None:
+    (finding,), guard = guard_findings(_status("protected"))
+    assert (finding.id, finding.severity) == ("guard-state", "info")
+    assert finding.title == "imdsguard protects IMDS"
+    assert finding.detail == "rules in place, daemon running"
+    assert guard["daemon_running"] is True and guard["state"] == "protected"
+
+
+def test_guard_audit_mode_is_medium() -> None:
+    doc = _status("degraded", "audit", reasons=["audit mode: access is logged, not blocked"])
+    (finding,), guard = guard_findings(doc)
+    assert (finding.id, finding.severity) == ("guard-audit-mode", "medium")
+    assert "set mode: enforce" in finding.remediation
+    assert finding.detail == "audit mode: access is logged, not blocked"
+    assert guard["mode"] == "audit"
+
+
+def test_guard_degraded_enforcing_is_low_not_audit_mode() -> None:
+    (finding,), _ = guard_findings(_status("degraded", reasons=["daemon not running"]))
+    assert (finding.id, finding.severity) == ("guard-state", "low")
+
+
+def test_guard_unprotected_is_high() -> None:
+    (finding,), _ = guard_findings(_status("unprotected", reasons=["rules missing"]))
+    assert (finding.id, finding.severity) == ("guard-state", "high")
+
+
+@pytest.mark.parametrize(
+    ("doc", "present", "absent"),
+    [
+        (_status("protected"), "guard-state", "guard-audit-mode"),
+        (_status("degraded", "audit"), "guard-audit-mode", "guard-state"),
+    ],
+)
+def test_guard_finding_reaches_the_report(
+    make_sim: Any, closed_url: str, doc: dict[str, Any], present: str, absent: str
+) -> None:
+    _, url = make_sim(http_tokens="required")
+    report = _audit(url, closed_url, doc)
+    ids = _ids(report)
+    assert present in ids and absent not in ids
+    assert report["guard"]["daemon_running"] is True
