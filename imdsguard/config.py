@@ -542,64 +542,138 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     return _validate(data, doc)
 
 
-def check_trust(path: str) -> None:
-    """Refuse a config that anyone but root could have written.
+_GO_WRITE = stat.S_IWGRP | stat.S_IWOTH
+_MAX_HOPS = 40  # the kernel's own limit on symlinks followed in one lookup
 
-    The config decides who may reach credentials, so the file and every
-    directory above it must be owned by root and not writable by group or
-    others (a sticky directory such as /tmp is fine for the directories).
-    Only enforced when we run as root: an unprivileged ``check-config`` of a
-    draft is allowed.
+
+def _components(path: str) -> list[str]:
+    return [c for c in path.split("/") if c not in ("", ".")]
+
+
+def root_only_problem(path: str) -> tuple[str | None, os.stat_result | None]:
+    """Why someone other than root could change what ``path`` names, or None.
+
+    Resolves ``path`` the way the kernel does, one component and one symlink
+    hop at a time (no lexical ``..``), and checks everything the lookup
+    passes: every directory looked in is root's and not writable by group or
+    others unless sticky; every symlink followed, every directory and the
+    final file are root's; the file is a regular file that group and others
+    cannot write. Then nobody but root can swap any link or entry on the way,
+    so the path names the same file until root changes it. Also returns the
+    file's stat (None with a problem), for comparing with an open descriptor.
+    """
+    if not path.startswith("/"):
+        path = os.path.join(os.getcwd(), path)  # getcwd() has no symlinks in it
+    todo = _components(path)[::-1]  # a stack: the next component last
+    current, hops = "/", 0
+    try:
+        st = os.lstat("/")
+        if st.st_uid != 0 or (st.st_mode & _GO_WRITE and not st.st_mode & stat.S_ISVTX):
+            return _owner_problem("directory /", "/", st), None
+        while todo:
+            name = todo.pop()
+            if name == "..":
+                current = os.path.dirname(current)  # already checked on the way down
+                continue
+            entry = os.path.join(current, name)
+            st = os.lstat(entry)
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > _MAX_HOPS:
+                    return f"too many symlinks on the way to {path}", None
+                if st.st_uid != 0:
+                    return (
+                        f"symlink {entry} (on the way to {path}) is owned by uid {st.st_uid}: "
+                        f"run 'chown -h root: {entry}'"
+                    ), None
+                target = os.readlink(entry)
+                if target.startswith("/"):
+                    current = "/"
+                todo.extend(_components(target)[::-1])
+                continue
+            if todo:  # a directory to look further in
+                if not stat.S_ISDIR(st.st_mode):
+                    return f"{entry} (on the way to {path}) is not a directory", None
+                sticky = st.st_mode & stat.S_ISVTX  # then only root may swap root's entries
+                if st.st_uid != 0 or (st.st_mode & _GO_WRITE and not sticky):
+                    what = f"directory {entry} (on the way to {path})"
+                    return _owner_problem(what, entry, st), None
+                current = entry
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                return f"{entry} is not a regular file", None
+            if st.st_uid != 0 or st.st_mode & _GO_WRITE:
+                return _owner_problem(entry, entry, st), None
+            return None, st
+    except OSError as exc:
+        return f"cannot check {exc.filename or path}: {exc.strerror}", None
+    return f"{current} is not a regular file", None
+
+
+def _owner_problem(what: str, entry: str, st: os.stat_result) -> str:
+    return (
+        f"{what} is not owned by root or is writable by others "
+        f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
+        f"run 'chown root: {entry} && chmod go-w {entry}'"
+    )
+
+
+def check_trust(path: str, fd: int | None = None) -> None:
+    """Refuse a config that anyone but root could have written or could swap.
+
+    The config decides who may reach credentials, so the file and
+    everything on its path, as given and through every symlink hop, must be
+    root's alone (:func:`root_only_problem`; a sticky directory such as /tmp
+    is fine on the way). ``fd``, when given, is the open file about to be
+    read: it must be that same file, so what was checked is what is read.
+    Only enforced when we run as root: an unprivileged ``check-config`` of
+    a draft is allowed.
     """
     if os.geteuid() != 0:
         return
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(
-            path,
-            f"refusing a config that is not owned by root or is writable by others "
-            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"run 'chown root: {real} && chmod 644 {real}'",
-        )
-    directory = os.path.dirname(real)
-    while True:
-        dst = os.stat(directory)
-        sticky = bool(dst.st_mode & stat.S_ISVTX)
-        if dst.st_uid != 0 or (dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky):
-            raise ConfigError(
-                path,
-                f"refusing a config in directory {directory} that is not owned by root or is "
-                f"writable by others (mode {stat.S_IMODE(dst.st_mode):04o}): "
-                f"run 'chown root: {directory} && chmod go-w {directory}'",
-            )
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return
-        directory = parent
+    opened = os.fstat(fd) if fd is not None else None
+    if opened is not None and (opened.st_uid != 0 or opened.st_mode & _GO_WRITE):
+        problem: str | None = _owner_problem(path, path, opened)
+    else:
+        problem, st = root_only_problem(path)
+        if opened is not None and st is not None and not os.path.samestat(st, opened):
+            problem = f"{path} was replaced while it was being checked: try again"
+    if problem is not None:
+        raise ConfigError(path, f"refusing a config that others could change: {problem}")
+
+
+def _read(path: str, *, trust: bool) -> str:
+    """The file's text, checked (``trust``) and read through one descriptor."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not hang us
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(path, "cannot read: not a regular file")
+        if trust:
+            check_trust(path, fd)
+        data = fh.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not UTF-8 text") from None
 
 
 def load_config(path: str | None = None, *, trust: bool = True) -> Config:
     """Read and validate the configuration file.
 
     With no ``path`` the default file is used, and its absence means "all
-    defaults". A path given explicitly must exist.
+    defaults". A path given explicitly must exist. With ``trust`` (the
+    default) the file must be root's alone (:func:`check_trust`).
     """
     explicit = path is not None
     path = path or DEFAULT_PATH
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        text = _read(path, trust=trust)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(
                 path, "file not found: pass an existing file with -c/--config"
             ) from None
         return Config(path=path)
-    except UnicodeDecodeError:
-        raise ConfigError(path, "not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from None
-    if trust:
-        check_trust(path)
     return parse_config(text, path)

@@ -662,6 +662,18 @@ def _make_untrusted(daemon: DaemonHandle, case: str) -> str:
         link = os.path.join(daemon.workdir, "link.yaml")
         os.symlink(path, link)
         return link
+    elif case in ("symlink-in-open-dir", "symlink-hop-in-open-dir"):
+        # The config itself is trusted; a link on the way to it is not.
+        public = os.path.join(daemon.workdir, "pub")
+        os.makedirs(public)
+        os.chmod(public, 0o777)  # noqa: S103 - the point of the test
+        link = os.path.join(public, "config.yaml")
+        os.symlink(path, link)
+        if case == "symlink-hop-in-open-dir":
+            given = os.path.join(daemon.workdir, "link.yaml")
+            os.symlink("pub/config.yaml", given)
+            return given
+        return link
     return path
 
 
@@ -673,6 +685,8 @@ TRUST_CASES = [
     "dir-group-writable",
     "dir-not-owned-by-root",
     "symlink-to-untrusted",
+    "symlink-in-open-dir",
+    "symlink-hop-in-open-dir",
 ]
 
 
@@ -692,10 +706,8 @@ def test_untrusted_config_is_refused_and_rules_stay(daemon: DaemonHandle) -> Non
                 assert daemon.ruleset_text() == before, (case, command)
         finally:
             daemon.config_path = good
-            conf = os.path.join(daemon.workdir, "conf")
-            subprocess.run(
-                ["rm", "-rf", conf, os.path.join(daemon.workdir, "link.yaml")], check=True
-            )
+            made = [os.path.join(daemon.workdir, n) for n in ("conf", "pub", "link.yaml")]
+            subprocess.run(["rm", "-rf", *made], check=True)
     # The trusted original still works: the refusals were about trust, nothing else.
     assert cli(daemon, "apply").stdout.startswith("rules already in place")
 

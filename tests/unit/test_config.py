@@ -556,6 +556,123 @@ def test_symlink_is_judged_by_its_target(trusted_dir: Path) -> None:
         check_trust(str(link))
 
 
+def _trusted_config(trusted_dir: Path) -> str:
+    """A root-owned 0644 config in a root-owned 0755 directory."""
+    etc = trusted_dir / "etc"
+    etc.mkdir(mode=0o755)
+    return _write(etc / "config.yaml", "mode: audit\n")
+
+
+def _open_dir(trusted_dir: Path, name: str = "pub", mode: int = 0o777) -> Path:
+    directory = trusted_dir / name
+    directory.mkdir()
+    directory.chmod(mode)
+    return directory
+
+
+@needs_root
+def test_symlink_in_a_writable_directory_is_refused_whatever_it_points_at(
+    trusted_dir: Path,
+) -> None:
+    # Its target is trusted, but anyone can swap the link itself.
+    link = _open_dir(trusted_dir) / "config.yaml"
+    link.symlink_to(_trusted_config(trusted_dir))
+    with pytest.raises(ConfigError, match="writable by others") as info:
+        check_trust(str(link))
+    assert str(info.value).startswith(f"{link}: refusing a config")
+    assert f"directory {link.parent} (on the way to {link})" in str(info.value)
+    with pytest.raises(ConfigError, match="refusing"):
+        load_config(str(link))
+
+
+@needs_root
+def test_every_symlink_hop_is_checked(trusted_dir: Path) -> None:
+    # given (trusted dir) -> hop (open dir) -> file (trusted dir): only the hop is at fault.
+    hop = _open_dir(trusted_dir) / "hop.yaml"
+    hop.symlink_to(_trusted_config(trusted_dir))
+    given = trusted_dir / "config.yaml"
+    given.symlink_to(os.path.relpath(hop, trusted_dir))
+    with pytest.raises(ConfigError, match=f"directory {hop.parent} "):
+        check_trust(str(given))
+
+
+@needs_root
+def test_symlinked_directory_and_dotdot_resolve_like_the_kernel(trusted_dir: Path) -> None:
+    real = _trusted_config(trusted_dir)
+    deep = _open_dir(trusted_dir, "a", 0o755) / "b"
+    deep.mkdir(mode=0o755)
+    (trusted_dir / "via").symlink_to(deep)
+    # via/.. is a/ (through the link), not trusted_dir/ as a lexical '..' would have it.
+    os.symlink(real, trusted_dir / "a" / "config.yaml")
+    check_trust(str(trusted_dir / "via" / ".." / "config.yaml"))
+    (trusted_dir / "a").chmod(0o777)
+    with pytest.raises(ConfigError, match=f"directory {trusted_dir / 'a'} "):
+        check_trust(str(trusted_dir / "via" / ".." / "config.yaml"))
+
+
+@needs_root
+def test_symlink_in_a_sticky_directory_must_be_roots(trusted_dir: Path) -> None:
+    link = _open_dir(trusted_dir, "tmp", 0o1777) / "config.yaml"
+    link.symlink_to(_trusted_config(trusted_dir))
+    check_trust(str(link))  # only root (owner of it and of the directory) can swap it
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(ConfigError, match=f"symlink {link} .*owned by uid 65534"):
+        check_trust(str(link))
+
+
+@needs_root
+def test_relative_path_is_checked_from_the_working_directory(
+    trusted_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = _open_dir(trusted_dir) / "config.yaml"
+    link.symlink_to(_trusted_config(trusted_dir))
+    monkeypatch.chdir(link.parent)
+    with pytest.raises(ConfigError, match="writable by others"):
+        check_trust("config.yaml")
+
+
+@needs_root
+def test_what_is_read_is_what_was_checked(
+    trusted_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file opened is the attacker's; by the time of the check the path
+    # names a trusted file again. What was opened is refused, not read.
+    good = _trusted_config(trusted_dir)
+    evil = _write(trusted_dir / "evil.yaml", "mode: audit\naction: drop\n", 0o666)
+    link = trusted_dir / "config.yaml"
+    link.symlink_to(evil)
+    real_check = config.check_trust
+
+    def swap_then_check(*args: object, **kwargs: object) -> None:
+        os.unlink(link)
+        link.symlink_to(good)
+        real_check(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(config, "check_trust", swap_then_check)
+    with pytest.raises(ConfigError, match=f"{link}: refusing a config"):
+        load_config(str(link))
+
+
+@needs_root
+def test_a_file_swapped_after_opening_is_refused(trusted_dir: Path) -> None:
+    path = _trusted_config(trusted_dir)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.replace(_write(trusted_dir / "etc" / "new.yaml", "mode: enforce\n"), path)
+        check_trust(path)  # the path alone is fine
+        with pytest.raises(ConfigError, match="replaced while it was being checked"):
+            check_trust(path, fd)
+    finally:
+        os.close(fd)
+
+
+def test_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo, 0o644)
+    with pytest.raises(ConfigError, match="cannot read: not a regular file"):
+        load_config(str(fifo), trust=False)  # and does not hang waiting for a writer
+
+
 @needs_root
 @pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
 def test_writable_parent_directory_is_refused(trusted_dir: Path, mode: int) -> None:
