@@ -15,6 +15,11 @@ enforce mode, every later one (the queue has no bypass and we never set
 ``F_FAIL_OPEN``): closed. Audit mode sets fail-open and its rule has
 ``--queue-bypass``: audit never blocks.
 
+Where the kernel cannot queue (an nftables host without ``nft_queue``), the
+rules log the packets to an NFLOG group instead (:mod:`imdsguard.events.nflog`)
+and deny them at once; the same attribution then runs on the copy, while the
+socket still exists: the user always, the process when it is still there.
+
 Threads: the capture thread reads the queue, attributes, answers with the
 verdict (milliseconds), and hands finished events to a queue; a writer
 thread rate-limits them per (uid, exe), logs them through structlog
@@ -39,6 +44,7 @@ from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
 from imdsguard.events.log import SUMMARY, EventLog
+from imdsguard.events.nflog import NfLog
 from imdsguard.events.nfqueue import (
     NF_INET_FORWARD,
     NF_REPEAT,
@@ -149,9 +155,11 @@ class Capture:
         rate_per_second: float = 1.0,
         summary_interval: float = 60.0,
         flow_cap: int = 8192,
+        hold: bool = True,
     ) -> None:
         _check(mode, action)
         self.queue_num = queue_num
+        self.hold = hold  # False: read an NFLOG group of that number (nothing held)
         self.mode = mode
         self.action = action
         self.event_log = event_log
@@ -161,7 +169,7 @@ class Capture:
         self._flows = FlowTable(mode, action, cap=flow_cap)
         self._limiter = RateLimiter(burst=rate_burst, rate=rate_per_second)
         self._events: queue.Queue[Any] = queue.Queue(MAX_PENDING_EVENTS)
-        self._nfq: NfQueue | None = None
+        self._nfq: NfQueue | NfLog | None = None
         self._diag: SockDiag | None = None
         self._attributor: Attributor | None = None
         self._threads: list[threading.Thread] = []
@@ -192,7 +200,10 @@ class Capture:
         """Bind the queue (raises CaptureError/QueueBusyError) and start the threads."""
         if self._threads:
             return
-        self._nfq = NfQueue(self.queue_num, fail_open=self.mode == "audit")
+        if self.hold:
+            self._nfq = NfQueue(self.queue_num, fail_open=self.mode == "audit")
+        else:
+            self._nfq = NfLog(self.queue_num)
         try:
             self._diag = SockDiag()
         except OSError as exc:
@@ -208,7 +219,13 @@ class Capture:
         ]
         for thread in self._threads:
             thread.start()
-        self.log.info("capture_started", queue=self.queue_num, mode=self.mode, action=self.action)
+        self.log.info(
+            "capture_started",
+            queue=self.queue_num,
+            source="nfqueue" if self.hold else "nflog",
+            mode=self.mode,
+            action=self.action,
+        )
 
     def stop(self) -> None:
         """Flush pending events, unbind the queue, join the threads."""
@@ -243,6 +260,7 @@ class Capture:
         out.update(
             running=bool(self._threads) and self._failed is None,
             queue=self.queue_num,
+            source="nfqueue" if self.hold else "nflog",
             mode=self.mode,
             action=self.action,
             flows=len(self._flows),
@@ -311,7 +329,7 @@ class Capture:
             nfq.close()
             self._nfq = None
 
-    def _on_packet(self, nfq: NfQueue, qp: QueuedPacket) -> None:
+    def _on_packet(self, nfq: NfQueue | NfLog, qp: QueuedPacket) -> None:
         self.counters["packets"] += 1
         start = time.perf_counter()
         events: list[dict[str, Any]] = []
@@ -466,13 +484,20 @@ class CaptureComponent:
     mode and action; ``health()`` is :meth:`Capture.stats`.
     """
 
-    def __init__(self, config: Config, logger: Any, event_log: EventLog | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        logger: Any,
+        event_log: EventLog | None = None,
+        hold: bool = True,
+    ) -> None:
         self.capture = Capture(
             queue_num=QUEUE_NUM,
             mode=config.mode,
             action=config.action,
             event_log=event_log or EventLog(paths.events_file()),
             logger=logger,
+            hold=hold,
         )
 
     def start(self) -> None:

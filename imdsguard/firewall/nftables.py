@@ -116,9 +116,13 @@ def _deny(ruleset: RuleSet, prefix: Sequence[Cmd] = ()) -> list[list[Cmd]]:
     ]
 
 
-def _deny_exprs(ruleset: RuleSet) -> list[list[Cmd]]:
-    """What follows the allow rules (same semantics as the iptables backend)."""
-    if ruleset.queue_num is None:
+def _deny_exprs(ruleset: RuleSet, hold: bool = True) -> list[list[Cmd]]:
+    """What follows the allow rules (same semantics as the iptables backend).
+
+    ``hold``: the kernel can queue (nft_queue). Without it the capture reads
+    an NFLOG group instead (see :func:`_log_rule`) and the deny is immediate.
+    """
+    if ruleset.queue_num is None or not hold:
         return _deny(ruleset) if ruleset.enforcing else []
     queue: Cmd = {"queue": {"num": ruleset.queue_num}}
     if not ruleset.enforcing:
@@ -133,6 +137,13 @@ def _deny_exprs(ruleset: RuleSet) -> list[list[Cmd]]:
             [{"queue": {"num": ruleset.queue_num, "flags": "bypass"}}],
         ]
     return [*_deny(ruleset, [_mark_has(MARK_SEEN)]), [queue]]
+
+
+def _log_rule(ruleset: RuleSet, hold: bool) -> list[Cmd] | None:
+    """A copy of each packet for the capture where it cannot be queued (never a verdict)."""
+    if ruleset.queue_num is None or hold:
+        return None
+    return [{"log": {"group": ruleset.queue_num}}]
 
 
 def _comment(chain: str, expr: list[Cmd]) -> str:
@@ -200,8 +211,8 @@ class Plan:
         return [json.dumps(c, sort_keys=True) for c in self.commands]
 
 
-def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]]) -> Plan:
-    """The table for ``ruleset`` (pure: group membership is passed in)."""
+def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]], hold: bool = True) -> Plan:
+    """The table for ``ruleset`` (pure: group membership and queue support are passed in)."""
     plan = Plan()
     uids = set(ruleset.allow_uids)
     for gid in ruleset.allow_gids:
@@ -213,13 +224,18 @@ def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]]) -> Plan
     plan.add_rule("guard", [_match({"meta": {"key": "skuid"}}, "@allow_uids"), {"accept": None}])
     if ruleset.allow_mark is not None:
         plan.add_rule("guard", [_mark_has(ruleset.allow_mark), {"accept": None}])
-    for expr in _deny_exprs(ruleset):
+    log = _log_rule(ruleset, hold)
+    if log is not None:
+        plan.add_rule("guard", log)
+    for expr in _deny_exprs(ruleset, hold):
         plan.add_rule("guard", expr, required=True)
     _hook(plan, ruleset, "output", "guard")
     if ruleset.containers == "deny":
         # Forwarded traffic has no local socket owner: nothing is allowed.
         plan.add_chain("fwd_guard")
-        for expr in _deny_exprs(ruleset):
+        if log is not None:
+            plan.add_rule("fwd_guard", log)
+        for expr in _deny_exprs(ruleset, hold):
             plan.add_rule("fwd_guard", expr, required=True)
         _hook(plan, ruleset, "forward", "fwd_guard")
     return plan
@@ -393,7 +409,8 @@ class NftablesBackend:
 
     def plan(self, ruleset: RuleSet) -> Plan:
         """Render ``ruleset`` with the current group membership."""
-        return render(ruleset, expand_groups(ruleset.allow_gids))
+        hold = ruleset.queue_num is None or self.supports_queue()
+        return render(ruleset, expand_groups(ruleset.allow_gids), hold=hold)
 
     # -- the Backend interface
 

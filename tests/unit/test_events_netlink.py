@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 from imdsguard.events import _netlink as nl
+from imdsguard.events import nflog
 from imdsguard.events import nfqueue as nfq
 from imdsguard.events import sockdiag as sd
 from imdsguard.events.packet import IPPROTO_TCP, IPPROTO_UDP
@@ -161,3 +162,58 @@ def test_sockdiag_response_round_trip() -> None:
     assert sd.parse_response(_diag_answer(2, 1001, 777), 3) is None  # stale answer
     error = nl.message(nl.NLMSG_ERROR, 0, 3, struct.pack("=i", -2) + b"\0" * 16)
     assert sd.parse_response(error, 3) is None
+
+
+# --- NFLOG (nftables without nft_queue) ------------------------------------------------
+
+
+def _kernel_log(attrs: bytes, group: int = 5421) -> nl.Message:
+    body = nl.NFGEN_HDR.pack(socket.AF_INET, 0, group) + attrs
+    data = nl.message((nflog.NFNL_SUBSYS_ULOG << 8) | nflog.NFULNL_MSG_PACKET, 0, 0, body)
+    return next(nl.parse_messages(data))
+
+
+def test_nflog_bind_and_mode_messages() -> None:
+    bind = next(nl.parse_messages(nflog.build_config(5421, 7, command=nflog.NFULNL_CFG_CMD_BIND)))
+    assert bind.type == (4 << 8) | 1 and bind.seq == 7
+    assert bind.flags == nl.NLM_F_REQUEST | nl.NLM_F_ACK
+    assert nl.NFGEN_HDR.unpack_from(bind.payload) == (socket.AF_UNSPEC, 0, 5421)
+    attrs = nl.parse_attrs(bind.payload, nl.NFGEN_HDR.size)
+    assert attrs == {nflog.NFULA_CFG_CMD: bytes([nflog.NFULNL_CFG_CMD_BIND])}
+    mode = next(
+        nl.parse_messages(nflog.build_config(5421, 8, copy_range=4096, qthresh=1, timeout_cs=1))
+    )
+    attrs = nl.parse_attrs(mode.payload, nl.NFGEN_HDR.size)
+    # struct nfulnl_msg_config_mode: __be32 copy_range, __u8 copy_mode, __u8 pad (packed).
+    assert attrs[nflog.NFULA_CFG_MODE] == struct.pack("!IBx", 4096, nflog.NFULNL_COPY_PACKET)
+    assert attrs[nflog.NFULA_CFG_QTHRESH] == struct.pack("!I", 1)
+    assert attrs[nflog.NFULA_CFG_TIMEOUT] == struct.pack("!I", 1)
+
+
+def test_nflog_packet_parse() -> None:
+    attrs = (
+        nl.attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, nfq.NF_INET_LOCAL_OUT))
+        + nl.attr(nflog.NFULA_MARK, struct.pack("!I", 0x20))
+        + nl.attr(nflog.NFULA_IFINDEX_OUTDEV, struct.pack("!I", 2))
+        + nl.attr(nflog.NFULA_PAYLOAD, b"\x45packet")
+        + nl.attr(nflog.NFULA_UID, struct.pack("!I", 1001))
+        + nl.attr(nflog.NFULA_GID, struct.pack("!I", 1002))
+    )
+    pkt = nflog.parse_log_message(_kernel_log(attrs))
+    assert pkt == nfq.QueuedPacket(
+        packet_id=0,
+        hook=nfq.NF_INET_LOCAL_OUT,
+        mark=0x20,
+        uid=1001,
+        gid=1002,
+        indev=None,
+        outdev=2,
+        payload=b"\x45packet",
+    )
+    forwarded = nl.attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x86DD, nfq.NF_INET_FORWARD))
+    pkt = nflog.parse_log_message(_kernel_log(forwarded))
+    assert pkt is not None and (pkt.uid, pkt.hook) == (None, nfq.NF_INET_FORWARD)
+    # A queue packet is not a log packet, and a log message without its header is nothing.
+    queued = nl.attr(nfq.NFQA_PACKET_HDR, struct.pack("!IHB", 1, 0x0800, 3))
+    assert nflog.parse_log_message(_kernel_packet(queued)) is None
+    assert nflog.parse_log_message(_kernel_log(nl.attr(nflog.NFULA_MARK, b"\0" * 4))) is None

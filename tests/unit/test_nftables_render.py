@@ -22,6 +22,7 @@ from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 GOLDEN = Path(__file__).parent / "golden"
 GROUPS = {4343: (5001, 5002), 0: (0,)}
 
+#: Name -> (config, queue number); the kernel can queue.
 CASES: dict[str, tuple[str, int | None]] = {
     "enforce_reject": ("", None),
     "enforce_drop": ("action: drop\n", None),
@@ -30,6 +31,11 @@ CASES: dict[str, tuple[str, int | None]] = {
     "groups_expanded": ("allow: {users: [4242], groups: [4343]}\ncontainers: allow\n", None),
     "broker_mark": ("broker: {enabled: true}\n", None),
     "ipv4_only": ("endpoints: [169.254.169.254]\n", None),
+}
+#: Capture on, but the kernel cannot queue from nftables: log group, then deny at once.
+LOG_CASES: dict[str, str] = {
+    "enforce_log": "",
+    "audit_log": "mode: audit\n",
 }
 
 
@@ -45,6 +51,27 @@ def test_render_matches_golden_file(case: str) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(got)
     assert got == golden.read_text()
+
+
+@pytest.mark.parametrize("case", sorted(LOG_CASES))
+def test_render_without_nft_queue_matches_golden_file(case: str) -> None:
+    ruleset = _ruleset(LOG_CASES[case], QUEUE_NUM)
+    got = "\n".join(render(ruleset, GROUPS, hold=False).lines()) + "\n"
+    golden = GOLDEN / f"nftables_{case}.jsonl"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+    assert "queue" not in got and '"log": {"group": 5421}' in got
+
+
+def test_the_log_rule_is_not_what_protects() -> None:
+    # Flushing the log rule loses events, not protection: drifted, not missing.
+    ruleset = _ruleset("", QUEUE_NUM)
+    plan = render(ruleset, GROUPS, hold=False)
+    listing = _listing(plan)
+    no_log = [o for o in listing if "log" not in json.dumps(o.get("rule", {}).get("expr", []))]
+    assert len(no_log) == len(listing) - 2  # guard and fwd_guard
+    assert _states(compare(no_log, plan, ruleset)) == {FamilyState.DRIFTED}
 
 
 def test_batch_replaces_the_table_atomically() -> None:

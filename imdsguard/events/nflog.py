@@ -1,0 +1,231 @@
+"""A minimal NFLOG client: nfnetlink_log over a raw ``NETLINK_NETFILTER`` socket.
+
+Where it is used: on an nftables host whose kernel has no ``nft_queue``
+(``CONFIG_NFT_QUEUE``), the denied packet cannot be held for attribution.
+The rules then put a ``log group`` statement in front of the deny (it never
+changes a verdict: the packet goes on to the reject or drop), and the
+capture reads copies of the packets here. The kernel fills in the socket
+owner's uid and gid itself, so the user is always known; the process is
+looked up while its socket still exists (with ``action: drop`` the client
+waits in ``connect()``; with ``reject`` a process that exits within a
+fraction of a millisecond can be gone).
+
+Same framing and the same :class:`~imdsguard.events.nfqueue.QueuedPacket`
+as the queue client, so the capture handles both alike; ``packet_id`` is the
+group's sequence number here and nothing ever answers it.
+
+Protocol (``linux/netfilter/nfnetlink_log.h``): config messages bind a group,
+set the copy mode (``NFULNL_COPY_PACKET`` with a range) and a queue
+threshold of 1 (each packet is sent at once, not batched for up to a
+second); packet messages carry ``NFULA_PACKET_HDR``, mark, interfaces,
+payload, uid and gid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import socket
+import struct
+
+from imdsguard.errors import PermissionDeniedError
+from imdsguard.events import _netlink as nl
+from imdsguard.events.nfqueue import NETLINK_NETFILTER, NFNETLINK_V0, CaptureError, QueuedPacket
+
+NFNL_SUBSYS_ULOG = 4
+
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_CFG_CMD_UNBIND = 2
+
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULA_CFG_NLBUFSIZ = 3
+NFULA_CFG_TIMEOUT = 4
+NFULA_CFG_QTHRESH = 5
+
+NFULNL_COPY_PACKET = 2
+
+NFULA_PACKET_HDR = 1
+NFULA_MARK = 2
+NFULA_IFINDEX_INDEV = 4
+NFULA_IFINDEX_OUTDEV = 5
+NFULA_PAYLOAD = 9
+NFULA_UID = 11
+NFULA_SEQ = 12
+NFULA_GID = 14
+
+_PACKET_HDR = struct.Struct("!HBx")  # hw_protocol, hook, pad
+_BE32 = struct.Struct("!I")
+
+DEFAULT_COPY_RANGE = 4096
+RCVBUF = 4 * 1024 * 1024
+
+
+def _msg_type(msg: int) -> int:
+    return (NFNL_SUBSYS_ULOG << 8) | msg
+
+
+def build_config(
+    group: int,
+    seq: int,
+    *,
+    command: int | None = None,
+    copy_range: int | None = None,
+    qthresh: int | None = None,
+    timeout_cs: int | None = None,
+) -> bytes:
+    """A config message (with an ACK request) for log ``group``."""
+    attrs = b""
+    if command is not None:
+        attrs += nl.attr(NFULA_CFG_CMD, struct.pack("!B", command))
+    if copy_range is not None:
+        attrs += nl.attr(NFULA_CFG_MODE, struct.pack("!IBx", copy_range, NFULNL_COPY_PACKET))
+    if qthresh is not None:
+        attrs += nl.attr(NFULA_CFG_QTHRESH, _BE32.pack(qthresh))
+    if timeout_cs is not None:
+        attrs += nl.attr(NFULA_CFG_TIMEOUT, _BE32.pack(timeout_cs))
+    header = nl.NFGEN_HDR.pack(socket.AF_UNSPEC, NFNETLINK_V0, group)
+    return nl.message(
+        _msg_type(NFULNL_MSG_CONFIG), nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, header + attrs
+    )
+
+
+def parse_log_message(msg: nl.Message) -> QueuedPacket | None:
+    """The logged packet in a netlink message; None if it is not one."""
+    if msg.type != _msg_type(NFULNL_MSG_PACKET) or len(msg.payload) < nl.NFGEN_HDR.size:
+        return None
+    attrs = nl.parse_attrs(msg.payload, nl.NFGEN_HDR.size)
+    hdr = attrs.get(NFULA_PACKET_HDR)
+    if hdr is None or len(hdr) < _PACKET_HDR.size:
+        return None
+    _, hook = _PACKET_HDR.unpack_from(hdr)
+
+    def be32(kind: int) -> int | None:
+        value = attrs.get(kind)
+        return _BE32.unpack_from(value)[0] if value is not None and len(value) >= 4 else None
+
+    return QueuedPacket(
+        packet_id=be32(NFULA_SEQ) or 0,
+        hook=hook,
+        mark=be32(NFULA_MARK) or 0,
+        uid=be32(NFULA_UID),
+        gid=be32(NFULA_GID),
+        indev=be32(NFULA_IFINDEX_INDEV),
+        outdev=be32(NFULA_IFINDEX_OUTDEV),
+        payload=attrs.get(NFULA_PAYLOAD, b""),
+    )
+
+
+class NfLog:
+    """One bound NFLOG group: receive copies of packets. Not thread-safe.
+
+    The same surface as :class:`~imdsguard.events.nfqueue.NfQueue` (``fileno``,
+    ``receive``, ``verdict``, ``configure``, ``close``) so the capture can use
+    either; ``verdict`` does nothing, since the kernel never waits for one.
+    """
+
+    holds_packets = False
+
+    def __init__(self, group: int, *, copy_range: int = DEFAULT_COPY_RANGE) -> None:
+        self.group = group
+        self._seq = itertools.count(1)
+        self._buf = bytearray(65536)
+        self._backlog: list[QueuedPacket] = []
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        except OSError as exc:
+            raise CaptureError(f"cannot open a netfilter netlink socket: {exc}") from None
+        try:
+            self.sock.bind((0, 0))
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, nl.SO_RCVBUFFORCE, RCVBUF)
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(nl.SOL_NETLINK, nl.NETLINK_NO_ENOBUFS, 1)
+            self._bind(copy_range)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+
+    def _request(self, data: bytes, what: str) -> None:
+        seq = nl.NLMSG_HDR.unpack_from(data)[3]
+        self.sock.settimeout(2.0)
+        try:
+            self.sock.send(data)
+            while True:
+                for msg in nl.parse_messages(self.sock.recv(65536)):
+                    pkt = parse_log_message(msg)
+                    if pkt is not None:
+                        self._backlog.append(pkt)
+                    elif msg.type == nl.NLMSG_ERROR and msg.seq == seq:
+                        err = nl.error_code(msg)
+                        if err:
+                            raise OSError(err, os.strerror(err))
+                        return
+        except socket.timeout:
+            raise CaptureError(f"no answer from the kernel to {what}") from None
+        finally:
+            self.sock.settimeout(None)
+
+    def _bind(self, copy_range: int) -> None:
+        group = self.group
+        try:
+            self._request(
+                build_config(group, next(self._seq), command=NFULNL_CFG_CMD_BIND),
+                f"binding log group {group}",
+            )
+            self._request(
+                build_config(
+                    group, next(self._seq), copy_range=copy_range, qthresh=1, timeout_cs=1
+                ),
+                f"configuring log group {group}",
+            )
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                raise PermissionDeniedError(
+                    f"cannot bind NFLOG group {group}: needs root (CAP_NET_ADMIN)"
+                ) from None
+            if exc.errno == errno.EBUSY:
+                raise CaptureError(
+                    f"NFLOG group {group} is already bound: another imdsguard daemon runs "
+                    f"in this network namespace; stop it first"
+                ) from None
+            raise CaptureError(f"cannot bind NFLOG group {group}: {exc.strerror}") from None
+
+    def configure(self, fail_open: bool, copy_range: int = DEFAULT_COPY_RANGE) -> None:
+        """Nothing to change with the mode: a log never blocks (``fail_open`` is moot)."""
+
+    def fileno(self) -> int:
+        """For select()."""
+        return self.sock.fileno()
+
+    def receive(self) -> list[QueuedPacket]:
+        """Packets logged since the last call (empty when none: non-blocking)."""
+        if self._backlog:
+            packets, self._backlog = self._backlog, []
+            return packets
+        try:
+            n = self.sock.recv_into(self._buf)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return []  # the kernel dropped copies; the packets were denied all the same
+            raise
+        found = (parse_log_message(m) for m in nl.parse_messages(bytes(self._buf[:n])))
+        return [p for p in found if p is not None]
+
+    def verdict(self, packet_id: int, verdict: int, mark: int | None = None) -> None:
+        """Nothing to answer: the packet went on through the rules already."""
+
+    def close(self) -> None:
+        """Unbind and close."""
+        with contextlib.suppress(OSError):
+            self.sock.setblocking(True)
+            self.sock.send(build_config(self.group, next(self._seq), command=NFULNL_CFG_CMD_UNBIND))
+        self.sock.close()
