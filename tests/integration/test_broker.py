@@ -173,7 +173,8 @@ class Env:
         return doc
 
 
-def _client_recipe(workdir: str, user: User, config_path: str, sock: str) -> Client:
+def _client_recipe(workdir: str, user: User, config_path: str) -> Client:
+    """How ``user`` runs Python here, with an AWS config whose credential_process is imdsguard."""
     python = sys.executable
     env = {"HOME": workdir, "PATH": "/usr/bin:/bin", "AWS_EC2_METADATA_DISABLED": "true"}
     import botocore
@@ -186,25 +187,8 @@ def _client_recipe(workdir: str, user: User, config_path: str, sock: str) -> Cli
             sys.executable
         )  # the interpreter itself, e.g. /usr/bin/python3.11
         env["PYTHONPATH"] = site
-    has_command = (
-        subprocess.run(
-            [python, "-m", "imdsguard", "credentials", "--help"],
-            capture_output=True,
-            env={**os.environ, **env},
-            check=False,
-        ).returncode
-        == 0
-    )
-    if has_command:
-        argv = [python, "-m", "imdsguard", "credentials", "-c", config_path]
-    else:  # until the CLI has the subcommand: the function it runs
-        argv = [
-            python,
-            "-c",
-            "import sys; from imdsguard.broker.client import credentials_main as m; "
-            "sys.exit(m(sys.argv[1]))",
-            sock,
-        ]
+    # The real command, as users put it in their AWS config: no stand-in.
+    argv = [python, "-m", "imdsguard", "credentials", "-c", config_path]
     aws = os.path.join(workdir, "aws")
     os.makedirs(aws, exist_ok=True)
     os.chmod(aws, 0o755)  # noqa: S103 - test users read it
@@ -259,7 +243,7 @@ def _broker_env(
             sock,
             control,
             request_log,
-            _client_recipe(workdir, users["imdsg-app"], daemon.config_path, sock),
+            _client_recipe(workdir, users["imdsg-app"], daemon.config_path),
         )
         try:
             wait_for(lambda: os.path.exists(sock), 10, "the broker socket", daemon.proc)
@@ -337,7 +321,9 @@ def test_non_client_gets_a_clear_refusal(env: Env, test_users: dict[str, User]) 
     assert first["user"] == "imdsg-denied"
     assert first["attributed"] is True
     assert first["exe"] == os.path.realpath(env.client.python)
-    assert first["cmdline"][0] == env.client.credentials_argv[0]
+    # The peer was the real `imdsguard credentials` (botocore runs the same command).
+    assert first["cmdline"] == env.client.credentials_argv
+    assert first["cmdline"][1:4] == ["-m", "imdsguard", "credentials"]
     assert first["ancestors"]
 
 

@@ -285,7 +285,7 @@ def test_abuse_does_not_delay_a_legitimate_client(
     wait_for(lambda: os.path.exists(sock), 10, "the broker socket", daemon.proc)
     wait_for(lambda: fetch_health(sock)[1]["status"] == "ok", 10, "the broker's credentials")
     app = test_users["imdsg-app"]
-    client = _client_recipe(daemon.workdir, app, daemon.config_path, sock)
+    client = _client_recipe(daemon.workdir, app, daemon.config_path)
     topo = daemon.topo
 
     def legit(count: int) -> list[float]:
