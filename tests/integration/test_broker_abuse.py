@@ -11,11 +11,12 @@ queue for a moment, which a client must wait out rather than fail).
 Meanwhile ``imdsg-app`` fetches its credentials in a loop, as it did before
 the abuse for a baseline.
 
-The properties: the median fetch is at most 100 ms slower than the
-baseline's (it is a fraction of a millisecond in practice) and every fetch
-succeeds; the daemon stays up and ``/v1/health`` answers 200; each abuser
-gets a proper HTTP error (400/414/431/505, 408 for a head not complete
-within ``Limits.read_timeout``, 503 when over a cap) or is cut off (an idle
+The properties: the median fetch, and the slowest, are at most 100 ms slower
+than the baseline's median (a fraction of a millisecond and a millisecond or
+two in practice) and every fetch succeeds; the daemon stays up and
+``/v1/health`` answers 200; each abuser gets a proper HTTP error
+(400/414/431/505, 408 for a head not complete within
+``Limits.read_timeout``, 503 when over a cap) or is cut off (an idle
 connection is closed after ``read_timeout``), and never anything else.
 
 The limits are the defaults of ``broker.limits`` (the configuration keys,
@@ -359,6 +360,7 @@ def test_abuse_does_not_delay_a_legitimate_client(
         "abuse_median_ms": round(statistics.median(under), 3),
         "abuse_p95_ms": round(_percentile(under, 0.95), 3),
         "abuse_max_ms": round(max(under), 3),
+        "worst_delay_ms": round(max(under) - statistics.median(baseline), 3),
         "measured_s": round(measured_s, 1),
         "broker_connections_seen": max(held, default=None),
     }
@@ -366,8 +368,11 @@ def test_abuse_does_not_delay_a_legitimate_client(
     for name, summary in summaries.items():
         print(f"[broker-abuse] {name}: {summary}")
 
-    # The legitimate client: served every time, its median at most 100 ms slower.
+    # The legitimate client: served every time, its median and its slowest fetch
+    # at most 100 ms slower than the baseline's median ("not delayed by more
+    # than 100 ms" holds for every fetch, not only the typical one).
     assert statistics.median(under) - statistics.median(baseline) < MAX_DELAY_MS, figures
+    assert figures["worst_delay_ms"] < MAX_DELAY_MS, figures
     # Nothing crashed: the daemon runs, health answers 200 and is ok.
     assert daemon.proc.poll() is None
     status, health = fetch_health(sock)
