@@ -29,7 +29,7 @@ from imdsguard.config import Config, load_config
 from imdsguard.errors import ConfigError, ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import make_backend
-from imdsguard.notify import notify
+from imdsguard.notify import Notifier
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
 DEFAULT_INTERVAL = 0.25  # polling backends (x_tables has no change notification)
@@ -81,6 +81,15 @@ class Daemon:
         self.config: Config
         self.ruleset: RuleSet
         self.backend: Backend
+        self._notify = Notifier(on_error=self._notify_failed)
+
+    def _notify_failed(self, address: str, error: str) -> None:
+        self.log.warning(
+            "sd_notify_failed",
+            socket=address,
+            error=error,
+            effect="systemd is not told about readiness; protection is not affected",
+        )
 
     # -- signals
 
@@ -119,11 +128,11 @@ class Daemon:
             self._apply("startup")
             self.last_states = self._rule_states()
             self._publish()
-            notify("READY=1", f"STATUS=protecting IMDS ({self.config.mode} mode)")
+            self._notify("READY=1", f"STATUS=protecting IMDS ({self.config.mode} mode)")
             self.log.info("daemon_ready", rules=self.last_states)
             self._loop()
         finally:
-            notify("STOPPING=1")
+            self._notify("STOPPING=1")
             self._hand_over()
             final = {n: c.health() for n, c in self._components.items()}
             self._stop_components()

@@ -1,15 +1,17 @@
-"""The command line: one-line errors, exit codes, check-config output (no root needed)."""
+"""The command line: one-line errors, exit codes, check-config output, sd_notify."""
 
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from imdsguard import cli, notify
+from imdsguard.daemon import Daemon
 
 
 def _config(tmp_path: Path, text: str) -> str:
@@ -93,3 +95,31 @@ def test_check_config_rules_for_nftables(
     assert cli.main(["check-config", "-c", path, "--rules"]) == 0
     out = capsys.readouterr().out
     assert '"hook": "output"' in out and '"name": "allow_uids"' in out
+
+
+class _Log:
+    """Records structlog-style calls: (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **fields: self.calls.append((level, event, fields))
+
+
+@pytest.mark.parametrize("address", ["stale.sock", "@imdsguard-test-no-such-socket", "file"])
+def test_unreachable_notify_socket_warns_once_and_never_raises(
+    address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if address == "file":
+        (tmp_path / "file").write_text("not a socket")
+    if not address.startswith("@"):
+        address = str(tmp_path / address)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    assert notify.notify("READY=1") is False  # the plain function does not raise either
+    log = _Log()
+    daemon = Daemon(None, log)
+    assert daemon._notify("READY=1", "STATUS=protecting IMDS") is False
+    assert daemon._notify("STOPPING=1") is False
+    assert [(lvl, ev) for lvl, ev, _ in log.calls] == [("warning", "sd_notify_failed")]
+    assert log.calls[0][2]["socket"] == address and log.calls[0][2]["error"]
