@@ -19,9 +19,10 @@ from imdsguard.policy import RuleSet, build_ruleset
 
 _FINE = (FamilyState.OK, FamilyState.DISABLED)
 EXIT = {"protected": 0, "degraded": 1, "unprotected": 2, "unknown": 3}
+RECENT = 5  # blocked attempts shown by ``status``
 
 
-def _blocked(limit: int = 5) -> dict[str, Any]:
+def _blocked(limit: int = RECENT) -> dict[str, Any]:
     try:
         from imdsguard.events.log import count_events, read_events  # noqa: PLC0415
     except ImportError:
@@ -141,6 +142,12 @@ def render_text(doc: dict[str, Any]) -> str:
         healthy = "healthy" if doc["broker"]["healthy"] else "NOT healthy"
         lines.append(f"  broker:   {healthy}")
     lines.append(f"  blocked:  {doc['blocked']['total']} attempts logged")
+    recent = doc["blocked"].get("recent") or []
+    if recent:
+        from imdsguard.events.log import format_console  # noqa: PLC0415 - text output only
+
+        lines.append(f"  recent:   (last {min(len(recent), RECENT)}, newest last)")
+        lines.extend(f"    {format_console(event)}" for event in recent[-RECENT:])
     if doc["attribution"].get("available") is False:
         lines.append(f"  note:     attribution unavailable: {doc['attribution']['reason']}")
     for reason in doc["reasons"]:

@@ -1,4 +1,4 @@
-"""The command line: one-line errors, exit codes, check-config output, sd_notify."""
+"""The command line: one-line errors, exit codes, check-config and status output, sd_notify."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from imdsguard import cli, notify
+from imdsguard import cli, notify, status
 from imdsguard.daemon import Daemon
+from imdsguard.events.log import format_console
 
 
 def _config(tmp_path: Path, text: str) -> str:
@@ -123,3 +124,57 @@ def test_unreachable_notify_socket_warns_once_and_never_raises(
     assert daemon._notify("STOPPING=1") is False
     assert [(lvl, ev) for lvl, ev, _ in log.calls] == [("warning", "sd_notify_failed")]
     assert log.calls[0][2]["socket"] == address and log.calls[0][2]["error"]
+
+
+HOSTILE_EXE = "/tmp/\x1b[2J\x1b[31mfake\nimdsguard: PROTECTED"
+
+
+def _event(pid: int, exe: str = "/usr/bin/curl") -> dict[str, Any]:
+    return {
+        "event": "imds_access_blocked",
+        "timestamp": f"2024-05-01T12:00:0{pid % 10}Z",
+        "mode": "enforce",
+        "family": "ipv4",
+        "dst": "169.254.169.254",
+        "dport": 80,
+        "uid": 1000,
+        "user": "app",
+        "pid": pid,
+        "exe": exe,
+        "cmdline": [exe, "--evil\x07"],
+        "attributed": True,
+    }
+
+
+def _status_doc(recent: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    return {
+        "state": "protected",
+        "mode": "enforce",
+        "backend": "nftables",
+        "daemon": {"running": True, "pid": 42, "rules_restored_total": 0},
+        "rules": {"ipv4": "ok", "ipv6": "ok"},
+        "broker": {"enabled": False, "healthy": None},
+        "attribution": {"available": True, "reason": None},
+        "blocked": {"total": total, "recent": recent},
+        "reasons": [],
+        "problems": [],
+    }
+
+
+def test_status_text_shows_recent_events_escaped() -> None:
+    recent = [_event(pid) for pid in range(1, 7)] + [_event(99, HOSTILE_EXE)]
+    text = status.render_text(_status_doc(recent, total=1234))
+    assert "1234 attempts logged" in text
+    assert "\x1b" not in text and "\x07" not in text
+    lines = text.splitlines()
+    assert not any(ln.startswith("imdsguard: PROTECTED") for ln in lines[1:])  # no forged line
+    shown = [ln for ln in lines if "BLOCKED" in ln]
+    assert len(shown) == status.RECENT
+    assert "pid=99" in shown[-1] and "pid=3 " in shown[0]  # the last five, newest last
+    assert "exe=/tmp/\\x1b[2J\\x1b[31mfake\\nimdsguard: PROTECTED" in shown[-1]
+    assert shown[-1] == "    " + format_console(recent[-1])  # the events command's format
+
+
+def test_status_text_without_events_has_no_recent_section() -> None:
+    text = status.render_text(_status_doc([], total=0))
+    assert "0 attempts logged" in text and "recent" not in text
