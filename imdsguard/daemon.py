@@ -242,7 +242,9 @@ class Daemon:
             "rules": states,
             "rules_restored_total": self.counters.rules_restored,
             "reload_failures": self.counters.reload_failures,
-            "blocked_total": _blocked_total(),
+            # Every attempt the capture saw this run: logged, rate-limited, or lost
+            # to a full queue (cheap, and it only goes up; the log can be rotated).
+            "blocked_total": sum(capture.get(k, 0) for k in ("events", "suppressed", "dropped")),
             "blocked_by": blocked_by,
             "broker_requests": (broker or {}).get("requests_by_status", {}),
             "broker_healthy": None if broker is None else bool(broker.get("healthy")),
@@ -378,15 +380,6 @@ class Daemon:
         exporter = self._components.get("metrics")
         if exporter is not None:
             exporter.write_now()  # type: ignore[attr-defined]
-
-
-def _blocked_total() -> int:
-    from imdsguard.events.log import count_events  # noqa: PLC0415
-
-    try:
-        return count_events(paths.events_file())
-    except OSError:
-        return 0
 
 
 def _drain(fd: int | socket.socket) -> None:

@@ -2,8 +2,15 @@
 
 The text exposition format is small and stable, so it is written here rather
 than pulling prometheus-client into the RPM; the tests parse the output with
-prometheus-client's own parser. Label sets are bounded: per-user/exe
-counters keep the ``TOP`` busiest and fold the rest into ``other``.
+prometheus-client's own parser.
+
+Every counter only goes up while the daemon runs, so that ``rate()`` and
+``increase()`` alarms mean what they say. That is why the per-user/exe
+label set is sticky rather than a "top N" re-ranked on every scrape (a
+process dropping out of a top list would make its series vanish and the
+``other`` bucket jump): a (user, exe) pair that gets a series of its own
+keeps it, up to ``MAX_SERIES`` pairs; pairs first seen after that are
+counted in ``other`` for good.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from imdsguard.config import MetricsConfig
+from imdsguard.errors import ImdsGuardError
 
-TOP = 20
+MAX_SERIES = 50
+OTHER = ("other", "other")
 Collect = Callable[[], dict[str, Any]]
 
 
@@ -50,8 +59,41 @@ class _Writer:
             self.lines.append(f"{name}{_labels(labels)} {float(value):g}")
 
 
-def render(snap: dict[str, Any]) -> str:
-    """The exposition text for a daemon snapshot (see ``Daemon.metrics_snapshot``)."""
+class ProcessSeries:
+    """Which (user, exe) pairs get a series of their own (see the module docstring).
+
+    Thread-safe: the endpoint's threads and the textfile writer share one.
+    """
+
+    def __init__(self, cap: int = MAX_SERIES) -> None:
+        self.cap = cap
+        self._own: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def samples(self, counts: dict[tuple[str, str], int]) -> list[tuple[dict[str, str], int]]:
+        """One sample per pair with a series, plus ``other`` for the rest (once non-zero)."""
+        with self._lock:
+            # New pairs are admitted busiest first while there is room; once
+            # full, never again (so a pair counted in ``other`` stays there).
+            new = sorted(
+                (k for k in counts if k not in self._own and k != OTHER),
+                key=lambda k: (-counts[k], k),
+            )
+            self._own.update(new[: max(0, self.cap - len(self._own))])
+            own = sorted(k for k in counts if k in self._own)
+        samples = [({"user": u, "exe": e}, counts[(u, e)]) for u, e in own]
+        rest = sum(n for k, n in counts.items() if k not in self._own)
+        if rest:
+            samples.append(({"user": OTHER[0], "exe": OTHER[1]}, rest))
+        return samples
+
+
+def render(snap: dict[str, Any], series: ProcessSeries | None = None) -> str:
+    """The exposition text for a daemon snapshot (see ``Daemon.metrics_snapshot``).
+
+    ``series``: the exporter's sticky per-process label set (a fresh one when
+    rendering once).
+    """
     w = _Writer()
     w.metric(
         "imdsguard_build_info",
@@ -83,26 +125,24 @@ def render(snap: dict[str, Any]) -> str:
     w.metric(
         "imdsguard_config_reload_failures_total",
         "counter",
-        "SIGHUP reloads refused because the new configuration was invalid.",
+        "SIGHUP reloads refused (config invalid, or its rules or components could not be "
+        "put in place); the previous policy stayed.",
         [({}, snap.get("reload_failures", 0))],
     )
     w.metric(
         "imdsguard_blocked_total",
         "counter",
-        "IMDS access attempts denied (or, in audit mode, audited) and logged.",
+        "IMDS connection attempts denied (in audit mode: audited) since the daemon started, "
+        "each counted once (SYN retransmits folded), including those the rate limit kept "
+        "out of the event log.",
         [({}, snap.get("blocked_total", 0))],
     )
-    by_who: dict[tuple[str, str], int] = snap.get("blocked_by", {})
-    ranked = sorted(by_who.items(), key=lambda kv: -kv[1])
-    samples = [({"user": u, "exe": e}, n) for (u, e), n in ranked[:TOP]]
-    rest = sum(n for _, n in ranked[TOP:])
-    if rest:
-        samples.append(({"user": "other", "exe": "other"}, rest))
     w.metric(
         "imdsguard_blocked_by_process_total",
         "counter",
-        f"Blocked attempts by user and executable (top {TOP}, the rest as other).",
-        samples,
+        "Blocked attempts written to the event log, by user and executable (the first "
+        f"{MAX_SERIES} pairs seen have their own series, later ones count as other).",
+        (series or ProcessSeries()).samples(snap.get("blocked_by", {})),
     )
     w.metric(
         "imdsguard_broker_requests_total",
@@ -144,19 +184,33 @@ class MetricsExporter:
     """Daemon component: keeps the textfile fresh and/or serves ``/metrics``."""
 
     def __init__(self, config: MetricsConfig, collect: Collect, logger: Any) -> None:
-        self.config = config
         self.collect = collect
         self.log = logger
         self.interval = 15.0
+        self._series = ProcessSeries()  # kept across reconfigure: counters never jump
+        self._reset(config)
+
+    def _reset(self, config: MetricsConfig) -> None:
+        self.config = config
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: ThreadingHTTPServer | None = None
         self._errors = 0
 
+    def render(self) -> str:
+        """The current exposition text."""
+        return render(self.collect(), self._series)
+
     def start(self) -> None:
         """Bind the endpoint (if configured) and start refreshing the textfile."""
         if self.config.listen is not None:
-            self._server = _make_server(self.config.listen, self.collect)
+            host, port = self.config.listen
+            try:
+                self._server = _make_server(self.config.listen, self.render)
+            except OSError as exc:
+                raise ImdsGuardError(
+                    f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from None
             threading.Thread(
                 target=self._server.serve_forever, name="metrics-http", daemon=True
             ).start()
@@ -174,7 +228,7 @@ class MetricsExporter:
         if self.config.textfile is None:
             return
         try:
-            write_textfile(self.config.textfile, render(self.collect()))
+            write_textfile(self.config.textfile, self.render())
         except OSError as exc:
             self._errors += 1
             self.log.error("metrics_write_failed", path=self.config.textfile, error=str(exc))
@@ -189,11 +243,25 @@ class MetricsExporter:
             self._thread.join(timeout=5)
 
     def reconfigure(self, config: Any) -> None:
-        """Adopt a new config: restart when the metrics section changed."""
-        if config.metrics != self.config:
-            self.stop()
-            self.__init__(config.metrics, self.collect, self.log)  # type: ignore[misc]
+        """Adopt a new config: restart when the metrics section changed.
+
+        Raises ImdsGuardError when the new endpoint cannot be bound; the old
+        one is back in service by then (the daemon rolls the reload back).
+        """
+        if config.metrics == self.config:
+            return
+        old = self.config
+        self.stop()
+        self._reset(config.metrics)
+        try:
             self.start()
+        except ImdsGuardError:
+            self._reset(old)
+            try:
+                self.start()
+            except ImdsGuardError as again:
+                self.log.error("metrics_unavailable", error=str(again))
+            raise
 
     def health(self) -> dict[str, Any]:
         """For ``status``."""
@@ -206,13 +274,13 @@ class MetricsExporter:
         }
 
 
-def _make_server(listen: tuple[str, int], collect: Collect) -> ThreadingHTTPServer:
+def _make_server(listen: tuple[str, int], text: Callable[[], str]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)
                 return
-            body = render(collect()).encode()
+            body = text().encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
