@@ -201,6 +201,20 @@ def _client_recipe(workdir: str, user: User, config_path: str) -> Client:
     return Client(python, env, argv)
 
 
+def broker_config(sock: str) -> str:
+    """The ``broker:`` section of these tests: on at ``sock`` for imdsg-app and imdsg-readers."""
+    return textwrap.dedent(
+        f"""\
+        broker:
+          enabled: true
+          socket: {sock}
+          clients:
+            users: [imdsg-app]
+            groups: [imdsg-readers]
+        """
+    )
+
+
 def _broker_env(
     workdir: str, backend: str, users: dict[str, User], lifetime: float = 3600
 ) -> Iterator[Env]:
@@ -221,20 +235,7 @@ def _broker_env(
             env[f"IMDSGUARD_{key.upper()}_DIR"] = path
         sock = os.path.join(workdir, "run", "broker.sock")
         daemon = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env, backend)
-        daemon.write_config(
-            textwrap.dedent(
-                f"""\
-                allow:
-                  users: []
-                broker:
-                  enabled: true
-                  socket: {sock}
-                  clients:
-                    users: [imdsg-app]
-                    groups: [imdsg-readers]
-                """
-            )
-        )
+        daemon.write_config("allow:\n  users: []\n" + broker_config(sock))
         daemon.start()
         setup = Env(
             topo,

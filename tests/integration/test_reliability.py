@@ -5,7 +5,8 @@ marked ``long`` (``make test-long``). The properties:
 
 - stop/start cycles leave exactly one copy of our rules and a denied user denied;
 - SIGHUPs under a denied client's hammering never let it through, and the
-  daemon's fds, sockets, threads and RSS stay flat;
+  daemon's fds, sockets, threads and RSS stay flat, with the broker on too
+  (restarted on a new socket, or reconfigured, by every reload; serving after each);
 - ``kill -9`` at any point (starting, reloading, idle, stopping) leaves the
   host closed, and the next start adopts the rules without a gap;
 - racing one-shot ``apply``/``remove --force`` (and the daemon) are
@@ -35,17 +36,22 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from imdsguard.broker.client import fetch_health
 from imdsguard.cli import build_parser
 from imdsguard.config import parse_config
-from imdsguard.errors import ImdsGuardError
+from imdsguard.errors import BrokerError, ImdsGuardError
 from imdsguard.firewall import iptables, nftables
 from imdsguard.netns import Topology, User, wait_for
 from imdsguard.policy import FAMILIES, RuleSet, build_ruleset
 from tests.integration.conftest import DaemonHandle
+from tests.integration.test_broker import Env as BrokerEnv
+from tests.integration.test_broker import _broker_env, broker_config
 
 NOBODY = User(65534, 65534)
 PROBE_TIMEOUT = 0.25
@@ -425,26 +431,72 @@ RELOAD_CONFIGS = [
 RSS_SLACK_KIB = 3 * 1024
 
 
+@dataclass
+class Reloading:
+    """A started daemon, the configs to cycle through and, with the broker, its setup."""
+
+    daemon: DaemonHandle
+    configs: list[str]
+    broker: BrokerEnv | None = None
+    sockets: list[str] = field(default_factory=list)  # the broker's socket per config
+
+
+@pytest.fixture(params=["plain", "broker"])
+def reloading(
+    request: Any, backend: str, workdir: str, test_users: dict[str, User]
+) -> Iterator[Reloading]:
+    """RELOAD_CONFIGS on a started daemon, without and with the broker.
+
+    With the broker: test_broker's set-up (broker on, simulated IMDS requiring
+    tokens), and the configs move the broker between two sockets, so reloads
+    restart it (socket, threads, worker pool) as well as reconfigure it.
+    """
+    if request.param == "plain":
+        daemon: DaemonHandle = request.getfixturevalue("daemon")
+        yield Reloading(daemon.start(), RELOAD_CONFIGS)
+        return
+    setup = _broker_env(workdir, backend, test_users)
+    env = next(setup)  # started, the broker healthy
+    try:
+        run_dir = env.daemon.env["IMDSGUARD_RUN_DIR"]
+        socks = [env.socket, os.path.join(run_dir, "broker-b.sock")]
+        sockets = [socks[i % 2] for i in range(len(RELOAD_CONFIGS))]
+        configs = [c + broker_config(sock) for c, sock in zip(RELOAD_CONFIGS, sockets)]
+        yield Reloading(env.daemon, configs, env, sockets)
+    finally:
+        setup.close()  # stops the daemon, takes the topology down
+
+
 @pytest.mark.parametrize("reloads", sizes(20, 100))
 def test_sighup_under_load_never_opens_and_leaks_nothing(
-    daemon: DaemonHandle, denied: User, reloads: int
+    reloading: Reloading, denied: User, test_users: dict[str, User], reloads: int
 ) -> None:
-    daemon.start()
+    daemon, configs = reloading.daemon, reloading.configs
     pid = daemon_pid(daemon)
     log = LogFollower(daemon)
     hammer = ProbeLoop(daemon.topo, daemon.workdir, denied, timeout=0.2)
     done = 0
 
+    def broker_ok(sock: str) -> bool:
+        try:
+            return fetch_health(sock)[1].get("status") == "ok"
+        except BrokerError:  # not listening yet (a new socket)
+            return False
+
     def reload(n: int) -> None:
         nonlocal done
         for _ in range(n):
-            daemon.write_config(RELOAD_CONFIGS[done % len(RELOAD_CONFIGS)])
+            index = done % len(configs)
+            daemon.write_config(configs[index])
             daemon.signal(signal.SIGHUP)
             done += 1
             log.wait("config_reloaded", done)
+            if reloading.sockets:  # the broker serves after every reload
+                sock = reloading.sockets[index]
+                wait_for(lambda s=sock: broker_ok(s), 10, f"the broker at {sock}", daemon.proc)
 
     try:
-        reload(2 * len(RELOAD_CONFIGS))  # warm-up: every config and code path once
+        reload(2 * len(configs))  # warm-up: every config and code path once
         before = settled_resources(pid)
         rss: list[int] = []
         for _ in range(reloads):
@@ -463,6 +515,11 @@ def test_sighup_under_load_never_opens_and_leaks_nothing(
         assert after[key] <= before[key], (key, before, after)
     assert after["rss_kib"] - before["rss_kib"] <= RSS_SLACK_KIB, (before, after)
     assert_one_copy(daemon, running_ruleset(daemon))
+    if reloading.broker is not None:  # restarted by most reloads; still hands out credentials
+        assert log.counts["broker_started"] > reloads // 2, log.counts
+        served = reloading.broker.credentials(test_users["imdsg-app"])
+        assert served.returncode == 0, served.stderr
+        assert json.loads(served.stdout)["Version"] == 1
     # Every event in the event log also reached stdout (the journal): none was swallowed
     # by python-iptables pointing fd 1 at its own pipe while reading rules back.
     assert daemon.stop() == 0
@@ -470,7 +527,7 @@ def test_sighup_under_load_never_opens_and_leaks_nothing(
     logged = {name: log.counts[name] for name in event_file_counts(daemon)}
     assert logged == event_file_counts(daemon)
     report(
-        f"sighup {daemon.backend}",
+        f"sighup {daemon.backend}" + (" broker" if reloading.broker else ""),
         reloads=reloads,
         denied_attempts=result["attempts"],
         opened=result["opened"],
