@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 from imdsguard import __version__, _locks, _state, paths
 from imdsguard.config import Config, load_config
-from imdsguard.errors import ConfigError, ImdsGuardError
+from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import make_backend
 from imdsguard.notify import Notifier
@@ -77,6 +77,7 @@ class Daemon:
         self._reload = threading.Event()
         self._components: dict[str, Component] = {}
         self.degraded: list[str] = []  # reasons protection is in place but something is off
+        self.rollback_problem: str | None = None  # until the next good reload
         self.last_states: dict[str, str] = {}
         self.config: Config
         self.ruleset: RuleSet
@@ -284,6 +285,13 @@ class Daemon:
     # -- reload
 
     def _do_reload(self) -> None:
+        """Adopt the new config, or keep everything as it was (old policy, old rules).
+
+        A reload is all or nothing: when the new config is invalid, or valid
+        but its components cannot start (a broker socket that cannot be
+        bound) or its rules cannot be applied, the previous config, policy,
+        components and rules stay in force and the daemon carries on.
+        """
         try:
             config = load_config(self.config_path)
             backend = (
@@ -291,26 +299,60 @@ class Daemon:
                 if config.backend == self.config.backend
                 else make_backend(config.backend)
             )
-        except ConfigError as exc:
-            self.counters.reload_failures += 1
-            self.log.error("config_reload_failed", error=str(exc), kept="previous policy")
+        except ImdsGuardError as exc:  # ConfigError, or the backend is unusable here
+            self._reload_failed("load", exc)
             self._publish()
             return
+        previous = (self.config, self.backend, self.ruleset)
+        stage = "components"
+        try:
+            self.config, self.backend = config, backend
+            self._reconfigure_components(config)
+            self.ruleset = self._ruleset(config)
+            stage = "apply"
+            self._apply("reload")
         except ImdsGuardError as exc:
-            self.counters.reload_failures += 1
-            self.log.error("config_reload_failed", error=str(exc), kept="previous policy")
+            self._reload_failed(stage, exc)
+            self._roll_back(previous, stage == "apply")
             self._publish()
             return
-        old_backend = self.backend
-        self.config, self.backend = config, backend
-        self._reconfigure_components(config)
-        self.ruleset = self._ruleset(config)
-        self._apply("reload")
-        if backend is not old_backend:
-            old_backend.remove()  # only after the new backend's rules are in place
+        if backend is not previous[1]:
+            try:
+                previous[1].remove()  # only after the new backend's rules are in place
+            except ImdsGuardError as exc:
+                # Harmless for protection (both deny); the warning names what is left.
+                self.log.warning("old_backend_rules_left", backend=previous[1].name, error=str(exc))
         self.counters.reloads += 1
+        self.rollback_problem = None
         self.log.info("config_reloaded", config=config.path, mode=config.mode)
         self._publish()
+
+    def _reload_failed(self, stage: str, exc: ImdsGuardError) -> None:
+        self.counters.reload_failures += 1
+        self.log.error("config_reload_failed", stage=stage, error=str(exc), kept="previous policy")
+
+    def _roll_back(self, previous: tuple[Config, Backend, RuleSet], applied: bool) -> None:
+        """Put back the config, components and (if a new apply was tried) rules of before."""
+        tried = self.backend
+        self.config, self.backend, self.ruleset = previous
+        try:
+            self._reconfigure_components(self.config)
+        except ImdsGuardError as exc:
+            # The rules do not depend on the components: protection stays as it was.
+            self.rollback_problem = f"a component of the previous config did not restart: {exc}"
+            self.log.error("reload_rollback_incomplete", error=str(exc))
+        if not applied:
+            return  # the kernel was not touched
+        if tried is not self.backend:
+            try:
+                tried.remove()  # whatever part of the new backend's rules got in
+            except ImdsGuardError as exc:
+                self.log.error("reload_rollback_incomplete", error=str(exc))
+        try:
+            self._apply("reload_rolled_back")
+        except ImdsGuardError as exc:
+            # The check loop keeps retrying (rules_check_failed / rules_restored).
+            self.log.error("reload_rollback_incomplete", error=str(exc))
 
     # -- components
 
@@ -370,7 +412,7 @@ class Daemon:
             "reloads": self.counters.reloads,
             "reload_failures": self.counters.reload_failures,
             "components": {n: c.health() for n, c in self._components.items()},
-            "degraded": self.degraded,
+            "degraded": self.degraded + ([self.rollback_problem] if self.rollback_problem else []),
             "attribution": self._attribution(),
         }
         try:

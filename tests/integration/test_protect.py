@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from imdsguard.netns import Topology, User
+from imdsguard.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
@@ -191,6 +192,64 @@ def test_bad_config_on_sighup_keeps_old_rules(
     assert daemon.topo.imds_get(test_users["imdsg-app"], CREDS, v2=True).ok
     assert _denied(daemon.topo, test_users["imdsg-denied"])
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("failure", ["broker-socket-unbindable", "firewall-lock-held"])
+def test_sighup_reload_that_cannot_be_put_in_place_keeps_the_old_policy(
+    daemon: DaemonHandle, test_users: dict[str, User], failure: str
+) -> None:
+    """A valid config whose broker cannot start, or whose rules cannot go in, is rolled back."""
+    app, denied = test_users["imdsg-app"], test_users["imdsg-denied"]
+    daemon.start()
+    before = _save(daemon)
+    assert _denied(daemon.topo, app)
+    wanted = "allow:\n  users: [root, imdsg-app]\n"
+    held = None
+    if failure == "broker-socket-unbindable":
+        not_a_dir = os.path.join(daemon.workdir, "not-a-dir")
+        with open(not_a_dir, "w"):
+            pass
+        daemon.write_config(
+            wanted + f"broker:\n  enabled: true\n  socket: {not_a_dir}/sub/broker.sock\n"
+        )
+    else:
+        # Another imdsguard (a one-shot apply, say) holds the firewall lock past the timeout.
+        lock = os.path.join(daemon.env["IMDSGUARD_RUN_DIR"], "firewall.lock")
+        held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        daemon.write_config(wanted)
+    try:
+        daemon.signal(signal.SIGHUP)
+        failed = daemon.wait_log("config_reload_failed", timeout=20)
+    finally:
+        if held is not None:
+            os.close(held)
+    assert failed[0]["kept"] == "previous policy"
+    if failure == "broker-socket-unbindable":
+        assert failed[0]["stage"] == "components" and "not-a-dir/sub" in failed[0]["error"]
+    else:
+        assert failed[0]["stage"] == "apply" and "firewall lock" in failed[0]["error"]
+
+        def rolled_back() -> bool:
+            return any(
+                e.get("event") == "rules_applied" and e.get("reason") == "reload_rolled_back"
+                for e in daemon.logs()
+            )
+
+        wait_for(rolled_back, 15, "the previous rules re-applied", daemon.proc)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert _save(daemon) == before
+    assert _denied(daemon.topo, app) and _denied(daemon.topo, denied)
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["state"] == "protected", status
+    assert status["broker"]["enabled"] is False
+    # The next good config goes in as usual.
+    daemon.write_config(wanted)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded")
+    assert daemon.topo.imds_get(app, CREDS, v2=True).ok
+    assert _denied(daemon.topo, denied)
+    assert not [e for e in daemon.logs() if e.get("event") == "rules_restored"]
 
 
 def test_reload_never_opens_a_window(daemon: DaemonHandle, test_users: dict[str, User]) -> None:
