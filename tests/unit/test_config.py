@@ -6,10 +6,12 @@ import grp
 import ipaddress
 import os
 import pwd
+import re
 import stat
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imdsguard import config
 from imdsguard.config import (
@@ -116,6 +118,37 @@ def test_defaults_to_dict() -> None:
         "logging": {"format": "json"},
         "metrics": {"textfile": None, "listen": None},
     }
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "packaging" / "config.yaml"
+
+
+def _uncommented(text: str) -> str:
+    """The shipped file with its commented-out settings switched on.
+
+    A setting starts with ``#`` and a key (``#broker:``) and goes on with
+    ``#  `` lines right after it; prose (``# ...``) and the examples inside
+    it stay comments.
+    """
+    out, in_setting = [], False
+    for line in text.splitlines():
+        in_setting = bool(re.match(r"#[a-z]", line) or (in_setting and line.startswith("#  ")))
+        out.append(line[1:] if in_setting else line)
+    return "\n".join(out) + "\n"
+
+
+def _shape(doc: object) -> object:
+    return {k: _shape(v) for k, v in doc.items()} if isinstance(doc, dict) else None
+
+
+def test_shipped_config_documents_every_key_with_its_default() -> None:
+    text = SHIPPED.read_text()
+    assert parse_config(text, str(SHIPPED)).to_dict() == Config().to_dict()  # all comments
+    switched_on = _uncommented(text)
+    # Every key of the file's shape is there (broker.limits included) ...
+    assert _shape(yaml.safe_load(switched_on)) == _shape(Config().to_dict())
+    # ... with the value it has when left out.
+    assert parse_config(switched_on, str(SHIPPED)).to_dict() == Config().to_dict()
 
 
 # --- every key ----------------------------------------------------------------------
