@@ -304,12 +304,17 @@ def test_kill_9_leaves_host_protected_and_restart_adopts(
     assert _save(daemon).count("-A OUTPUT") == before.count("-A OUTPUT")
 
 
-def test_sigterm_exits_0_and_leaves_rules(
-    daemon: DaemonHandle, test_users: dict[str, User]
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_stop_signal_exits_0_and_leaves_rules(
+    daemon: DaemonHandle, test_users: dict[str, User], signum: int
 ) -> None:
     daemon.start()
-    assert daemon.stop() == 0
+    assert daemon.proc is not None
+    daemon.signal(signum)
+    assert daemon.proc.wait(timeout=15) == 0
+    assert daemon.wait_log("daemon_stopped")[0]["rules_left_in_place"] is True
     assert _denied(daemon.topo, test_users["imdsg-denied"])
+    assert _denied(daemon.topo, test_users["imdsg-denied"], v6=True)
     assert _ours_in(_save(daemon))
 
 
