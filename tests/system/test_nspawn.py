@@ -9,9 +9,10 @@ IMDS beyond a route, as on EC2. Every command goes in with
 namespace is HOST's.
 
 The tests share one boot and run in file order: boot, journal, sandbox,
-restart, stop, attribution, then erase (the package's %preun), which must
-leave no rules. The broker under the sandbox slots in before the erase
-(``Container.run`` / ``write_config`` / ``reload`` are the building blocks).
+restart, stop, attribution, the broker serving a client inside the hardened
+unit, then erase (the package's %preun), which must leave no rules. A new
+test goes before the erase (``Container.run`` / ``write_config`` /
+``reload`` are the building blocks).
 """
 
 from __future__ import annotations
