@@ -219,13 +219,19 @@ class Daemon:
         return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
 
     def _attribution(self) -> dict[str, Any]:
+        held = bool(getattr(self.backend, "supports_queue", lambda: True)())
         if "capture" in self._components:
-            return {"available": True, "reason": None}
-        if not getattr(self.backend, "supports_queue", lambda: True)():
-            reason = "the kernel cannot queue packets from nftables (CONFIG_NFT_QUEUE)"
-        else:
-            reason = "the capture could not start (see capture_unavailable in the log)"
-        return {"available": False, "reason": reason}
+            if held:
+                return {"available": True, "held": True, "reason": None}
+            return {
+                "available": True,
+                "held": False,
+                "reason": "the kernel cannot queue packets from nftables (no nft_queue, "
+                "CONFIG_NFT_QUEUE): denied packets are logged (NFLOG) and denied at once, so a "
+                "process that exits within a millisecond is logged with its user only",
+            }
+        reason = "the capture could not start (see capture_unavailable in the log)"
+        return {"available": False, "held": held, "reason": reason}
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Figures for the metrics exporter (called from its threads)."""
@@ -382,10 +388,13 @@ class Daemon:
             if name not in wanted:
                 self._components.pop(name).stop()
         for name, component in wanted.items():
-            if name in self._components:
+            current = self._components.get(name)
+            if current is component:
                 component.reconfigure(config)
-            else:
-                self._start_one(name, component)
+                continue
+            if current is not None:  # replaced (a capture of another kind for a new backend)
+                self._components.pop(name).stop()
+            self._start_one(name, component)
 
     def _stop_components(self) -> None:
         for name, component in list(self._components.items()):
@@ -447,11 +456,14 @@ def _make_components(
     """The components ``config`` asks for on ``backend``, reusing running ones."""
     existing = existing or {}
     wanted: dict[str, Component] = {}
-    supports_queue = getattr(backend, "supports_queue", lambda: True)
-    if "capture" in existing or supports_queue():
-        from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
+    from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
 
-        wanted["capture"] = existing.get("capture") or CaptureComponent(config, logger)
+    # Where the kernel cannot queue from nftables, the capture reads a log group instead.
+    hold = bool(getattr(backend, "supports_queue", lambda: True)())
+    capture = existing.get("capture")
+    if not isinstance(capture, CaptureComponent) or capture.hold != hold:
+        capture = CaptureComponent(config, logger, hold=hold)
+    wanted["capture"] = capture
     if config.broker.enabled:
         from imdsguard.broker.server import Broker  # noqa: PLC0415
 

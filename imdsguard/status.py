@@ -150,6 +150,8 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.extend(f"    {format_console(event)}" for event in recent[-RECENT:])
     if doc["attribution"].get("available") is False:
         lines.append(f"  note:     attribution unavailable: {doc['attribution']['reason']}")
+    elif doc["attribution"].get("held") is False:
+        lines.append(f"  note:     attribution best-effort: {doc['attribution']['reason']}")
     for reason in doc["reasons"]:
         lines.append(f"  ! {reason}")
     for problem in doc["problems"]:

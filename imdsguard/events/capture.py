@@ -500,6 +500,11 @@ class CaptureComponent:
             hold=hold,
         )
 
+    @property
+    def hold(self) -> bool:
+        """True when packets are held in a queue; False when read from a log group."""
+        return self.capture.hold
+
     def start(self) -> None:
         """Bind the queue and start capturing (before the queue rules go in)."""
         self.capture.start()

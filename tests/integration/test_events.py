@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from imdsguard.events.log import format_console
+from imdsguard.firewall.nftables import NftablesBackend
 from imdsguard.netns import IMDS_V4, IMDS_V6, Topology, User, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +48,7 @@ class Guard:
     env: dict[str, str]
     proc: subprocess.Popen[Any] | None = None
     stdout_path: str = ""
+    backend: str = "iptables"  # nftables here: no nft_queue, so the NFLOG capture
 
     @property
     def events_path(self) -> str:
@@ -55,7 +57,7 @@ class Guard:
     def start(self, config: str) -> Guard:
         cfg = os.path.join(self.workdir, "config.yaml")
         with open(cfg, "w") as fh:
-            fh.write("firewall:\n  backend: iptables\n" + config)
+            fh.write(f"firewall:\n  backend: {self.backend}\n" + config)
         self.stdout_path = os.path.join(self.workdir, f"guard-{time.monotonic_ns()}.log")
         self.proc = self.topo.popen(
             self.topo.host,
@@ -284,3 +286,118 @@ def test_a_second_capture_is_refused(guard: Guard) -> None:
     out = guard.topo.run(guard.topo.host, [sys.executable, "-c", code], cwd=REPO)
     assert out.returncode != 0
     assert "QueueBusyError" in out.stderr and "already bound" in out.stderr, out.stderr
+
+
+# --- nftables without nft_queue: the NFLOG capture ---------------------------------------
+#
+# This VM's kernel is one (``CONFIG_NFT_QUEUE`` is not set), as some cloud and
+# container kernels are. There the rules log a copy of each denied packet to an
+# NFLOG group and deny it at once; the capture reads the copy. The kernel puts
+# the socket owner's uid and gid in each copy, so every attempt is logged with
+# its user; the process is found while its socket exists: always when the
+# client waits (``action: drop``, audit mode), rarely with ``reject``, where a
+# refused client closes its socket within microseconds.
+
+
+@pytest.fixture
+def no_nft_queue(guard: Guard) -> None:
+    # A check-only nft batch (nft -c): nothing is changed in any namespace.
+    if NftablesBackend().supports_queue():
+        pytest.skip("this kernel has nft_queue: the NFLOG fallback is not used here")
+    guard.backend = "nftables"
+
+
+@pytest.mark.usefixtures("no_nft_queue")
+def test_denied_curl_is_logged_with_its_user(guard: Guard, denied: User) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    url = f"http://{IMDS_V4}/latest/meta-data/"
+    result = guard.topo.http(denied, url, timeout=3)
+    assert result.rc == 7, result  # reject: refused at once, not held
+    (event,) = guard.wait_events(1)
+    assert event["event"] == "imds_access_blocked" and event["mode"] == "enforce"
+    assert (event["dst"], event["dport"], event["family"]) == (IMDS_V4, 80, "ipv4")
+    assert (event["uid"], event["gid"], event["user"]) == (
+        denied.uid,
+        denied.gid,
+        _user_name(denied),
+    )
+    print(f"\n[nflog] reject, curl: attributed={event['attributed']}")
+    if event["attributed"]:  # found while curl still had its socket
+        assert event["exe"] == "/usr/bin/curl" and event["ancestors"][-1]["pid"] == 1
+    config = os.path.join(guard.workdir, "config.yaml")
+    out = guard.topo.run(
+        guard.topo.host,
+        [sys.executable, "-m", "imdsguard", "status", "--json", "-c", config],
+        env=guard.env,
+        cwd=REPO,
+    )
+    status = json.loads(out.stdout)
+    assert status["attribution"]["available"] is True, status["attribution"]
+    assert "nft_queue" in status["attribution"]["reason"], status["attribution"]
+    assert status["blocked"]["total"] == 1
+
+
+@pytest.mark.usefixtures("no_nft_queue")
+def test_a_waiting_client_is_fully_attributed_and_its_syns_folded(
+    guard: Guard, denied: User
+) -> None:
+    guard.start("action: drop\nallow:\n  users: [root]\n")
+    result = guard.topo.http(denied, f"http://{IMDS_V4}/latest/meta-data/", timeout=4)
+    assert result.rc == 28, result  # dropped: timed out
+    (event,) = guard.wait_events(1, timeout=10, settle=3.0)
+    assert event["attempts"] > 1
+    assert event["attributed"] and event["exe"] == "/usr/bin/curl"
+    assert event["uid"] == denied.uid
+
+
+@pytest.mark.usefixtures("no_nft_queue")
+def test_burst_of_short_lived_processes_one_event_each(guard: Guard, denied: User) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    procs = [
+        guard.topo.popen(
+            guard.topo.host, ["/usr/bin/python3", "-c", PROBE.format(host=IMDS_V4)], user=denied
+        )
+        for _ in range(40)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=30) == 0
+    events = guard.wait_events(40, timeout=15)
+    assert len(events) == 40
+    assert {e["uid"] for e in events} == {denied.uid}  # from the kernel: always
+    found = [e for e in events if e["attributed"]]
+    assert {e["pid"] for e in found} <= {p.pid for p in procs}
+    print(f"\n[nflog] reject, 40 short-lived processes: {len(found)}/40 with their process")
+
+
+@pytest.mark.usefixtures("no_nft_queue")
+def test_audit_mode_tells_v1_from_v2(guard: Guard, denied: User) -> None:
+    guard.start("mode: audit\nallow:\n  users: [root]\n")
+    base = f"http://{IMDS_V4}"
+    assert guard.topo.http(denied, f"{base}/latest/meta-data/instance-id").ok
+    token = guard.topo.http(
+        denied,
+        f"{base}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+    )
+    assert token.ok and token.body, token
+    events = guard.wait_events(2, timeout=5, settle=1.5)
+    assert [(e["event"], e["imds_version"]) for e in events] == [
+        ("imds_access_audited", "v1"),
+        ("imds_access_audited", "v2"),
+    ]
+    # The user from the kernel, always; the process while curl still had its socket
+    # (a local request is over in about a millisecond: usually, not on a loaded host).
+    assert all(e["uid"] == denied.uid and e["user"] == _user_name(denied) for e in events)
+    print(f"\n[nflog] audit: {sum(e['attributed'] for e in events)}/2 with their process")
+    assert token.body not in guard.events_text()
+
+
+@pytest.mark.usefixtures("no_nft_queue")
+def test_still_closed_when_the_daemon_dies(guard: Guard, denied: User) -> None:
+    guard.start("allow:\n  users: [root]\n")
+    assert guard.proc is not None
+    guard.proc.send_signal(signal.SIGKILL)
+    guard.proc.wait()
+    assert guard.topo.http(denied, f"http://{IMDS_V4}/latest/meta-data/", timeout=2).rc == 7
+    assert guard.topo.http(User(0, 0), f"http://{IMDS_V4}/latest/meta-data/").ok

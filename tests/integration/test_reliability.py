@@ -46,6 +46,7 @@ from imdsguard.broker.client import fetch_health
 from imdsguard.cli import build_parser
 from imdsguard.config import parse_config
 from imdsguard.errors import BrokerError, ImdsGuardError
+from imdsguard.events.flows import FlowTable
 from imdsguard.firewall import iptables, nftables
 from imdsguard.netns import Topology, User, wait_for
 from imdsguard.policy import FAMILIES, RuleSet, build_ruleset
@@ -233,7 +234,7 @@ def one_copy_problems(daemon: DaemonHandle, ruleset: RuleSet, found: dict[str, A
         if found["nft_tables"]:
             problems.append("an nftables table of ours next to the iptables backend")
     else:
-        plan = nftables.render(ruleset, nftables.expand_groups(ruleset.allow_gids))
+        plan = nftables.NftablesBackend().plan(ruleset)  # log rules where it cannot queue
         if found["nft_tables"] != 1:
             problems.append(f"{found['nft_tables']} tables inet imdsguard")
         if found["nft_chains"] != sorted(plan.chains):
@@ -497,6 +498,10 @@ def test_sighup_under_load_never_opens_and_leaks_nothing(
 
     try:
         reload(2 * len(configs))  # warm-up: every config and code path once
+        # ... and the capture's flow table at its steady size: each refused attempt
+        # lingers there for reject_linger seconds (bounded by its cap), which takes
+        # this long to fill where nothing is held and the hammer runs at full speed.
+        time.sleep(FlowTable("enforce", "reject").reject_linger + 1)
         before = settled_resources(pid)
         rss: list[int] = []
         for _ in range(reloads):

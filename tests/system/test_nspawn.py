@@ -369,7 +369,8 @@ def test_logs_reach_journald_as_json(booted: Container) -> None:
     events = [json.loads(line) for line in lines]  # every line, stdout and stderr
     assert all({"event", "level", "timestamp"} <= e.keys() for e in events)
     names = [e["event"] for e in events]
-    assert names[:3] == ["daemon_starting", "rules_applied", "daemon_ready"], names
+    # The capture listens before the rules that feed it go in, and READY comes after both.
+    assert names[:4] == ["daemon_starting", "capture_started", "rules_applied", "daemon_ready"]
 
 
 def test_the_daemon_runs_sandboxed(booted: Container) -> None:
@@ -438,6 +439,29 @@ def test_stop_leaves_the_rules(booted: Container) -> None:
         assert json.loads(status.stdout)["rules"] == {"ipv4": "ok", "ipv6": "ok"}
     finally:
         c.run(["systemctl", "start", "imdsguard.service"], check=True)
+
+
+def test_nftables_events_without_nft_queue_in_the_sandbox(booted: Container) -> None:
+    """On the default backend this kernel cannot queue, so the capture reads an NFLOG group
+    (AF_NETLINK, CAP_NET_ADMIN under the unit's sandbox): the attempt is logged, with its user."""
+    c = booted
+    capture = [e for e in c.daemon_events() if e["event"] == "capture_started"]
+    assert capture and capture[-1]["source"] == "nflog", capture
+    assert "log group" in c.run(["nft", "list", "table", "inet", "imdsguard"], check=True).stdout
+    status = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
+    assert status["attribution"]["available"] is True and status["attribution"]["held"] is False
+    seen = len(c.daemon_events())
+    assert c.probe_once() == "refused"
+
+    def blocked() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in c.daemon_events()[seen:]
+            if e["event"] == "imds_access_blocked" and e.get("uid") == 65534
+        ]
+
+    wait_for(lambda: bool(blocked()), 10, "the blocked attempt to reach the journal")
+    assert blocked()[-1]["user"] == "nobody", blocked()
 
 
 def test_attribution_works_in_the_sandbox(booted: Container) -> None:
