@@ -23,16 +23,13 @@ payload, uid and gid.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import itertools
-import os
 import socket
 import struct
 
 from imdsguard.errors import PermissionDeniedError
 from imdsguard.events import _netlink as nl
-from imdsguard.events.nfqueue import NETLINK_NETFILTER, NFNETLINK_V0, CaptureError, QueuedPacket
+from imdsguard.events.nfqueue import NFNETLINK_V0, CaptureError, NetfilterSocket, QueuedPacket
 
 NFNL_SUBSYS_ULOG = 4
 
@@ -63,7 +60,6 @@ _PACKET_HDR = struct.Struct("!HBx")  # hw_protocol, hook, pad
 _BE32 = struct.Struct("!I")
 
 DEFAULT_COPY_RANGE = 4096
-RCVBUF = 4 * 1024 * 1024
 
 
 def _msg_type(msg: int) -> int:
@@ -121,7 +117,7 @@ def parse_log_message(msg: nl.Message) -> QueuedPacket | None:
     )
 
 
-class NfLog:
+class NfLog(NetfilterSocket):
     """One bound NFLOG group: receive copies of packets. Not thread-safe.
 
     The same surface as :class:`~imdsguard.events.nfqueue.NfQueue` (``fileno``,
@@ -129,48 +125,15 @@ class NfLog:
     either; ``verdict`` does nothing, since the kernel never waits for one.
     """
 
-    holds_packets = False
-
     def __init__(self, group: int, *, copy_range: int = DEFAULT_COPY_RANGE) -> None:
         self.group = group
-        self._seq = itertools.count(1)
-        self._buf = bytearray(65536)
-        self._backlog: list[QueuedPacket] = []
+        super().__init__(parse_log_message)
         try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        except OSError as exc:
-            raise CaptureError(f"cannot open a netfilter netlink socket: {exc}") from None
-        try:
-            self.sock.bind((0, 0))
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, nl.SO_RCVBUFFORCE, RCVBUF)
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(nl.SOL_NETLINK, nl.NETLINK_NO_ENOBUFS, 1)
             self._bind(copy_range)
         except BaseException:
             self.sock.close()
             raise
         self.sock.setblocking(False)
-
-    def _request(self, data: bytes, what: str) -> None:
-        seq = nl.NLMSG_HDR.unpack_from(data)[3]
-        self.sock.settimeout(2.0)
-        try:
-            self.sock.send(data)
-            while True:
-                for msg in nl.parse_messages(self.sock.recv(65536)):
-                    pkt = parse_log_message(msg)
-                    if pkt is not None:
-                        self._backlog.append(pkt)
-                    elif msg.type == nl.NLMSG_ERROR and msg.seq == seq:
-                        err = nl.error_code(msg)
-                        if err:
-                            raise OSError(err, os.strerror(err))
-                        return
-        except socket.timeout:
-            raise CaptureError(f"no answer from the kernel to {what}") from None
-        finally:
-            self.sock.settimeout(None)
 
     def _bind(self, copy_range: int) -> None:
         group = self.group
@@ -200,32 +163,9 @@ class NfLog:
     def configure(self, fail_open: bool, copy_range: int = DEFAULT_COPY_RANGE) -> None:
         """Nothing to change with the mode: a log never blocks (``fail_open`` is moot)."""
 
-    def fileno(self) -> int:
-        """For select()."""
-        return self.sock.fileno()
-
-    def receive(self) -> list[QueuedPacket]:
-        """Packets logged since the last call (empty when none: non-blocking)."""
-        if self._backlog:
-            packets, self._backlog = self._backlog, []
-            return packets
-        try:
-            n = self.sock.recv_into(self._buf)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:
-                return []  # the kernel dropped copies; the packets were denied all the same
-            raise
-        found = (parse_log_message(m) for m in nl.parse_messages(bytes(self._buf[:n])))
-        return [p for p in found if p is not None]
-
     def verdict(self, packet_id: int, verdict: int, mark: int | None = None) -> None:
         """Nothing to answer: the packet went on through the rules already."""
 
     def close(self) -> None:
         """Unbind and close."""
-        with contextlib.suppress(OSError):
-            self.sock.setblocking(True)
-            self.sock.send(build_config(self.group, next(self._seq), command=NFULNL_CFG_CMD_UNBIND))
-        self.sock.close()
+        self._close(build_config(self.group, next(self._seq), command=NFULNL_CFG_CMD_UNBIND))

@@ -30,6 +30,7 @@ import itertools
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
@@ -194,13 +195,17 @@ def queue_owner(queue_num: int, proc_file: str = _NFQ_PROC) -> int | None:
     return None
 
 
-class NfQueue:
-    """One bound NFQUEUE: receive packets, send verdicts. Not thread-safe."""
+class NetfilterSocket:
+    """A ``NETLINK_NETFILTER`` socket that reads one kind of packet message.
 
-    def __init__(
-        self, queue_num: int, *, fail_open: bool, copy_range: int = DEFAULT_COPY_RANGE
-    ) -> None:
-        self.queue_num = queue_num
+    Shared by :class:`NfQueue` and :class:`~imdsguard.events.nflog.NfLog`:
+    opening and tuning the socket, config requests that wait for their
+    acknowledgement (keeping packets that arrive meanwhile), and
+    non-blocking reads. ``parse`` turns a message into a packet or None.
+    """
+
+    def __init__(self, parse: Callable[[nl.Message], QueuedPacket | None]) -> None:
+        self._parse = parse
         self._seq = itertools.count(1)
         self._buf = bytearray(65536)
         self._backlog: list[QueuedPacket] = []  # packets that arrived while awaiting an ACK
@@ -211,11 +216,9 @@ class NfQueue:
         try:
             self.sock.bind((0, 0))
             self._tune()
-            self._bind(fail_open, copy_range)
         except BaseException:
             self.sock.close()
             raise
-        self.sock.setblocking(False)
 
     def _tune(self) -> None:
         # A burst must not overflow the socket: overflow drops packets (enforce: denied,
@@ -236,7 +239,7 @@ class NfQueue:
             while True:
                 got = self.sock.recv(65536)
                 for msg in nl.parse_messages(got):
-                    pkt = parse_packet_message(msg)
+                    pkt = self._parse(msg)
                     if pkt is not None:
                         self._backlog.append(pkt)  # every held packet must get its verdict
                     elif msg.type == nl.NLMSG_ERROR and msg.seq == seq:
@@ -248,6 +251,55 @@ class NfQueue:
             raise CaptureError(f"no answer from the kernel to {what}") from None
         finally:
             self.sock.settimeout(None)
+
+    def fileno(self) -> int:
+        """For select()."""
+        return self.sock.fileno()
+
+    def receive(self) -> list[QueuedPacket]:
+        """Packets waiting now (empty when none: the socket is non-blocking)."""
+        if self._backlog:
+            packets, self._backlog = self._backlog, []
+            return packets
+        try:
+            n = self.sock.recv_into(self._buf)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return []  # the kernel dropped some: nothing to answer for those
+            raise
+        packets = []
+        for msg in nl.parse_messages(bytes(memoryview(self._buf)[:n])):
+            pkt = self._parse(msg)
+            if pkt is not None:
+                packets.append(pkt)
+        return packets
+
+    def _close(self, unbind: bytes) -> None:
+        """Send ``unbind`` (best effort) and close."""
+        try:
+            self.sock.setblocking(True)
+            self.sock.send(unbind)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class NfQueue(NetfilterSocket):
+    """One bound NFQUEUE: receive packets, send verdicts. Not thread-safe."""
+
+    def __init__(
+        self, queue_num: int, *, fail_open: bool, copy_range: int = DEFAULT_COPY_RANGE
+    ) -> None:
+        self.queue_num = queue_num
+        super().__init__(parse_packet_message)
+        try:
+            self._bind(fail_open, copy_range)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
 
     def _bind(self, fail_open: bool, copy_range: int) -> None:
         q = self.queue_num
@@ -294,41 +346,10 @@ class NfQueue:
         finally:
             self.sock.setblocking(False)
 
-    def fileno(self) -> int:
-        """For select()."""
-        return self.sock.fileno()
-
-    def receive(self) -> list[QueuedPacket]:
-        """Packets waiting now (empty when none: the socket is non-blocking)."""
-        if self._backlog:
-            packets, self._backlog = self._backlog, []
-            return packets
-        try:
-            n = self.sock.recv_into(self._buf)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:
-                return []  # the kernel dropped some: nothing to answer for those
-            raise
-        packets = []
-        for msg in nl.parse_messages(bytes(memoryview(self._buf)[:n])):
-            pkt = parse_packet_message(msg)
-            if pkt is not None:
-                packets.append(pkt)
-        return packets
-
     def verdict(self, packet_id: int, verdict: int, mark: int | None = None) -> None:
         """Release (or drop) one packet."""
         self.sock.send(build_verdict(self.queue_num, packet_id, verdict, mark))
 
     def close(self) -> None:
         """Unbind (held packets are dropped by the kernel) and close."""
-        try:
-            self.sock.setblocking(True)
-            self.sock.send(
-                build_config(self.queue_num, next(self._seq), command=NFQNL_CFG_CMD_UNBIND)
-            )
-        except OSError:
-            pass
-        self.sock.close()
+        self._close(build_config(self.queue_num, next(self._seq), command=NFQNL_CFG_CMD_UNBIND))
