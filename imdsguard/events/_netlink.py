@@ -89,3 +89,9 @@ def error_code(msg: Message) -> int:
         return 0
     (err,) = struct.unpack_from("=i", msg.payload)
     return -int(err)
+
+
+def be32(attrs: dict[int, bytes], kind: int) -> int | None:
+    """Attribute ``kind`` as a big-endian 32-bit number (nfnetlink's order), if present."""
+    value = attrs.get(kind)
+    return struct.unpack_from("!I", value)[0] if value is not None and len(value) >= 4 else None

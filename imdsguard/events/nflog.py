@@ -101,18 +101,14 @@ def parse_log_message(msg: nl.Message) -> QueuedPacket | None:
         return None
     _, hook = _PACKET_HDR.unpack_from(hdr)
 
-    def be32(kind: int) -> int | None:
-        value = attrs.get(kind)
-        return _BE32.unpack_from(value)[0] if value is not None and len(value) >= 4 else None
-
     return QueuedPacket(
-        packet_id=be32(NFULA_SEQ) or 0,
+        packet_id=nl.be32(attrs, NFULA_SEQ) or 0,
         hook=hook,
-        mark=be32(NFULA_MARK) or 0,
-        uid=be32(NFULA_UID),
-        gid=be32(NFULA_GID),
-        indev=be32(NFULA_IFINDEX_INDEV),
-        outdev=be32(NFULA_IFINDEX_OUTDEV),
+        mark=nl.be32(attrs, NFULA_MARK) or 0,
+        uid=nl.be32(attrs, NFULA_UID),
+        gid=nl.be32(attrs, NFULA_GID),
+        indev=nl.be32(attrs, NFULA_IFINDEX_INDEV),
+        outdev=nl.be32(attrs, NFULA_IFINDEX_OUTDEV),
         payload=attrs.get(NFULA_PAYLOAD, b""),
     )
 

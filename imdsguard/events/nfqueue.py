@@ -162,18 +162,14 @@ def parse_packet_message(msg: nl.Message) -> QueuedPacket | None:
         return None
     packet_id, _, hook = _PACKET_HDR.unpack_from(hdr)
 
-    def be32(kind: int) -> int | None:
-        value = attrs.get(kind)
-        return _BE32.unpack_from(value)[0] if value is not None and len(value) >= 4 else None
-
     return QueuedPacket(
         packet_id=packet_id,
         hook=hook,
-        mark=be32(NFQA_MARK) or 0,
-        uid=be32(NFQA_UID),
-        gid=be32(NFQA_GID),
-        indev=be32(NFQA_IFINDEX_INDEV),
-        outdev=be32(NFQA_IFINDEX_OUTDEV),
+        mark=nl.be32(attrs, NFQA_MARK) or 0,
+        uid=nl.be32(attrs, NFQA_UID),
+        gid=nl.be32(attrs, NFQA_GID),
+        indev=nl.be32(attrs, NFQA_IFINDEX_INDEV),
+        outdev=nl.be32(attrs, NFQA_IFINDEX_OUTDEV),
         payload=attrs.get(NFQA_PAYLOAD, b""),
     )
 
