@@ -68,6 +68,7 @@ bench: deps
 	$(VPY) benchmarks/broker.py
 	$(VPY) benchmarks/resources.py
 	$(VPY) benchmarks/flood.py
+	$(VPY) benchmarks/flood.py --backend nftables
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

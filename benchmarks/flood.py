@@ -1,4 +1,4 @@
-"""Daemon memory under a sustained flood of blocked attempts (iptables backend, capture on).
+"""Daemon memory under a sustained flood of blocked attempts (capture on, either backend).
 
 In a throw-away EC2-like topology, runs the real daemon (enforce, reject,
 root allowlisted) and lets it settle; its idle RSS is the median of a few
@@ -13,11 +13,14 @@ the steady-state table size; after that it must be flat. The slope over the
 whole flood, warm-up included, is printed too. Events
 logged versus suppressed by the per-(uid, exe) rate limit come from the
 capture's counters in the daemon's final ``daemon_stopped`` log line.
+``--backend nftables`` on a kernel without ``nft_queue`` floods the NFLOG
+capture instead (nothing held: each attempt is refused at once).
 
 Prints the figures and a markdown table row for the README. Exit status 1
 when the slope exceeds ``--max-slope`` (1 MiB/min) or an attempt got through.
 
     sudo .venv/bin/python benchmarks/flood.py [--seconds 60] [--clients 4] [--sleep 0.005]
+        [--backend iptables|nftables]
 """
 
 from __future__ import annotations
@@ -103,7 +106,13 @@ def _event_lines(path: str) -> dict[str, int]:
 
 
 def run(
-    seconds: float, clients: int, gap: float, settle: float, after: float, warmup: float
+    seconds: float,
+    clients: int,
+    gap: float,
+    settle: float,
+    after: float,
+    warmup: float,
+    backend: str = "iptables",
 ) -> dict[str, Any]:
     """One flood against a fresh daemon; the figures."""
     work = tempfile.mkdtemp(prefix="imdsg-flood-")
@@ -111,7 +120,7 @@ def run(
     env = guard_env(work)
     config = os.path.join(work, "config.yaml")
     with open(config, "w") as fh:
-        fh.write("firewall:\n  backend: iptables\nallow:\n  users: [root]\n")
+        fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
     os.chmod(config, 0o644)
     log_path = os.path.join(work, "daemon.log")
     python = os.path.realpath(sys.executable)  # the system interpreter: nobody can run it
@@ -209,6 +218,7 @@ def main() -> int:
     parser.add_argument("--after", type=float, default=5.0, help="watch after (default 5 s)")
     parser.add_argument("--warmup", type=float, default=10.0, help="left out of the slope (10 s)")
     parser.add_argument("--max-slope", type=float, default=1.0, help="MiB/min (default 1)")
+    parser.add_argument("--backend", choices=("iptables", "nftables"), default="iptables")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -217,9 +227,10 @@ def main() -> int:
         print("bounded on purpose: 1-16 clients, 1-600 s, sleep >= 1 ms", file=sys.stderr)
         return 2
     warmup = min(args.warmup, args.seconds / 2)
-    r = run(args.seconds, args.clients, args.sleep, args.settle, args.after, warmup)
+    r = run(args.seconds, args.clients, args.sleep, args.settle, args.after, warmup, args.backend)
     cap = r["capture"]
-    print(f"\nFlood of blocked attempts, iptables backend, capture on ({r['clients']} clients):\n")
+    print(f"\nFlood of blocked attempts, {args.backend} backend, capture on "
+          f"({cap.get('source', 'nfqueue')}, {r['clients']} clients):\n")  # fmt: skip
     print(f"  attempts:        {r['attempts']} in {r['seconds']:.1f} s "
           f"({r['attempts_per_s']:.0f}/s), outcomes {r['outcomes']}")  # fmt: skip
     print(f"  idle RSS before: {r['idle_rss_mib']:.1f} MiB")
@@ -241,7 +252,7 @@ def main() -> int:
     print("| flood | attempts | idle RSS before | RSS start → end (peak) "
           "| memory slope after warm-up (whole flood) | events logged / suppressed |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    print(f"| {r['seconds']:.0f} s, {r['clients']} clients | {r['attempts']} "
+    print(f"| {args.backend}, {r['seconds']:.0f} s, {r['clients']} clients | {r['attempts']} "
           f"({r['attempts_per_s']:.0f}/s) | {r['idle_rss_mib']:.1f} MiB "
           f"| {r['rss_start_mib']:.1f} → {r['rss_end_mib']:.1f} ({r['rss_peak_mib']:.1f}) MiB "
           f"| {r['slope']:+.2f} ({r['slope_all']:+.2f}) MiB/min "
