@@ -198,7 +198,15 @@ def run(
         "daemon_alive": alive,
         "capture": {
             k: counters.get(k)
-            for k in ("packets", "events", "suppressed", "dropped", "errors", "attributed")
+            for k in (
+                "packets",
+                "events",
+                "suppressed",
+                "dropped",
+                "errors",
+                "attributed",
+                "source",
+            )
         },
         "held_us_avg": (counters.get("held_us_total", 0) / counters["packets"])
         if counters.get("packets")
@@ -244,7 +252,7 @@ def main() -> int:
     print(f"  capture:         {cap['packets']} packets, {cap['events']} events logged, "
           f"{cap['suppressed']} suppressed (rate limit), {cap['dropped']} dropped, "
           f"{cap['errors']} errors")  # fmt: skip
-    if r["held_us_avg"] is not None:
+    if r["held_us_avg"] is not None and cap.get("source") != "nflog":
         print(f"  held per packet: {r['held_us_avg'] / 1000:.2f} ms avg, "
               f"{r['held_us_max'] / 1000:.1f} ms max")  # fmt: skip
     print(f"  event log lines: {r['event_lines']}")
