@@ -178,3 +178,12 @@ def test_status_text_shows_recent_events_escaped() -> None:
 def test_status_text_without_events_has_no_recent_section() -> None:
     text = status.render_text(_status_doc([], total=0))
     assert "0 attempts logged" in text and "recent" not in text
+
+
+def test_status_text_says_how_attribution_works() -> None:
+    doc = _status_doc([], total=0)
+    assert "attribution" not in status.render_text(doc)  # held in the queue: nothing to say
+    doc["attribution"] = {"available": True, "held": False, "reason": "no nft_queue"}
+    assert "note:     attribution best-effort: no nft_queue" in status.render_text(doc)
+    doc["attribution"] = {"available": False, "held": True, "reason": "capture failed"}
+    assert "note:     attribution unavailable: capture failed" in status.render_text(doc)
