@@ -32,6 +32,17 @@ from imdsguard.firewall.detect import make_backend
 from imdsguard.notify import Notifier
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
+#: Components that must run before the rules go in (the capture listens before
+#: the rules that queue packets to it); the others (the broker above all: its
+#: IMDS requests need the rules' allowance for its mark) start once they are in.
+BEFORE_RULES = frozenset({"capture"})
+
+
+def _in_phase(name: str, before: bool | None) -> bool:
+    """``before``: True, the components that precede the rules; False, the rest; None, all."""
+    return before is None or (name in BEFORE_RULES) == before
+
+
 DEFAULT_INTERVAL = 0.25  # polling backends (x_tables has no change notification)
 WATCHED_INTERVAL = 2.0  # notifying backends: a safety net, and /etc/group re-expansion
 HEARTBEAT = 5.0
@@ -124,9 +135,10 @@ class Daemon:
             mode=self.config.mode,
         )
         try:
-            self._start_components(self.config)
+            self._start_components(self.config, before=True)
             self.ruleset = self._ruleset(self.config)
             self._apply("startup")
+            self._start_components(self.config, before=False)
             self.last_states = self._rule_states()
             self._publish()
             self._notify("READY=1", f"STATUS=protecting IMDS ({self.config.mode} mode)")
@@ -297,6 +309,10 @@ class Daemon:
         but its components cannot start (a broker socket that cannot be
         bound) or its rules cannot be applied, the previous config, policy,
         components and rules stay in force and the daemon carries on.
+
+        Order: the capture first (it must listen before rules queue to it),
+        then the rules, then the other components (the broker's first IMDS
+        request needs the new rules' allowance for its mark).
         """
         try:
             config = load_config(self.config_path)
@@ -310,16 +326,18 @@ class Daemon:
             self._publish()
             return
         previous = (self.config, self.backend, self.ruleset)
-        stage = "components"
+        stage, applied = "components", False  # applied: the kernel's rules were touched
         try:
             self.config, self.backend = config, backend
-            self._reconfigure_components(config)
+            self._reconfigure_components(config, before=True)
             self.ruleset = self._ruleset(config)
-            stage = "apply"
+            stage, applied = "apply", True
             self._apply("reload")
+            stage = "components"
+            self._reconfigure_components(config, before=False)
         except ImdsGuardError as exc:
             self._reload_failed(stage, exc)
-            self._roll_back(previous, stage == "apply")
+            self._roll_back(previous, applied)
             self._publish()
             return
         if backend is not previous[1]:
@@ -362,11 +380,12 @@ class Daemon:
 
     # -- components
 
-    def _start_components(self, config: Config) -> None:
+    def _start_components(self, config: Config, before: bool | None = None) -> None:
         for name, component in _make_components(
             config, self.log, self.backend, self.metrics_snapshot
         ).items():
-            self._start_one(name, component)
+            if _in_phase(name, before):
+                self._start_one(name, component)
 
     def _start_one(self, name: str, component: Component) -> None:
         try:
@@ -380,11 +399,12 @@ class Daemon:
             return
         self._components[name] = component
 
-    def _reconfigure_components(self, config: Config) -> None:
+    def _reconfigure_components(self, config: Config, before: bool | None = None) -> None:
         wanted = _make_components(
             config, self.log, self.backend, self.metrics_snapshot, existing=self._components
         )
-        for name in list(self._components):
+        wanted = {name: c for name, c in wanted.items() if _in_phase(name, before)}
+        for name in [n for n in self._components if _in_phase(n, before)]:
             if name not in wanted:
                 self._components.pop(name).stop()
         for name, component in wanted.items():

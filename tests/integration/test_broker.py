@@ -302,6 +302,46 @@ def test_botocore_gets_credentials_through_the_broker(
     assert len(env.imds_records()) == 3  # every client was served from the cache
 
 
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_the_broker_starts_only_once_its_mark_may_pass(env: Env) -> None:
+    """Over rules of a policy without the broker (left by ``apply`` or an earlier daemon),
+    the broker's first IMDS request must not be denied: it starts after the rules that
+    let its mark through, at start and on a reload that turns it on."""
+    daemon = env.daemon
+
+    def blocked_root() -> list[dict[str, Any]]:
+        return [
+            e for e in daemon.logs() if e.get("event") == "imds_access_blocked" and e["uid"] == 0
+        ]
+
+    def served_at_once() -> None:
+        wait_for(lambda: env.health()["status"] == "ok", 10, "the broker's credentials")
+        started = [e for e in daemon.logs() if e.get("event") == "broker_started"]
+        fetched = [e for e in daemon.logs() if e.get("event") == "credentials_refreshed"]
+        assert started and fetched, daemon.logs()
+        assert not blocked_root(), blocked_root()
+        failed = [e for e in daemon.logs() if e.get("event") == "credentials_refresh_failed"]
+        assert not failed, failed
+
+    broker = daemon.config_path + ".broker"
+    shutil.copy(daemon.config_path, broker)
+    assert daemon.stop() == 0
+    daemon.write_config("allow:\n  users: []\n")
+    assert daemon.cli("apply").returncode == 0  # no allowance for the broker's mark
+    os.replace(broker, daemon.config_path)
+    daemon.start()
+    served_at_once()
+    # The same on a reload: broker off (its allowance goes), then on again.
+    shutil.copy(daemon.config_path, broker)
+    daemon.write_config("allow:\n  users: []\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded")
+    os.replace(broker, daemon.config_path)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded", count=2)
+    served_at_once()
+
+
 def test_non_client_gets_a_clear_refusal(env: Env, test_users: dict[str, User]) -> None:
     denied = test_users["imdsg-denied"]
     assert env.topo.imds_get(denied, CREDS, v2=True).rc != 0

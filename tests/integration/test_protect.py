@@ -226,17 +226,19 @@ def test_sighup_reload_that_cannot_be_put_in_place_keeps_the_old_policy(
             os.close(held)
     assert failed[0]["kept"] == "previous policy"
     if failure == "broker-socket-unbindable":
+        # The broker starts after the new rules (its mark's allowance) are in: those
+        # went in, so they are rolled back too.
         assert failed[0]["stage"] == "components" and "not-a-dir/sub" in failed[0]["error"]
     else:
         assert failed[0]["stage"] == "apply" and "firewall lock" in failed[0]["error"]
 
-        def rolled_back() -> bool:
-            return any(
-                e.get("event") == "rules_applied" and e.get("reason") == "reload_rolled_back"
-                for e in daemon.logs()
-            )
+    def rolled_back() -> bool:
+        return any(
+            e.get("event") == "rules_applied" and e.get("reason") == "reload_rolled_back"
+            for e in daemon.logs()
+        )
 
-        wait_for(rolled_back, 15, "the previous rules re-applied", daemon.proc)
+    wait_for(rolled_back, 15, "the previous rules re-applied", daemon.proc)
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert _save(daemon) == before
     assert _denied(daemon.topo, app) and _denied(daemon.topo, denied)
