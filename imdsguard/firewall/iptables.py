@@ -7,6 +7,9 @@ Layout, per family (``filter`` table of iptables and ip6tables)::
                                                          first in DOCKER-USER)
     -A IMDSGUARD -m owner --uid-owner 0 -j RETURN
     -A IMDSGUARD -m owner --gid-owner 1001 --suppl-groups -j RETURN
+    -A IMDSGUARD -m owner ! --uid-owner 0-4294967294 -m conntrack --ctstate RELATED,ESTABLISHED
+                 -j RETURN                               (TEARDOWN: owner-less packets
+                                                          of allowed connections)
     -A IMDSGUARD -p tcp -m mark --mark 0x1000/0x1000 -j REJECT --reject-with tcp-reset
     -A IMDSGUARD -m mark --mark 0x1000/0x1000 -j REJECT --reject-with icmp-port-unreachable
     -A IMDSGUARD -j NFQUEUE --queue-num 5421             (capture on: the daemon
@@ -87,7 +90,8 @@ class XtRule:
 
 
 def _params_text(params: Params) -> list[str]:
-    return [f"--{k} {v}".rstrip() for k, v in params]
+    # An inverted parameter reads back as "! value"; iptables-save puts the "!" first.
+    return [f"! --{k} {v[2:]}" if v.startswith("! ") else f"--{k} {v}".rstrip() for k, v in params]
 
 
 def _reject_icmp(family: str) -> str:
@@ -114,6 +118,24 @@ class Rendered:
         return out
 
 
+#: The last packets of an allowed connection: once its process has closed the
+#: socket (FIN and ACK from an orphaned socket, TIME_WAIT's ACK from the kernel's
+#: own socket) no process owns them, so no owner rule matches. A connection is
+#: established only if its SYN got through, so letting an established
+#: connection's owner-less packets pass opens nothing; without this every
+#: allowed connection ended in a reset and a "blocked" event for its user.
+#: ``! --uid-owner 0-4294967294`` matches exactly the packets without an owning
+#: file; live sockets are judged by the owner rules above and the deny below.
+TEARDOWN = XtRule(
+    CHAIN,
+    "RETURN",
+    matches=(
+        ("owner", (("uid-owner", "! 0-4294967294"),)),
+        ("conntrack", (("ctstate", "RELATED,ESTABLISHED"),)),
+    ),
+)
+
+
 def render(ruleset: RuleSet, family: str) -> Rendered:
     """What ``ruleset`` asks for in ``family``."""
     jumps = [XtRule("OUTPUT", CHAIN, dst=_host(ep)) for ep in ruleset.endpoints(family)]
@@ -132,6 +154,7 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
     if ruleset.allow_mark is not None:
         mark = f"{ruleset.allow_mark:#x}/{ruleset.allow_mark:#x}"
         rules.append(XtRule(CHAIN, "RETURN", matches=(("mark", (("mark", mark),)),)))
+    rules.append(TEARDOWN)
     rules += _deny_rules(ruleset, family)
     chains = {CHAIN: rules}
     if not ruleset.enforcing and ruleset.queue_num is not None:

@@ -11,17 +11,22 @@ Layout (``nft list table inet imdsguard``)::
             ip daddr @imds_v4 jump guard
             ip6 daddr @imds_v6 jump guard
         }
-        chain guard {
-            meta skuid @allow_uids accept
+        chain deny {
             meta l4proto tcp reject with tcp reset
             reject
+        }
+        chain guard {
+            meta skuid @allow_uids accept
+            meta skuid 0-4294967294 goto deny
+            ct state established,related accept
+            goto deny
         }
         chain forward {          # containers: deny
             type filter hook forward priority -10; policy accept;
             ip daddr @imds_v4 jump fwd_guard
             ip6 daddr @imds_v6 jump fwd_guard
         }
-        chain fwd_guard { ... }  # the deny rules of guard, without the allow rules
+        chain fwd_guard { ... }  # the rules of deny: nothing forwarded is allowed
     }
 
 With capture on (``queue_num`` set), the deny rules are preceded by a
@@ -220,15 +225,28 @@ def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]], hold: b
     plan.add_set("allow_uids", "uid", sorted(uids))
     plan.add_set("imds_v4", "ipv4_addr", list(ruleset.endpoints_v4))
     plan.add_set("imds_v6", "ipv6_addr", list(ruleset.endpoints_v6))
+    log = _log_rule(ruleset, hold)
+    plan.add_chain("deny")  # before guard, whose rules go to it
+    if log is not None:
+        plan.add_rule("deny", log)
+    for expr in _deny_exprs(ruleset, hold):
+        plan.add_rule("deny", expr, required=True)
+    skuid = {"meta": {"key": "skuid"}}
     plan.add_chain("guard")
-    plan.add_rule("guard", [_match({"meta": {"key": "skuid"}}, "@allow_uids"), {"accept": None}])
+    plan.add_rule("guard", [_match(skuid, "@allow_uids"), {"accept": None}])
     if ruleset.allow_mark is not None:
         plan.add_rule("guard", [_mark_has(ruleset.allow_mark), {"accept": None}])
-    log = _log_rule(ruleset, hold)
-    if log is not None:
-        plan.add_rule("guard", log)
-    for expr in _deny_exprs(ruleset, hold):
-        plan.add_rule("guard", expr, required=True)
+    # Any other process's socket: denied. ``meta skuid`` does not match at all
+    # where no process owns the packet (see TEARDOWN in the iptables backend):
+    # the last packets of an allowed connection, after its socket was closed,
+    # pass when the connection is established (its SYN got through); whatever
+    # else has no owner is denied. ``goto``: in audit mode the deny chain
+    # returns, and the packet then leaves our table, as after an accept.
+    goto_deny = {"goto": {"target": "deny"}}
+    plan.add_rule("guard", [_match(skuid, {"range": [0, 4294967294]}), goto_deny], required=True)
+    established = _match({"ct": {"key": "state"}}, ["established", "related"], op="in")
+    plan.add_rule("guard", [established, {"accept": None}])
+    plan.add_rule("guard", [goto_deny], required=True)
     _hook(plan, ruleset, "output", "guard")
     if ruleset.containers == "deny":
         # Forwarded traffic has no local socket owner: nothing is allowed.

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imdsguard.firewall.detect import host_flavour
-from imdsguard.netns import Topology, User
+from imdsguard.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
@@ -174,3 +174,20 @@ def test_status_tells_a_hole_from_a_harmless_difference(
     assert code == 2 and doc["state"] == "unprotected", doc
     assert doc["rules"]["ipv4"] == "missing", doc
     assert any("admit" in p for p in doc["problems"]), doc["problems"]  # type: ignore[attr-defined]
+
+
+def test_an_allowed_connection_ends_cleanly_and_unlogged(daemon: DaemonHandle) -> None:
+    """Its last packets (sent after curl closed the socket) belong to no process: they
+    must still pass, or the connection ends in a reset and a bogus "blocked" event."""
+    daemon.start()
+    for v6 in (False, True):
+        assert daemon.topo.imds_get(None, CREDS, v2=True, v6=v6).ok
+    ss = ["ss", "-Htan", "state", "time-wait"]
+    wait_for(
+        lambda: len(daemon.topo.run(daemon.topo.host, ss, check=True).stdout.splitlines()) >= 4,
+        5,
+        "the four connections (token and credentials, per family) to close normally",
+    )
+    time.sleep(0.5)  # an event would be out by now
+    blocked = [e for e in daemon.logs() if e.get("event") == "imds_access_blocked"]
+    assert not blocked, blocked
