@@ -23,7 +23,7 @@ import pytest
 
 from imdsguard.events.log import format_console
 from imdsguard.firewall.nftables import NftablesBackend
-from imdsguard.netns import IMDS_V4, IMDS_V6, Topology, User, wait_for
+from imdsguard.netns import IMDS_V4, IMDS_V6, HttpResult, Topology, User, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -127,6 +127,18 @@ def _user_name(user: User) -> str:
     return pwd.getpwuid(user.uid).pw_name
 
 
+def _token(guard: Guard, user: User, base: str) -> HttpResult:
+    """An IMDSv2 token PUT as ``user`` (it must succeed: audit mode passes it)."""
+    token = guard.topo.http(
+        user,
+        f"{base}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+    )
+    assert token.ok and token.body, token
+    return token
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_denied_curl_from_bash_is_one_attributed_event(
     guard: Guard, denied: User, v6: bool
@@ -198,13 +210,7 @@ def test_audit_mode_passes_traffic_and_tells_v1_from_v2(guard: Guard, denied: Us
     base = f"http://{IMDS_V4}"
     v1 = guard.topo.http(denied, f"{base}/latest/meta-data/instance-id")
     assert v1.ok, v1
-    token = guard.topo.http(
-        denied,
-        f"{base}/latest/api/token",
-        method="PUT",
-        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
-    )
-    assert token.ok and token.body, token
+    token = _token(guard, denied, base)
     v2 = guard.topo.http(
         denied,
         f"{base}/latest/meta-data/instance-id",
@@ -374,13 +380,7 @@ def test_audit_mode_tells_v1_from_v2(guard: Guard, denied: User) -> None:
     guard.start("mode: audit\nallow:\n  users: [root]\n")
     base = f"http://{IMDS_V4}"
     assert guard.topo.http(denied, f"{base}/latest/meta-data/instance-id").ok
-    token = guard.topo.http(
-        denied,
-        f"{base}/latest/api/token",
-        method="PUT",
-        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
-    )
-    assert token.ok and token.body, token
+    token = _token(guard, denied, base)
     events = guard.wait_events(2, timeout=5, settle=1.5)
     assert [(e["event"], e["imds_version"]) for e in events] == [
         ("imds_access_audited", "v1"),
