@@ -36,14 +36,14 @@ venv: os-deps $(VENV)/.installed
 deps: venv rpm-os-deps
 
 demo: deps
-	$(VPY) -m imdsguard demo
+	$(VPY) -m imdsguard_testing.demo
 
 lint: deps
-	$(VENV)/bin/ruff check --target-version py39 imdsguard tests benchmarks
-	$(VENV)/bin/ruff format --check imdsguard tests benchmarks
+	$(VENV)/bin/ruff check --target-version py39 imdsguard imdsguard_testing tests benchmarks
+	$(VENV)/bin/ruff format --check imdsguard imdsguard_testing tests benchmarks
 
 typecheck: deps
-	$(VENV)/bin/mypy imdsguard
+	$(VENV)/bin/mypy imdsguard imdsguard_testing
 
 test-unit: deps
 	$(VPY) -m pytest -q tests/unit
@@ -63,12 +63,12 @@ test-long: deps
 	IMDSGUARD_FUZZ_EXAMPLES=3000 $(VPY) -m pytest -q tests/unit/test_config_fuzz.py tests/unit/test_broker_fuzz.py
 
 bench: deps
-	$(VPY) benchmarks/repair.py
-	$(VPY) benchmarks/attribution.py
-	$(VPY) benchmarks/broker.py
-	$(VPY) benchmarks/resources.py
-	$(VPY) benchmarks/flood.py
-	$(VPY) benchmarks/flood.py --backend nftables
+	PYTHONPATH=. $(VPY) benchmarks/repair.py
+	PYTHONPATH=. $(VPY) benchmarks/attribution.py
+	PYTHONPATH=. $(VPY) benchmarks/broker.py
+	PYTHONPATH=. $(VPY) benchmarks/resources.py
+	PYTHONPATH=. $(VPY) benchmarks/flood.py
+	PYTHONPATH=. $(VPY) benchmarks/flood.py --backend nftables
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

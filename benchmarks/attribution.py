@@ -31,7 +31,7 @@ from typing import Any
 
 from _proc import rss_kib
 
-from imdsguard.netns import IMDS_V4, Topology, User, guard_env, wait_for
+from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env, wait_for
 
 NOBODY = User(65534, 65534)
 #: "RSS stays flat": what the burst may add to the daemon's RSS.

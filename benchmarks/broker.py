@@ -39,7 +39,7 @@ import tempfile
 import time
 from typing import Any
 
-from imdsguard.netns import Topology, guard_env, wait_for
+from imdsguard_testing.netns import Topology, guard_env, wait_for
 
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
 

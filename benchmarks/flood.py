@@ -39,7 +39,7 @@ from typing import Any
 
 from _proc import rss_kib
 
-from imdsguard.netns import IMDS_V4, Topology, User, guard_env
+from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env
 
 NOBODY = User(65534, 65534)
 

@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 
-from imdsguard.netns import Topology, guard_env
+from imdsguard_testing.netns import Topology, guard_env
 
 PROBE = r"""
 import random, subprocess, sys, time

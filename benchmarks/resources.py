@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Any
 
-from imdsguard.netns import Topology, guard_env
+from imdsguard_testing.netns import Topology, guard_env
 
 RSS_TARGET_MB = 40.0
 CPU_TARGET_PCT = 1.0  # "near zero": under 1% of one core

@@ -7,6 +7,7 @@ code (2 for bad configuration), never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -183,7 +184,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Self-contained demo in throw-away namespaces."""
-    from imdsguard.demo import run_demo  # noqa: PLC0415
+    from imdsguard_testing.demo import run_demo  # noqa: PLC0415
 
     _need_root("demo")
     return run_demo()
@@ -229,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", metavar="PATH", help="event log to read (default: the daemon's)")
     p = add("check-config", cmd_check_config, "validate the config, print the effective policy")
     p.add_argument("--rules", action="store_true", help="also print the rules it renders to")
-    add("demo", cmd_demo, "self-contained demo in throw-away network namespaces (root)")
+    if importlib.util.find_spec("imdsguard_testing") is not None:
+        # Only in a source checkout (``make demo``): the demo, its simulated IMDS and
+        # namespace harness are not installed on hosts. It reads no config.
+        text = "self-contained demo in throw-away network namespaces (root; source checkout)"
+        sub.add_parser("demo", help=text, description=text).set_defaults(func=cmd_demo)
     return parser
 
 

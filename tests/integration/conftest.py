@@ -1,7 +1,7 @@
 """Fixtures for real-kernel tests: EC2-like namespaces, test users, a running daemon.
 
 Everything here runs the real daemon against real kernel rules inside
-throw-away network namespaces (imdsguard.netns.Topology, which refuses to run
+throw-away network namespaces (imdsguard_testing.netns.Topology, which refuses to run
 anything outside a namespace it created).
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from imdsguard.errors import ImdsGuardError
-from imdsguard.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, wait_for
 
 USERS = {
     "imdsg-app": [],  # allowed by name

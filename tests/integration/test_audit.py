@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.netns import Topology
+from imdsguard_testing.netns import Topology
 
 KEY_ID = "AKIA" + "QWERTYUIOPASDFGH"
 PASSWORD = "s3cr3t-Passw0rd"  # noqa: S105 - test data

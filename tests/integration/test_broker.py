@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -44,7 +44,7 @@ import pytest
 
 from imdsguard.broker.client import fetch_health
 from imdsguard.broker.server import Limits
-from imdsguard.netns import User, wait_for
+from imdsguard_testing.netns import User, wait_for
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import _client_recipe
 

@@ -23,7 +23,7 @@ import pytest
 
 from imdsguard.events.log import format_console
 from imdsguard.firewall.nftables import NftablesBackend
-from imdsguard.netns import IMDS_V4, IMDS_V6, HttpResult, Topology, User, wait_for
+from imdsguard_testing.netns import IMDS_V4, IMDS_V6, HttpResult, Topology, User, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

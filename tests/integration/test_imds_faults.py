@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from imdsguard.imds import CREDENTIALS_PATH, TOKEN_PATH
-from imdsguard.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, wait_for
 from tests.integration.test_broker import Env, _broker_env
 
 SECRET_KEY = "AKIA" + "ZXCVBNMASDFGHJKL"  # test data, shaped like an access key id

@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imdsguard.netns import User, wait_for
+from imdsguard_testing.netns import User, wait_for
 from tests.integration.conftest import DaemonHandle
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from imdsguard.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"

@@ -48,8 +48,8 @@ from imdsguard.config import parse_config
 from imdsguard.errors import BrokerError, ImdsGuardError
 from imdsguard.events.flows import FlowTable
 from imdsguard.firewall import iptables, nftables
-from imdsguard.netns import Topology, User, wait_for
 from imdsguard.policy import FAMILIES, RuleSet, build_ruleset
+from imdsguard_testing.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import Env as BrokerEnv
 from tests.integration.test_broker import _broker_env, broker_config

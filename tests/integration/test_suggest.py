@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from imdsguard.netns import User
+from imdsguard_testing.netns import User
 from tests.integration.conftest import DaemonHandle
 
 

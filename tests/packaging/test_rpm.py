@@ -57,6 +57,9 @@ def test_payload(rpm_file: Path) -> None:
         if p.is_file() and "__pycache__" not in p.parts
     }
     assert ours <= files, sorted(ours - files)
+    # ...and nothing of the test, demo and benchmark tooling (imdsguard_testing).
+    tooling = sorted(f for f in files if "imdsguard_testing" in f or "imds_sim" in f)
+    assert not tooling, f"test tooling in the payload: {tooling}"
     # Bytecode only for the python3 that builds (and, on the targets, runs) it;
     # on a non-RPM build host, whose python3 is not the targets' 3.9, none.
     tag = rpmpkg.run(["/usr/bin/python3", "-c", "import sys; print(sys.implementation.cache_tag)"])

@@ -3,7 +3,7 @@
 A Debian 12 rootfs (cached, see conftest.py) gets the RPM's payload
 (rpm2cpio) and its own %post scriptlet (the preset enables the unit), then
 boots with systemd-nspawn inside the HOST namespace of an
-:class:`imdsguard.netns.Topology`, whose VPC namespace runs the simulated
+:class:`imdsguard_testing.netns.Topology`, whose VPC namespace runs the simulated
 IMDS beyond a route, as on EC2. Every command goes in with
 ``nsenter -t <container init> -a`` after checking that the init's network
 namespace is HOST's.
@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import rpmpkg
 
-from imdsguard.netns import IMDS_V4, IMDS_V6, Topology, wait_for
+from imdsguard_testing.netns import IMDS_V4, IMDS_V6, Topology, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from imdsguard.audit import exit_code, guard_findings, run_audit, scan_secrets
 from imdsguard.config import Config
 from imdsguard.imds import TOKEN_PATH
-from imdsguard.imds_sim import ImdsSimulator, SimConfig
+from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
 
 KEY_ID = "AKIA" + "ABCDEFGHIJKLMNOP"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"

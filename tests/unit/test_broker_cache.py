@@ -12,7 +12,7 @@ import pytest
 from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
 from imdsguard.errors import ImdsError
 from imdsguard.imds import Credentials, ImdsClient
-from imdsguard.imds_sim import ImdsSimulator, SimConfig
+from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
 
 T0 = 1_700_000_000.0
 

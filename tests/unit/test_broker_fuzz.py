@@ -34,7 +34,7 @@ from imdsguard.broker.client import _parse
 from imdsguard.broker.server import CREDENTIALS_ROUTE, HEALTH_ROUTE, Broker
 from imdsguard.config import parse_config
 from imdsguard.imds import ImdsClient
-from imdsguard.imds_sim import ImdsSimulator, SimConfig
+from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
 
 EXAMPLES = int(os.environ.get("IMDSGUARD_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -36,7 +36,7 @@ from imdsguard.broker.server import Broker, Limits
 from imdsguard.config import parse_config
 from imdsguard.errors import BrokerError
 from imdsguard.imds import ImdsClient
-from imdsguard.imds_sim import ImdsSimulator, SimConfig
+from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
 
 REPO = str(Path(__file__).resolve().parents[2])
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (other uids)")

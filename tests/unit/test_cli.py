@@ -66,9 +66,28 @@ def test_commands_that_change_the_firewall_explain_root(
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     path = _config(tmp_path, "")
-    assert cli.main([command, "-c", path]) == 3
+    argv = [command] if command == "demo" else [command, "-c", path]  # the demo reads no config
+    assert cli.main(argv) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs root" in err and "Traceback" not in err
+
+
+def test_demo_takes_no_config_and_is_absent_without_the_tooling(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "-c", "/etc/imdsguard/config.yaml"])
+    assert "unrecognized arguments: -c" in capsys.readouterr().err
+    # An installed host has imdsguard without imdsguard_testing: no demo command at all.
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "imdsguard_testing" else real(name, *a),
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["demo"])
+    assert "invalid choice: 'demo'" in capsys.readouterr().err
 
 
 def test_missing_explicit_config_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,7 @@ from imdsguard.imds import (
     format_time,
     parse_time,
 )
-from imdsguard.imds_sim import DEFAULT_ROLE, ImdsSimulator, SimConfig
+from imdsguard_testing.imds_sim import DEFAULT_ROLE, ImdsSimulator, SimConfig
 
 CREDS = CREDENTIALS_PATH + DEFAULT_ROLE
 

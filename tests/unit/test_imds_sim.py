@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.imds_sim import (
+from imdsguard_testing.imds_sim import (
     DEFAULT_ROLE,
     TOKEN_HEADER,
     TTL_HEADER,
@@ -530,7 +530,7 @@ def test_main_runs_until_sigterm(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "imdsguard.imds_sim",
+        "imdsguard_testing.imds_sim",
         "--listen",
         "127.0.0.1:0",
         "--http-tokens",

@@ -10,7 +10,7 @@ can count what reached IMDS. The log never holds a token value.
 
 Standard library only. Run it as::
 
-    python -m imdsguard.imds_sim --listen 169.254.169.254:80 \\
+    python -m imdsguard_testing.imds_sim --listen 169.254.169.254:80 \\
         --listen '[fd00:ec2::254]:80' --ready-file /run/imds-sim.ready
 
 or in process::
@@ -883,7 +883,7 @@ def _positive_float(value: str) -> float:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m imdsguard.imds_sim",
+        prog="python -m imdsguard_testing.imds_sim",
         description="Simulated EC2 instance metadata service for tests and demos.",
     )
     parser.add_argument(

@@ -38,6 +38,9 @@ IMDS_V4 = "169.254.169.254"
 IMDS_V6 = "fd00:ec2::254"
 
 
+#: The source checkout holding ``imdsguard_testing`` (not installed: a child
+#: Python started with ``-m imdsguard_testing...`` finds it through PYTHONPATH).
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NO_DAD = ("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
 
@@ -246,13 +249,16 @@ class Topology:
         ready = os.path.join(workdir, f"imds-{self.vpc}.ready")
         if os.path.exists(ready):
             os.unlink(ready)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_ROOT, env.get("PYTHONPATH")]))
         proc = self.popen(
             self.vpc,
             [
-                sys.executable, "-m", "imdsguard.imds_sim",
+                sys.executable, "-m", "imdsguard_testing.imds_sim",
                 "--listen", f"{IMDS_V4}:80", "--listen", f"[{IMDS_V6}]:80",
                 "--ready-file", ready, *extra,
             ],
+            env=env,
         )  # fmt: skip
         wait_for(lambda: os.path.exists(ready), 10, "the simulated IMDS to listen", proc)
         return proc

@@ -1,6 +1,6 @@
 """``imdsguard demo``: the guard end to end in throw-away network namespaces.
 
-Builds the EC2-like topology of :mod:`imdsguard.netns`, starts the simulated
+Builds the EC2-like topology of :mod:`imdsguard_testing.netns`, starts the simulated
 IMDS and a real daemon with the broker, shows an allowed user served and a
 denied user blocked (over IPv4 and IPv6), the broker serving a client whose
 direct access is blocked, the attributed events, a tamper and its repair,
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
-from imdsguard.netns import Topology, User, guard_env, wait_for
+from imdsguard_testing.netns import Topology, User, guard_env, wait_for
 
 DEMO_USER = "nobody"
 TAMPER = {"nftables": ["nft", "flush", "ruleset"], "iptables": ["iptables-legacy", "-F", "OUTPUT"]}
@@ -142,3 +142,11 @@ def _show(topo: Topology, who: str, user: User | None, *, expect_ok: bool, v6: b
     good = result.ok == expect_ok
     _say(f"   {'ok ' if good else 'BAD'} {who:<28} IMDSv2 {'[v6]' if v6 else '[v4]'}: {what}")
     return good
+
+
+if __name__ == "__main__":  # ``make demo``: python -m imdsguard_testing.demo
+    import sys
+
+    from imdsguard.cli import main
+
+    sys.exit(main(["demo"]))
