@@ -14,7 +14,7 @@ help:
 	@echo "make demo   - run the guard end to end in throw-away network namespaces (root)"
 	@echo "make test   - lint, type check, unit and real-kernel integration tests (root)"
 	@echo "make test-long - the long reliability suite (100 restarts, 100 SIGHUPs, 60 kill -9, long fuzzing)"
-	@echo "make bench  - benchmarks (figures for the README)"
+	@echo "make bench  - benchmarks (figures for docs/benchmarks.md)"
 	@echo "make rpm    - build the RPM for Amazon Linux 2023 / RHEL 9 (build/rpm/)"
 	@echo "make test-system - boot the packaged unit under systemd-nspawn and check it"
 

@@ -7,7 +7,7 @@ processes (10 each) as user nobody. Each client notes the wall-clock time
 just before ``connect()``; a watcher notes when each event line appears in
 the event log. Prints the share of attempts with an attributed event,
 latency p50/p95, the daemon's RSS before and after the burst (flat: at most
-2 MiB more), and a markdown table row for the README. Exit 1 when a target
+2 MiB more), and a markdown table row for docs/benchmarks.md. Exit 1 when a target
 is missed.
 
     sudo .venv/bin/python benchmarks/attribution.py [--procs 20] [--per-proc 10]

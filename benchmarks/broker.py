@@ -21,7 +21,7 @@ request log on), runs the guard with the broker enabled in HOST, then:
    and body separately, so Nagle plus delayed ACKs add 40 ms per request on
    a reused connection, which says nothing about real IMDS.)
 
-Prints the figures and a markdown table row for the README.
+Prints the figures and a markdown table row for docs/benchmarks.md.
 
     sudo .venv/bin/python benchmarks/broker.py [--samples 500] [--clients 50] [--per-client 10]
 """

@@ -16,7 +16,7 @@ capture's counters in the daemon's final ``daemon_stopped`` log line.
 ``--backend nftables`` on a kernel without ``nft_queue`` floods the NFLOG
 capture instead (nothing held: each attempt is refused at once).
 
-Prints the figures and a markdown table row for the README. Exit status 1
+Prints the figures and a markdown table row for docs/benchmarks.md. Exit status 1
 when the slope exceeds ``--max-slope`` (1 MiB/min) or an attempt got through.
 
     sudo .venv/bin/python benchmarks/flood.py [--seconds 60] [--clients 4] [--sleep 0.005]
@@ -217,7 +217,7 @@ def run(
 
 
 def main() -> int:
-    """Run the benchmark; print the figures and a README table row."""
+    """Run the benchmark; print the figures and a docs/benchmarks.md table row."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="flood length (default 60)")
     parser.add_argument("--clients", type=int, default=4, help="flooding processes (default 4)")

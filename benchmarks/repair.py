@@ -7,7 +7,7 @@ as a firewalld reload does, flush our chain, delete our table, edit our set)
 and poll the kernel every 2 ms until the rules are whole again (tampers
 0.30-0.55 s apart, at random, so they land anywhere in the poll cycle). Then times
 one apply of a policy with 10 and with 1,000 allowlisted users. Prints median
-and worst, and README table rows.
+and worst, and table rows for docs/benchmarks.md.
 
     sudo .venv/bin/python benchmarks/repair.py [--tampers 20]
 """
