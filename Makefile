@@ -25,17 +25,24 @@ os-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml | os-deps
+# What the demo needs: the package and its runtime dependencies.
+$(VENV)/.runtime: pyproject.toml | os-deps
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(VPY) -m pip install -q --disable-pip-version-check -e . $(TEST_DEPS)
+	$(VPY) -m pip install -q --disable-pip-version-check -e .
+	touch $@
+
+# What the tests add: linters, type checker, test libraries.
+$(VENV)/.installed: $(VENV)/.runtime
+	$(VPY) -m pip install -q --disable-pip-version-check $(TEST_DEPS)
 	touch $@
 
 venv: os-deps $(VENV)/.installed
 
 deps: venv rpm-os-deps
 
-demo: deps
+# Only the runtime: no test or packaging toolchain before the first demo line.
+demo: os-deps $(VENV)/.runtime
 	$(VPY) -m imdsguard_testing.demo
 
 lint: deps
