@@ -4,7 +4,7 @@
 #   make clean-test-rootfs drop the cached Debian rootfs the system test boots
 # rpm-os-deps installs the OS packages these need (idempotent, like os-deps).
 
-RPM_APT_PACKAGES := rpm cpio debootstrap systemd-container systemd python3-pip python3-yaml gcc
+RPM_APT_PACKAGES := rpm cpio debootstrap systemd-container systemd python3-pip python3-yaml gcc unzip rpmlint lintian
 RPM_PYTHON ?= /usr/bin/python3
 RPM_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' imdsguard/__init__.py)
 RPM_TOPDIR := $(CURDIR)/build/rpm
@@ -14,7 +14,7 @@ RPM_VENDOR_STAMP := $(RPM_SOURCEDIR)/.vendor-$(shell sha256sum packaging/rpm/ven
 RPM_ARCH := $(shell rpm --eval '%{_arch}' 2>/dev/null || uname -m)
 RPM_FILE := $(RPM_TOPDIR)/RPMS/$(RPM_ARCH)/imdsguard-$(RPM_VERSION)-1.$(RPM_ARCH).rpm
 # What goes into the source tarball (and so into the package).
-RPM_INPUTS := imdsguard README.md pyproject.toml docs systemd packaging
+RPM_INPUTS := imdsguard README.md LICENSE pyproject.toml docs systemd packaging
 RPM_INPUT_FILES = $(shell find $(RPM_INPUTS) -type f -not -path '*/__pycache__/*' -not -name '*.pyc')
 RPMBUILD_FLAGS ?=
 

@@ -31,6 +31,10 @@ EXPECTED_FILES = {
     f"{SITE}/typing_extensions.py",
     f"{SITE}/iptc/xtables.py",
     "/usr/share/doc/imdsguard/ami.md",
+    "/usr/share/man/man1/imdsguard.1.gz",
+    "/usr/share/licenses/imdsguard/LICENSE",
+    "/var/lib/imdsguard",
+    "/var/log/imdsguard",
 }
 #: Where the package may put files; anything else is a packaging mistake.
 ALLOWED_PREFIXES = (
@@ -42,6 +46,9 @@ ALLOWED_PREFIXES = (
     "/etc/imdsguard",
     "/usr/share/doc/imdsguard",
     "/usr/share/licenses/imdsguard",
+    "/usr/share/man/man1/imdsguard.1.gz",
+    "/var/lib/imdsguard",
+    "/var/log/imdsguard",
 )
 
 
@@ -92,6 +99,7 @@ def test_requires(rpm_file: Path) -> None:
         "python3 >= 3.9",
         "/usr/bin/python3",
         "python3-pyyaml",
+        "python3-psutil",
         "nftables",
         "libxtables.so.12()(64bit)",
         "libip4tc.so.2()(64bit)",
@@ -100,7 +108,6 @@ def test_requires(rpm_file: Path) -> None:
         "systemd",
     ):
         assert wanted in requires, f"missing Requires: {wanted}"
-    assert not any("psutil" in r for r in requires), "psutil is not used: no Requires"
     # Nothing tied to the build host's Python, and no glibc newer than the
     # targets' 2.34 (AL2023, RHEL 9).
     assert not [r for r in requires if r.startswith("python(abi)")]
@@ -261,3 +268,66 @@ def test_payload_runs_on_python_3_9(payload: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"# {config}: OK")
+
+
+def test_licenses_cover_ours_and_every_bundled_package(rpm_file: Path) -> None:
+    licenses = set(rpmpkg.query(rpm_file, "--licensefiles").split())
+    assert "/usr/share/licenses/imdsguard/LICENSE" in licenses
+    pinned = re.findall(r"^([\w-]+)==", (rpmpkg.SPEC.parent / "vendor.txt").read_text(), re.M)
+    prefix = {"structlog": "structlog.", "typing-extensions": "typing_extensions.",
+              "python-iptables": "python-iptables."}  # fmt: skip
+    assert set(pinned) == set(prefix), "a new bundled package needs its licence in %files"
+    for name in pinned:
+        assert any(f.rsplit("/", 1)[1].startswith(prefix[name]) for f in licenses), name
+
+
+def test_license_is_apache_2_0(payload: Path) -> None:
+    shipped = (payload / "usr/share/licenses/imdsguard/LICENSE").read_text()
+    assert shipped == (rpmpkg.REPO / "LICENSE").read_text()
+    assert "Apache License" in shipped and "Version 2.0, January 2004" in shipped
+    assert "END OF TERMS AND CONDITIONS" in shipped
+
+
+def test_spec_has_url_and_full_source_urls() -> None:
+    spec = rpmpkg.SPEC.read_text()
+    assert re.search(r"^URL:\s+https://\S+$", spec, re.M)
+    sources = re.findall(r"^Source\d+:\s+(\S+)$", spec, re.M)
+    assert len(sources) == 4
+    assert all(s.startswith(("https://", "%{url}/")) for s in sources), sources
+
+
+def test_state_and_log_directories_are_owned(rpm_file: Path) -> None:
+    dump = {line.split()[0]: line.split() for line in rpmpkg.query(rpm_file, "--dump").splitlines()}
+    for path in ("/var/lib/imdsguard", "/var/log/imdsguard"):
+        _path, _size, _mtime, _digest, mode, owner, group, *_ = dump[path]
+        # the unit's StateDirectoryMode= / LogsDirectoryMode=: systemd never changes them
+        assert (mode, owner, group) == ("040750", "root", "root"), path
+    flags = dict(
+        line.split(" ", 1)
+        for line in rpmpkg.query(
+            rpm_file, "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\n]"
+        ).splitlines()
+    )
+    assert "g" in flags["/var/log/imdsguard/events.jsonl"]  # %ghost: erased with the package
+
+
+def test_man_page_lists_every_command(payload: Path) -> None:
+    import gzip
+
+    page = gzip.decompress((payload / "usr/share/man/man1/imdsguard.1.gz").read_bytes()).decode()
+    assert page.startswith(".TH IMDSGUARD 1 ")
+    for command in ("run", "apply", "remove", "status", "events", "credentials", "audit",
+                    "suggest", "check\\-config"):  # fmt: skip
+        assert f"\n.SS {command}\n" in page, command
+    assert ".SS demo" not in page  # source checkout only
+
+
+def test_rpmlint_clean() -> None:
+    """rpmlint with our settings (packaging/rpm/rpmlint.toml: each filter says why)."""
+    rpms = [str(p) for p in (rpmpkg.REPO / "build" / "rpm" / "RPMS").glob("*/*.rpm")]
+    proc = subprocess.run(
+        ["rpmlint", "-c", str(rpmpkg.SPEC.parent / "rpmlint.toml"), *rpms,
+         str(rpmpkg.source_rpm())],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert "0 errors, 0 warnings" in proc.stdout, proc.stdout + proc.stderr
