@@ -64,7 +64,7 @@ def sizes(short: int, long: int) -> list[Any]:
 
 
 def report(what: str, **figures: Any) -> None:
-    """One line of figures (shown with ``pytest -s``; the docs/benchmarks.md table comes from these)."""
+    """One line of figures (shown with ``pytest -s``; docs/benchmarks.md takes them)."""
     print(f"\n[reliability] {what}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
