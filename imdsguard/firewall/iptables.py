@@ -404,6 +404,31 @@ class _Verified:
     at: float
 
 
+#: Per network namespace: the x_tables of each family that exist (``filter`` once
+#: anything used it). Missing when the ip_tables module is not loaded at all, as on
+#: nftables-only hosts (AL2023, RHEL 9).
+TABLE_NAMES = {"ipv4": "/proc/net/ip_tables_names", "ipv6": "/proc/net/ip6_tables_names"}
+
+
+def legacy_table_exists(family: str, names: dict[str, str] = TABLE_NAMES) -> bool:
+    """True when ``family``'s legacy filter table exists, checked without creating it.
+
+    Opening the table (libiptc) would create it, and libxtables loads the
+    ip_tables module first when it is missing; a host that never used legacy
+    iptables must stay that way, so only this file is read.
+    """
+    try:
+        with open(names[family], encoding="ascii") as fh:
+            return "filter" in fh.read().split()
+    except OSError:
+        return False
+
+
+def legacy_tables() -> tuple[str, ...]:
+    """The families whose legacy filter table exists (see :func:`legacy_table_exists`)."""
+    return tuple(f for f in FAMILIES if legacy_table_exists(f))
+
+
 class IptablesBackend:
     """python-iptables implementation of :class:`~imdsguard.firewall.base.Backend`."""
 
@@ -525,6 +550,10 @@ class IptablesBackend:
 
     def _inspect_family(self, ruleset: RuleSet, family: str) -> Inspection:
         """Parse the rules only when the kernel's table blob changed (see ``_xt_blob``)."""
+        if not legacy_table_exists(family):
+            # Reading the table would create it (status, or remove's check, must not).
+            self._verified.pop(family, None)
+            return Inspection(family, FamilyState.MISSING, ("the filter table does not exist",))
         before = self._fingerprint(family)
         known = self._verified.get(family)
         now = time.monotonic()
@@ -634,7 +663,22 @@ class IptablesBackend:
                     changed |= self._remove_family(family)
         return changed
 
+    def present(self) -> tuple[str, ...]:
+        """The families that hold any rule or chain of ours (nothing is created to look)."""
+        found = []
+        for family in FAMILIES:
+            if not (self.family_enabled(family) and legacy_table_exists(family)):
+                continue
+            with self._errors(f"read the {family} rules"):
+                snap = self._snapshot(self._table(family))
+            jumps = snap.output + snap.forward + (snap.docker_user or [])
+            if snap.chains or any(r.target in OUR_CHAINS for r in jumps):
+                found.append(family)
+        return tuple(found)
+
     def _remove_family(self, family: str) -> bool:
+        if not legacy_table_exists(family):
+            return False  # no table, so nothing of ours; opening it would create it
         iptc = self._iptc
         table = self._table(family)
         with self._errors(f"remove the {family} rules"):

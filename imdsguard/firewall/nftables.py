@@ -480,6 +480,10 @@ class NftablesBackend:
         self._run(["delete", "table", FAMILY, TABLE])
         return True
 
+    def present(self) -> tuple[str, ...]:
+        """The families our table holds rules for (an ``inet`` table: both, if it exists)."""
+        return FAMILIES if self._listing() else ()
+
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
