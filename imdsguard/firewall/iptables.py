@@ -420,6 +420,10 @@ def legacy_table_exists(family: str, names: dict[str, str] = TABLE_NAMES) -> boo
     try:
         with open(names[family], encoding="ascii") as fh:
             return "filter" in fh.read().split()
+    except PermissionError:
+        raise PermissionDeniedError(
+            f"cannot read {names[family]}: the firewall needs root (CAP_NET_ADMIN)"
+        ) from None
     except OSError:
         return False
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.errors import FirewallError
+from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall import detect, iptables, nftables
 
 NFT_VARIANT = "iptables v1.8.9 (nf_tables)\n"
@@ -184,3 +184,18 @@ def test_leftovers_skip_a_backend_without_its_tools(
     monkeypatch.setattr(iptables, "legacy_tables", lambda: ("ipv4",))
     assert detect.leftovers("nftables") == []  # python-iptables cannot load
     assert detect.leftovers("iptables") == []  # no nft command
+
+
+def test_legacy_table_probe_without_permission_is_not_a_no(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not root (the file is 0440): "cannot tell", never "no table" (status says unknown)."""
+    names = {"ipv4": str(tmp_path)}  # a directory: opening it fails, here as EISDIR
+    assert iptables.legacy_table_exists("ipv4", names) is False
+
+    def denied(*_a: Any, **_k: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(PermissionDeniedError):
+        iptables.legacy_table_exists("ipv4", names)
