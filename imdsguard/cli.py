@@ -19,7 +19,7 @@ import yaml
 from imdsguard import __version__, _locks, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
-from imdsguard.firewall.detect import choose, make_backend
+from imdsguard.firewall.detect import choose, leftovers, make_backend
 from imdsguard.policy import QUEUE_NUM, build_ruleset
 
 # Heavier modules (structlog, the rule renderers) are imported by the commands
@@ -80,15 +80,16 @@ def cmd_remove(args: argparse.Namespace) -> int:
             "the imdsguard daemon is running and would put the rules back: "
             "stop it first (systemctl stop imdsguard) or pass --force"
         )
-    try:
-        backend_name = load_config(args.config, trust=False).backend
-    except ImdsGuardError:
-        backend_name = "auto"  # a broken config must not keep our rules from coming out
-    backend = make_backend(backend_name)
+    # Every backend, whatever the config says (it may have changed since the rules
+    # went in, and a broken config must not keep them in): looking creates nothing.
     paths.ensure_dir(paths.run_dir())
+    removed = []
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-        changed = backend.remove()
-    print("rules removed" if changed else "no imdsguard rules were in place")
+        for backend, _ in leftovers(None):
+            if backend.remove():
+                removed.append(backend.name)
+    done = f"rules removed ({', '.join(removed)})" if removed else ""
+    print(done or "no imdsguard rules were in place")
     return 0
 
 

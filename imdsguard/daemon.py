@@ -28,7 +28,7 @@ from imdsguard import __version__, _locks, _state, paths
 from imdsguard.config import Config, load_config
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
-from imdsguard.firewall.detect import make_backend
+from imdsguard.firewall.detect import leftovers, make_backend
 from imdsguard.notify import Notifier
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
@@ -138,6 +138,7 @@ class Daemon:
             self._start_components(self.config, before=True)
             self.ruleset = self._ruleset(self.config)
             self._apply("startup")
+            self._remove_leftovers()
             self._start_components(self.config, before=False)
             self.last_states = self._rule_states()
             self._publish()
@@ -209,6 +210,24 @@ class Daemon:
                 error=problem,
                 effect="the rules are parsed on every check (about 2% of a core when idle)",
             )
+
+    def _remove_leftovers(self) -> None:
+        """Take out rules of ours in the backend we do not use (once ours are in place).
+
+        A backend change (config, or auto-detection after an upgrade) leaves
+        the old backend's rules behind: they deny by a stale policy, and
+        ``status`` could not vouch for them.
+        """
+        try:
+            with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
+                for other, families in leftovers(self.backend.name):
+                    other.remove()
+                    self.log.warning(
+                        "old_backend_rules_removed", backend=other.name, families=list(families)
+                    )
+        except ImdsGuardError as exc:
+            # Harmless for protection (they deny too); status names them.
+            self.log.error("old_backend_rules_left", error=str(exc))
 
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.

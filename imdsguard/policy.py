@@ -18,10 +18,22 @@ FAMILIES = ("ipv4", "ipv6")
 #: NFQUEUE queue the daemon reads denied (or, in audit mode, audited) packets from.
 QUEUE_NUM = 5421
 
-#: skb mark bit the daemon sets on a packet it has attributed before re-injecting it
-#: (NF_REPEAT), so the chain can tell "seen, now deny" from "not seen yet". Chosen
-#: clear of the bits kube-proxy (0x4000, 0x8000), Calico (0xffff0000) and Cilium
-#: (0x0f00) use.
+#: Mark bit that tells a packet back from the queue (NF_REPEAT) from a new one,
+#: so the chain can tell "seen, now deny" (audit: "seen, pass") from "not seen
+#: yet, queue it". A packet is seen when the bit is in its connection's
+#: conntrack mark, which the queue rule sets and no socket can, *and* in the
+#: packet's own mark, which the daemon's verdict sets. The packet mark alone
+#: would be forgeable: ``SO_MARK`` needs only CAP_NET_RAW since Linux 5.17
+#: (Docker grants it), and a client that pre-set the bit would skip the queue
+#: and its event. The conntrack mark alone would not be per packet: a packet
+#: sent while another of its connection is queued (an HTTP request right after
+#: the handshake's ACK) would pass as seen, unread. Needs CONFIG_NF_CONNTRACK_MARK
+#: only (not the nfnetlink_queue conntrack glue, CONFIG_NETFILTER_NETLINK_GLUE_CT,
+#: which some kernels lack). Residual: a host rule that copies packet marks into
+#: conntrack marks (``CONNMARK --save-mark`` without a mask that excludes this bit)
+#: would let a client's mark look seen. Chosen clear of the bits kube-proxy
+#: (0x4000, 0x8000), Calico (0xffff0000), Cilium (0x0f00) and the AWS VPC CNI
+#: (0x80) use.
 MARK_SEEN = 0x1000
 
 #: SO_MARK the broker puts on its own IMDS sockets. Setting a socket mark needs

@@ -14,7 +14,7 @@ from imdsguard import _locks, _state, paths
 from imdsguard.config import load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState
-from imdsguard.firewall.detect import make_backend
+from imdsguard.firewall.detect import leftovers, make_backend
 from imdsguard.policy import RuleSet, build_ruleset
 
 _FINE = (FamilyState.OK, FamilyState.DISABLED)
@@ -73,6 +73,7 @@ def gather(config_path: str | None) -> dict[str, Any]:
         },
         "rules": {"ipv4": "unknown", "ipv6": "unknown"},
         "problems": [],
+        "leftovers": [],  # {backend, families}: rules of ours in the backend not in use
         "broker": {"enabled": broker_enabled, "healthy": None},
         # Who was blocked: informational, protection does not depend on it.
         "attribution": (state or {}).get("attribution", {"available": None, "reason": None}),
@@ -96,6 +97,7 @@ def gather(config_path: str | None) -> dict[str, Any]:
 
     doc["rules"] = {family: found[family].state for family in ("ipv4", "ipv6")}
     doc["problems"] = [f"{f}: {p}" for f, i in found.items() for p in i.problems]
+    _check_leftovers(doc, backend.name)
     missing = [f for f, i in found.items() if i.state == FamilyState.MISSING]
     drifted = [f for f, i in found.items() if i.state == FamilyState.DRIFTED]
     if all(i.state == FamilyState.DISABLED for i in found.values()):
@@ -127,6 +129,31 @@ def gather(config_path: str | None) -> dict[str, Any]:
         doc["state"] = "protected"
     doc["protected"] = doc["state"] == "protected"
     return doc
+
+
+def _check_leftovers(doc: dict[str, Any], current: str) -> None:
+    """Rules of ours in the other backend: they still deny, by a policy nobody keeps.
+
+    Such a family is at best ``drifted`` (never ``ok``): what governs its
+    IMDS traffic is not only the policy we show.
+    """
+    doc["leftovers"] = []
+    try:
+        found = leftovers(current)
+    except ImdsGuardError as exc:
+        doc["reasons"].append(f"cannot check the other firewall backend for rules of ours: {exc}")
+        return
+    for other, families in found:
+        doc["leftovers"].append({"backend": other.name, "families": list(families)})
+        doc["reasons"].append(
+            f"rules of ours are also in the {other.name} backend ({', '.join(families)}), left "
+            f"from an earlier backend: they still deny IMDS traffic by their own, stale policy "
+            f"(the daemon removes them when it starts; or run `imdsguard remove` and re-apply)"
+        )
+        for family in families:
+            doc["problems"].append(f"{family}: {other.name} rules of ours left in place")
+            if doc["rules"].get(family) == FamilyState.OK:
+                doc["rules"][family] = FamilyState.DRIFTED
 
 
 def render_text(doc: dict[str, Any]) -> str:

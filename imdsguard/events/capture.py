@@ -5,10 +5,12 @@ firewall sends each not-allowlisted packet to IMDS to NFQUEUE (see
 :mod:`imdsguard.firewall.iptables`). The kernel holds the packet, so the
 client is still inside ``connect()``, with its socket and process alive,
 while we attribute it (:mod:`imdsguard.events.attribution`). Then we give
-the verdict ``NF_REPEAT`` with :data:`~imdsguard.policy.MARK_SEEN` added to
-the packet's mark: the packet runs through the hook again and meets the
-"marked: deny" rule (enforce) or "marked: clear and return" (audit). We
-never accept or reject ourselves, so the policy stays in the firewall rules.
+the verdict ``NF_REPEAT``: the packet runs through the hook again, now with
+:data:`~imdsguard.policy.MARK_SEEN` in its connection's conntrack mark (the
+queue rule put it there) and in its own mark (the verdict adds it), and
+meets the "seen: deny" rule (enforce) or "seen: clear and return" (audit).
+We never accept or reject ourselves, so the policy stays in the firewall
+rules, and no mark a process can set on its socket changes the outcome.
 
 If this process dies, the kernel drops the packets still held and, in
 enforce mode, every later one (the queue has no bypass and we never set
@@ -342,7 +344,8 @@ class Capture:
                 self._last_error_log = now
                 self.log.warning("capture_packet_error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            # Back through the hook with our bit set: the rules deny (enforce) or pass (audit).
+            # Back through the hook with our bit set (its connection's conntrack mark has
+            # it from the queue rule): the rules deny (enforce) or pass (audit).
             nfq.verdict(qp.packet_id, NF_REPEAT, qp.mark | MARK_SEEN)
             held_us = int((time.perf_counter() - start) * 1e6)
             self.counters["held_us_total"] += held_us

@@ -51,3 +51,6 @@ class Backend(Protocol):
 
     def remove(self) -> bool:
         """Take out every rule and chain of ours; False when there was nothing."""
+
+    def present(self) -> tuple[str, ...]:
+        """The families with any rule or chain of ours, found without creating anything."""

@@ -7,6 +7,12 @@ legacy x_tables get created on a host that does not use them:
 - the host's ``iptables`` says ``(nf_tables)``, or there is ``nft`` and no
   ``iptables`` at all: nftables (Amazon Linux 2023, RHEL 9, Debian 12);
 - ``iptables`` says ``(legacy)``: the iptables backend (python-iptables).
+
+Whatever is chosen, rules of ours can be left in the other backend (the
+config named another one, or auto-detection changed its answer after an
+upgrade): :func:`leftovers` finds them without creating anything, so that
+the daemon takes them out at start, ``remove`` takes out everything and
+``status`` says so.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import subprocess
 
 from imdsguard.errors import FirewallError
 from imdsguard.firewall.base import Backend
+
+BACKENDS = ("nftables", "iptables")
 
 
 def host_flavour() -> str:
@@ -57,3 +65,33 @@ def make_backend(name: str) -> Backend:
 
         return NftablesBackend()
     raise FirewallError(f"unknown firewall backend {name!r}: use auto, iptables or nftables")
+
+
+def leftovers(current: str | None) -> list[tuple[Backend, tuple[str, ...]]]:
+    """Backends other than ``current`` that hold rules of ours, with their families.
+
+    Nothing is created to look: the legacy tables are opened only where
+    ``/proc/net/ip*_tables_names`` lists them (python-iptables would otherwise
+    load ip_tables and create them on an nftables-only host), and nftables is
+    only listed. A backend whose tools are not installed holds nothing of ours
+    that we could take out. ``current=None``: every backend.
+    """
+    found: list[tuple[Backend, tuple[str, ...]]] = []
+    for name in BACKENDS:
+        if name == current:
+            continue
+        if name == "iptables":
+            from imdsguard.firewall import iptables  # noqa: PLC0415 - no iptc on import
+
+            if not iptables.legacy_tables():
+                continue
+        elif not shutil.which("nft"):
+            continue
+        try:
+            backend = make_backend(name)
+        except FirewallError:
+            continue  # e.g. python-iptables cannot load: nothing we could read or remove
+        families = backend.present()
+        if families:
+            found.append((backend, families))
+    return found

@@ -10,14 +10,22 @@ Layout, per family (``filter`` table of iptables and ip6tables)::
     -A IMDSGUARD -m owner ! --uid-owner 0-4294967294 -m conntrack --ctstate RELATED,ESTABLISHED
                  -j RETURN                               (TEARDOWN: owner-less packets
                                                           of allowed connections)
-    -A IMDSGUARD -p tcp -m mark --mark 0x1000/0x1000 -j REJECT --reject-with tcp-reset
-    -A IMDSGUARD -m mark --mark 0x1000/0x1000 -j REJECT --reject-with icmp-port-unreachable
-    -A IMDSGUARD -j NFQUEUE --queue-num 5421             (capture on: the daemon
-                                                          attributes, marks, repeats)
+    -A IMDSGUARD -p tcp -m tcp -m connmark --mark 0x1000/0x1000 -m mark --mark 0x1000/0x1000
+                 -j REJECT --reject-with tcp-reset       (seen: back from the queue)
+    -A IMDSGUARD -m connmark --mark 0x1000/0x1000 -m mark --mark 0x1000/0x1000
+                 -j REJECT --reject-with icmp-port-unreachable
+    -A IMDSGUARD -m conntrack --ctstate NEW,RELATED,ESTABLISHED
+                 -j CONNMARK --set-xmark 0x1000/0x1000   (capture on: flag the connection,
+    -A IMDSGUARD -m conntrack --ctstate NEW,RELATED,ESTABLISHED
+                 -j NFQUEUE --queue-num 5421              the daemon attributes, repeats)
+    -A IMDSGUARD -p tcp -m tcp -j REJECT --reject-with tcp-reset   (untracked: at once)
+    -A IMDSGUARD -j REJECT --reject-with icmp-port-unreachable
 
-Without capture the two REJECTs carry no mark match and there is no NFQUEUE.
-The queue has no ``--queue-bypass`` in enforce mode: with nobody listening the
-packet is dropped, never admitted.
+Without capture there are only the last two REJECTs. The queue has no
+``--queue-bypass`` in enforce mode: with nobody listening the packet is
+dropped, never admitted. No packet mark decides anything: a socket's
+``SO_MARK`` (which CAP_NET_RAW alone allows) can neither admit a packet nor
+keep it from the queue, see :data:`imdsguard.policy.MARK_SEEN`.
 
 Allowed traffic RETURNs rather than ACCEPTs: we never open anything the host's
 own rules would close. Every change is made on one libiptc handle and
@@ -167,9 +175,7 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
 
 
 def _deny(ruleset: RuleSet, family: str, mark: bool, chain: str = CHAIN) -> list[XtRule]:
-    seen: tuple[tuple[str, Params], ...] = (
-        (("mark", (("mark", f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"),)),) if mark else ()
-    )
+    seen = _seen_match() if mark else ()
     if ruleset.action == "drop":
         return [XtRule(chain, "DROP", matches=seen)]
     # A TCP reset makes connect() fail at once; anything else gets ICMP. The explicit
@@ -189,40 +195,65 @@ def _deny(ruleset: RuleSet, family: str, mark: bool, chain: str = CHAIN) -> list
     ]
 
 
+#: Packets that conntrack tracks: only their conntrack entry can carry MARK_SEEN,
+#: so only they are queued (an untracked one would come back unmarked, forever).
+_TRACKED = (("conntrack", (("ctstate", "NEW,RELATED,ESTABLISHED"),)),)
+
+
 def _deny_rules(ruleset: RuleSet, family: str, chain: str = CHAIN) -> list[XtRule]:
     """Everything after the allow rules.
 
     Without a queue: the deny (enforce) or nothing (audit).
 
-    With a queue, enforce: packets the daemon has attributed come back
-    (NF_REPEAT) with MARK_SEEN and are denied; new ones go to the queue. The
-    queue has no ``--queue-bypass`` (which would ACCEPT when nobody listens):
-    if the daemon dies, queued packets are dropped, so the host stays closed,
-    and a clean stop swaps in the queue-less rules first. Audit: attributed
-    packets get the bit cleared and RETURN; here ``--queue-bypass`` is right,
-    since audit mode must never block.
+    With a queue: a tracked packet not seen yet gets MARK_SEEN in its
+    connection's conntrack mark (which no socket can set) and goes to the
+    queue; the daemon attributes it and repeats it (NF_REPEAT, with the bit
+    added to the packet's own mark), so it comes back seen and is denied
+    (enforce) or has the bits cleared and RETURNs (audit). Untracked packets
+    (a host NOTRACK rule) cannot carry the bit: denied at once (enforce),
+    passed (audit). The enforce queue has no ``--queue-bypass`` (which would
+    ACCEPT when nobody listens): if the daemon dies, queued packets are
+    dropped, so the host stays closed, and a clean stop swaps in the
+    queue-less rules first. In audit mode ``--queue-bypass`` is right, since
+    audit must never block.
     """
     if ruleset.queue_num is None:
         return _deny(ruleset, family, False, chain) if ruleset.enforcing else []
     params: Params = (("queue-num", str(ruleset.queue_num)),)
+    flag = XtRule(chain, "CONNMARK", matches=_TRACKED, target_params=_set_seen(MARK_SEEN))
     if not ruleset.enforcing:
         return [
             # goto, not jump: AUDITED's RETURN must leave our chain (back to OUTPUT or
             # FORWARD), not fall through to the NFQUEUE rule and queue the packet again.
             XtRule(chain, AUDITED, matches=_seen_match(), goto=True),
-            XtRule(chain, "NFQUEUE", target_params=(*params, ("queue-bypass", ""))),
+            flag,
+            XtRule(
+                chain, "NFQUEUE", matches=_TRACKED, target_params=(*params, ("queue-bypass", ""))
+            ),
         ]
-    return [*_deny(ruleset, family, True, chain), XtRule(chain, "NFQUEUE", target_params=params)]
+    return [
+        *_deny(ruleset, family, True, chain),
+        flag,
+        XtRule(chain, "NFQUEUE", matches=_TRACKED, target_params=params),
+        *_deny(ruleset, family, False, chain),
+    ]
+
+
+def _set_seen(value: int) -> Params:
+    return (("set-xmark", f"{value:#x}/{MARK_SEEN:#x}"),)
 
 
 def _seen_match() -> tuple[tuple[str, Params], ...]:
-    return (("mark", (("mark", f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"),)),)
+    """Back from the queue: our bit in the conntrack mark and the packet's (see MARK_SEEN)."""
+    bit = f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"
+    return (("connmark", (("mark", bit),)), ("mark", (("mark", bit),)))
 
 
 def _audited_rules() -> list[XtRule]:
-    """The audit-mode sub-chain: clear our mark bit, then back to OUTPUT."""
+    """The audit-mode sub-chain: clear our bit (connection and packet), back to OUTPUT."""
     return [
-        XtRule(AUDITED, "MARK", target_params=(("set-xmark", f"0x0/{MARK_SEEN:#x}"),)),
+        XtRule(AUDITED, "CONNMARK", target_params=_set_seen(0)),
+        XtRule(AUDITED, "MARK", target_params=_set_seen(0)),
         XtRule(AUDITED, "RETURN"),
     ]
 
@@ -373,6 +404,35 @@ class _Verified:
     at: float
 
 
+#: Per network namespace: the x_tables of each family that exist (``filter`` once
+#: anything used it). Missing when the ip_tables module is not loaded at all, as on
+#: nftables-only hosts (AL2023, RHEL 9).
+TABLE_NAMES = {"ipv4": "/proc/net/ip_tables_names", "ipv6": "/proc/net/ip6_tables_names"}
+
+
+def legacy_table_exists(family: str, names: dict[str, str] = TABLE_NAMES) -> bool:
+    """True when ``family``'s legacy filter table exists, checked without creating it.
+
+    Opening the table (libiptc) would create it, and libxtables loads the
+    ip_tables module first when it is missing; a host that never used legacy
+    iptables must stay that way, so only this file is read.
+    """
+    try:
+        with open(names[family], encoding="ascii") as fh:
+            return "filter" in fh.read().split()
+    except PermissionError:
+        raise PermissionDeniedError(
+            f"cannot read {names[family]}: the firewall needs root (CAP_NET_ADMIN)"
+        ) from None
+    except OSError:
+        return False
+
+
+def legacy_tables() -> tuple[str, ...]:
+    """The families whose legacy filter table exists (see :func:`legacy_table_exists`)."""
+    return tuple(f for f in FAMILIES if legacy_table_exists(f))
+
+
 class IptablesBackend:
     """python-iptables implementation of :class:`~imdsguard.firewall.base.Backend`."""
 
@@ -494,6 +554,10 @@ class IptablesBackend:
 
     def _inspect_family(self, ruleset: RuleSet, family: str) -> Inspection:
         """Parse the rules only when the kernel's table blob changed (see ``_xt_blob``)."""
+        if not legacy_table_exists(family):
+            # Reading the table would create it (status, or remove's check, must not).
+            self._verified.pop(family, None)
+            return Inspection(family, FamilyState.MISSING, ("the filter table does not exist",))
         before = self._fingerprint(family)
         known = self._verified.get(family)
         now = time.monotonic()
@@ -603,7 +667,22 @@ class IptablesBackend:
                     changed |= self._remove_family(family)
         return changed
 
+    def present(self) -> tuple[str, ...]:
+        """The families that hold any rule or chain of ours (nothing is created to look)."""
+        found = []
+        for family in FAMILIES:
+            if not (self.family_enabled(family) and legacy_table_exists(family)):
+                continue
+            with self._errors(f"read the {family} rules"):
+                snap = self._snapshot(self._table(family))
+            jumps = snap.output + snap.forward + (snap.docker_user or [])
+            if snap.chains or any(r.target in OUR_CHAINS for r in jumps):
+                found.append(family)
+        return tuple(found)
+
     def _remove_family(self, family: str) -> bool:
+        if not legacy_table_exists(family):
+            return False  # no table, so nothing of ours; opening it would create it
         iptc = self._iptc
         table = self._table(family)
         with self._errors(f"remove the {family} rules"):

@@ -30,7 +30,8 @@ Layout (``nft list table inet imdsguard``)::
     }
 
 With capture on (``queue_num`` set), the deny rules are preceded by a
-``queue`` to the daemon and apply to packets it has marked as seen, as in
+``queue`` to the daemon and apply to packets back from it (their connection
+flagged in its conntrack mark: no packet mark decides anything), as in
 :mod:`imdsguard.firewall.iptables`.
 
 Why this is safe next to other firewalls: an ``accept`` in another table (or
@@ -107,6 +108,36 @@ def _mark_has(bit: int) -> Cmd:
     return _match({"&": [{"meta": {"key": "mark"}}, bit]}, bit)
 
 
+_CT_MARK: Cmd = {"ct": {"key": "mark"}}
+
+
+def _seen() -> list[Cmd]:
+    """The packet was queued and is back (NF_REPEAT): see :data:`~imdsguard.policy.MARK_SEEN`.
+
+    Our bit in the packet's mark (the verdict sets it) *and* in its
+    connection's conntrack mark (the queue rule sets it; no socket can), so a
+    client's ``SO_MARK`` alone never counts as seen.
+    """
+    return [
+        _match({"&": [_CT_MARK, MARK_SEEN]}, MARK_SEEN),
+        _mark_has(MARK_SEEN),
+    ]
+
+
+def _ct_mark(op: str, value: int) -> Cmd:
+    return {"mangle": {"key": _CT_MARK, "value": {op: [_CT_MARK, value & 0xFFFFFFFF]}}}
+
+
+def _meta_mark_clear() -> Cmd:
+    mark = {"meta": {"key": "mark"}}
+    return {"mangle": {"key": mark, "value": {"&": [mark, 0xFFFFFFFF ^ MARK_SEEN]}}}
+
+
+#: Packets that conntrack tracks: only their conntrack entry can carry MARK_SEEN,
+#: so only they are queued (an untracked one would come back unmarked, forever).
+_TRACKED = _match({"ct": {"key": "state"}}, ["new", "established", "related"], op="in")
+
+
 def _daddr(family: str) -> Cmd:
     proto = "ip" if family == "ipv4" else "ip6"
     return {"payload": {"protocol": proto, "field": "daddr"}}
@@ -129,19 +160,16 @@ def _deny_exprs(ruleset: RuleSet, hold: bool = True) -> list[list[Cmd]]:
     """
     if ruleset.queue_num is None or not hold:
         return _deny(ruleset) if ruleset.enforcing else []
-    queue: Cmd = {"queue": {"num": ruleset.queue_num}}
+    flagged = _ct_mark("|", MARK_SEEN)
     if not ruleset.enforcing:
-        clear = {
-            "mangle": {
-                "key": {"meta": {"key": "mark"}},
-                "value": {"&": [{"meta": {"key": "mark"}}, 0xFFFFFFFF ^ MARK_SEEN]},
-            }
-        }
+        bypass = {"queue": {"num": ruleset.queue_num, "flags": "bypass"}}
         return [
-            [_mark_has(MARK_SEEN), clear, {"return": None}],
-            [{"queue": {"num": ruleset.queue_num, "flags": "bypass"}}],
+            [*_seen(), _ct_mark("&", ~MARK_SEEN), _meta_mark_clear(), {"return": None}],
+            [_TRACKED, flagged, bypass],
         ]
-    return [*_deny(ruleset, [_mark_has(MARK_SEEN)]), [queue]]
+    queue: Cmd = {"queue": {"num": ruleset.queue_num}}
+    # Seen: denied. New: flagged and queued. Untracked (never queued): denied at once.
+    return [*_deny(ruleset, _seen()), [_TRACKED, flagged, queue], *_deny(ruleset)]
 
 
 def _log_rule(ruleset: RuleSet, hold: bool) -> list[Cmd] | None:
@@ -451,6 +479,10 @@ class NftablesBackend:
             return False
         self._run(["delete", "table", FAMILY, TABLE])
         return True
+
+    def present(self) -> tuple[str, ...]:
+        """The families our table holds rules for (an ``inet`` table: both, if it exists)."""
+        return FAMILIES if self._listing() else ()
 
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""

@@ -21,12 +21,39 @@ def test_auto_on_an_nft_host_creates_no_legacy_tables(daemon: DaemonHandle) -> N
     if host_flavour() != "nftables":
         pytest.fail("this test expects Debian 12's iptables (nf_tables variant)")
     daemon.write_config("firewall:\n  backend: auto\n")
+    names = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
+    # Missing where the ip_tables module is not loaded (nftables-only AL2023, RHEL 9):
+    # then it must stay missing (nothing may load the module just to look).
+    before = [_legacy(daemon, path) for path in names]
+    assert all(b in (None, "") for b in before), f"a fresh namespace has legacy tables: {before}"
     daemon.start()
     status = json.loads(daemon.cli("status", "--json").stdout)
     assert status["backend"] == "nftables" and status["state"] == "protected", status
-    for names in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
-        legacy = daemon.topo.run(daemon.topo.host, ["cat", names], check=True).stdout
-        assert legacy.strip() == "", f"legacy tables were created: {legacy}"
+    assert daemon.stop() == 0
+    assert daemon.cli("status").returncode == 1  # no daemon: degraded
+    assert daemon.cli("remove").returncode == 0  # looks at every backend
+    assert [_legacy(daemon, path) for path in names] == before, "legacy tables were created"
+
+
+@pytest.mark.parametrize("backend", ["iptables"])
+def test_remove_and_status_create_no_legacy_tables(daemon: DaemonHandle) -> None:
+    """Even configured for iptables: looking for our rules must not create the tables."""
+    names = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
+    before = [_legacy(daemon, path) for path in names]
+    assert all(b in (None, "") for b in before), f"a fresh namespace has legacy tables: {before}"
+    remove = daemon.cli("remove")
+    assert remove.returncode == 0 and "no imdsguard rules" in remove.stdout, remove
+    assert daemon.cli("status").returncode == 2  # unprotected: nothing in place
+    assert [_legacy(daemon, path) for path in names] == before, "legacy tables were created"
+
+
+def _legacy(daemon: DaemonHandle, path: str) -> str | None:
+    """The legacy tables listed in ``path`` in HOST, or None when it does not exist."""
+    proc = daemon.topo.run(daemon.topo.host, ["cat", path])
+    if proc.returncode != 0:
+        assert "No such file" in proc.stderr, proc
+        return None
+    return proc.stdout.strip()
 
 
 @pytest.mark.parametrize("backend", ["nftables"])

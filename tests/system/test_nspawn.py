@@ -524,8 +524,18 @@ def test_broker_works_in_the_sandbox(booted: Container) -> None:
 
 
 def test_erase_takes_the_rules_out(booted: Container) -> None:
-    """The package's own %preun ($1 = 0): service stopped and disabled, no rules left."""
+    """The package's own %preun ($1 = 0): service stopped and disabled, no rules left.
+
+    Not even in the backend that the config no longer names: rules put in by
+    the running daemon on one backend, and by ``apply`` on the other.
+    """
     c = booted
+    running = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)["backend"]
+    other = "nftables" if running == "iptables" else "iptables"
+    c.write_config(f"firewall:\n  backend: {other}\n")
+    assert c.run(["imdsguard", "apply"]).returncode == 0
+    assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode == 0
+    assert "IMDSGUARD" in c.run(["iptables-legacy", "-S"], check=True).stdout
     preun = rpmpkg.scriptlet(rpmpkg.build_rpm(), "PREUN")
     c.sh(preun, "preun", "0")
     assert c.show("imdsguard.service", "ActiveState") == "inactive"

@@ -206,3 +206,38 @@ def test_status_text_says_how_attribution_works() -> None:
     assert "note:     attribution best-effort: no nft_queue" in status.render_text(doc)
     doc["attribution"] = {"available": False, "held": True, "reason": "capture failed"}
     assert "note:     attribution unavailable: capture failed" in status.render_text(doc)
+
+
+class _Leftover:
+    name = "iptables"
+
+
+def test_status_never_says_ok_over_rules_left_in_the_other_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Our old backend's rules still deny, by a stale policy: drifted, with a reason."""
+    monkeypatch.setattr(status, "leftovers", lambda current: [(_Leftover(), ("ipv4",))])
+    doc: dict[str, Any] = {
+        "rules": {"ipv4": "ok", "ipv6": "ok"},
+        "reasons": [],
+        "problems": [],
+    }
+    status._check_leftovers(doc, "nftables")
+    assert doc["rules"] == {"ipv4": "drifted", "ipv6": "ok"}
+    assert doc["leftovers"] == [{"backend": "iptables", "families": ["ipv4"]}]
+    assert "also in the iptables backend (ipv4)" in doc["reasons"][0]
+    assert doc["problems"] == ["ipv4: iptables rules of ours left in place"]
+    assert "also in the iptables backend" in status.render_text(_doc_for_text(doc))
+
+
+def _doc_for_text(extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "state": "degraded",
+        "mode": "enforce",
+        "backend": "nftables",
+        "daemon": {"running": False, "pid": None, "rules_restored_total": 0},
+        "broker": {"enabled": False},
+        "blocked": {"total": 0, "recent": []},
+        "attribution": {},
+        **extra,
+    }

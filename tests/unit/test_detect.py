@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.errors import FirewallError
+from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall import detect, iptables, nftables
 
 NFT_VARIANT = "iptables v1.8.9 (nf_tables)\n"
@@ -123,3 +123,79 @@ def test_make_backend_builds_the_chosen_one(
 def test_unknown_backend_name_is_an_error(host: Host) -> None:
     with pytest.raises(FirewallError, match="unknown firewall backend 'pf'"):
         detect.make_backend("pf")
+
+
+# --- leftovers: rules of ours in the backend not in use, found without creating anything
+
+
+@pytest.mark.parametrize(
+    ("content", "exists"),
+    [(None, False), ("", False), ("mangle\n", False), ("mangle\nfilter\n", True)],
+    ids=["no-ip_tables-module", "no-table", "other-table", "filter"],
+)
+def test_legacy_table_probe_reads_only_the_proc_file(
+    tmp_path: Any, content: str | None, exists: bool
+) -> None:
+    names = {"ipv4": str(tmp_path / "ip_tables_names"), "ipv6": str(tmp_path / "missing")}
+    if content is not None:
+        (tmp_path / "ip_tables_names").write_text(content)
+    assert iptables.legacy_table_exists("ipv4", names) is exists
+    assert iptables.legacy_table_exists("ipv6", names) is False
+
+
+class FakeBackend:
+    def __init__(self, name: str, families: tuple[str, ...]) -> None:
+        self.name, self.families = name, families
+
+    def present(self) -> tuple[str, ...]:
+        return self.families
+
+
+def test_leftovers_never_opens_legacy_tables_that_do_not_exist(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an nftables-only host python-iptables would load ip_tables and create the tables."""
+    host.has("nft", "iptables")
+    made: list[str] = []
+
+    def make(name: str) -> FakeBackend:
+        made.append(name)
+        return FakeBackend(name, ("ipv4", "ipv6") if name == "nftables" else ("ipv4",))
+
+    monkeypatch.setattr(detect, "make_backend", make)
+    monkeypatch.setattr(iptables, "legacy_tables", lambda: ())
+    assert detect.leftovers("nftables") == []
+    assert made == []
+    assert [(b.name, f) for b, f in detect.leftovers("iptables")] == [
+        ("nftables", ("ipv4", "ipv6"))
+    ]
+    monkeypatch.setattr(iptables, "legacy_tables", lambda: ("ipv4",))
+    assert [b.name for b, _ in detect.leftovers(None)] == ["nftables", "iptables"]
+    assert made == ["nftables", "nftables", "iptables"]
+
+
+def test_leftovers_skip_a_backend_without_its_tools(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unusable(name: str) -> FakeBackend:
+        raise FirewallError(f"{name} cannot load")
+
+    monkeypatch.setattr(detect, "make_backend", unusable)
+    monkeypatch.setattr(iptables, "legacy_tables", lambda: ("ipv4",))
+    assert detect.leftovers("nftables") == []  # python-iptables cannot load
+    assert detect.leftovers("iptables") == []  # no nft command
+
+
+def test_legacy_table_probe_without_permission_is_not_a_no(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not root (the file is 0440): "cannot tell", never "no table" (status says unknown)."""
+    names = {"ipv4": str(tmp_path)}  # a directory: opening it fails, here as EISDIR
+    assert iptables.legacy_table_exists("ipv4", names) is False
+
+    def denied(*_a: Any, **_k: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(PermissionDeniedError):
+        iptables.legacy_table_exists("ipv4", names)

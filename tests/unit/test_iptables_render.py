@@ -96,13 +96,46 @@ def test_audit_mode_never_denies() -> None:
 def test_audited_packets_leave_our_chain() -> None:
     # A "-j" would RETURN into IMDSGUARD and reach the NFQUEUE rule again.
     lines = render(_ruleset("mode: audit\n"), "ipv4").lines()
-    assert "-A IMDSGUARD -m mark --mark 0x1000/0x1000 -g IMDSGUARD-AUDITED" in lines
+    seen = "-m connmark --mark 0x1000/0x1000 -m mark --mark 0x1000/0x1000"
+    assert f"-A IMDSGUARD {seen} -g IMDSGUARD-AUDITED" in lines
 
 
 def test_enforce_queue_has_no_bypass() -> None:
     lines = render(_ruleset(), "ipv4").lines()
-    assert "-A IMDSGUARD -j NFQUEUE --queue-num 5421" in lines
+    tracked = "-m conntrack --ctstate NEW,RELATED,ESTABLISHED"
+    assert f"-A IMDSGUARD {tracked} -j NFQUEUE --queue-num 5421" in lines
     assert not [line for line in lines if "--queue-bypass" in line]
+
+
+@pytest.mark.parametrize("mode", ["enforce", "audit"])
+@pytest.mark.parametrize("action", ["reject", "drop"])
+def test_no_packet_mark_admits_or_skips_the_queue(mode: str, action: str) -> None:
+    """SO_MARK needs only CAP_NET_RAW: a packet mark never decides on its own.
+
+    "Seen" (back from the queue) also needs our bit in the conntrack mark,
+    which no socket can set; the queue rule sets it, only for tracked packets.
+    """
+    config = f"mode: {mode}\naction: {action}\ncontainers: deny\n"
+    for family in ("ipv4", "ipv6"):
+        rendered = render(_ruleset(config), family)
+        rules = [r for rs in rendered.chains.values() for r in rs]
+        for rule in rules:
+            for name, params in rule.matches:
+                if name == "mark":
+                    assert params == (("mark", "0x1000/0x1000"),), rule.save()
+                    assert dict(rule.matches)["connmark"] == params, rule.save()
+        queued = [r for r in rules if r.target == "NFQUEUE"]
+        flags = [r for r in rules if r.target == "CONNMARK" and r.chain != "IMDSGUARD-AUDITED"]
+        assert len(queued) == len(flags) == 2  # IMDSGUARD and IMDSGUARD-FWD
+        for queue, flag in zip(queued, flags):
+            assert (
+                queue.matches
+                == flag.matches
+                == (("conntrack", (("ctstate", "NEW,RELATED,ESTABLISHED"),)),)
+            )
+            assert flag.target_params == (("set-xmark", "0x1000/0x1000"),)
+            chain = rendered.chains[queue.chain]
+            assert chain.index(flag) == chain.index(queue) - 1, "flag right before the queue"
 
 
 def test_importing_the_module_does_not_load_iptc() -> None:

@@ -74,6 +74,34 @@ def test_the_log_rule_is_not_what_protects() -> None:
     assert _states(compare(no_log, plan, ruleset)) == {FamilyState.DRIFTED}
 
 
+def _exprs(plan: Plan) -> list[list[dict[str, Any]]]:
+    return [c["add"]["rule"]["expr"] for c in plan.commands if "rule" in c.get("add", {})]
+
+
+@pytest.mark.parametrize("mode", ["enforce", "audit"])
+@pytest.mark.parametrize("action", ["reject", "drop"])
+@pytest.mark.parametrize("hold", [True, False])
+def test_no_packet_mark_admits_or_skips_the_queue(mode: str, action: str, hold: bool) -> None:
+    """As for iptables: a packet mark (SO_MARK, CAP_NET_RAW) never decides on its own."""
+    config = f"mode: {mode}\naction: {action}\ncontainers: deny\n"
+    plan = render(_ruleset(config, QUEUE_NUM), GROUPS, hold=hold)
+    meta_mark = {"meta": {"key": "mark"}}
+    ct_mark = {"&": [{"ct": {"key": "mark"}}, 0x1000]}
+    for expr in _exprs(plan):
+        matches = [e["match"] for e in expr if "match" in e]
+        for match in matches:
+            if json.dumps(meta_mark) in json.dumps(match["left"]):
+                assert match == {"op": "==", "left": {"&": [meta_mark, 0x1000]}, "right": 0x1000}
+                assert {"op": "==", "left": ct_mark, "right": 0x1000} in matches, expr
+        if any("queue" in e for e in expr):
+            ct_state, ct = {"ct": {"key": "state"}}, {"ct": {"key": "mark"}}
+            tracked = ["new", "established", "related"]
+            assert expr[0] == {"match": {"op": "in", "left": ct_state, "right": tracked}}
+            assert expr[1] == {"mangle": {"key": ct, "value": {"|": [ct, 0x1000]}}}
+    queues = [e for e in _exprs(plan) if any("queue" in x for x in e)]
+    assert len(queues) == (2 if hold else 0)  # deny and fwd_guard
+
+
 def test_batch_replaces_the_table_atomically() -> None:
     batch = render(_ruleset(""), GROUPS).batch()["nftables"]
     table = {"family": FAMILY, "name": TABLE}
