@@ -19,6 +19,7 @@ from imdsguard import __version__, _locks, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.detect import choose, make_backend
+from imdsguard.identity import service_uids
 from imdsguard.policy import QUEUE_NUM, build_ruleset
 
 # Heavier modules (structlog, the rule renderers) are imported by the commands
@@ -66,7 +67,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     supports_queue = getattr(backend, "supports_queue", lambda: True)
     queue = QUEUE_NUM if _locks.is_held(paths.daemon_lock()) and supports_queue() else None
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-        changed = backend.apply(build_ruleset(config, queue_num=queue))
+        ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=queue)
+        changed = backend.apply(ruleset)
     print(f"rules {'applied' if changed else 'already in place'} ({backend.name} backend)")
     return 0
 
@@ -169,7 +171,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         from imdsguard.firewall.nftables import expand_groups  # noqa: PLC0415
         from imdsguard.firewall.nftables import render as nft_render  # noqa: PLC0415
 
-        ruleset = build_ruleset(config, queue_num=None)
+        ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=None)
         backend = choose(config.backend)
         if backend == "nftables":
             print("# nftables batch (nft -j), groups expanded with this host's /etc/group")

@@ -236,6 +236,53 @@ def find_socket_owner(
     return None
 
 
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds a socket open: which fd, and whether it is close-on-exec."""
+
+    pid: int
+    fd: int
+    cloexec: bool
+
+
+def _fd_cloexec(proc_root: str, pid: int, fd: int) -> bool:
+    raw = _read(f"{proc_root}/{pid}/fdinfo/{fd}", 4096) or b""
+    for line in raw.split(b"\n"):
+        if line.startswith(b"flags:"):
+            try:
+                return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+            except (IndexError, ValueError):
+                return False
+    return False
+
+
+def socket_holders(inode: int, proc_root: str = "/proc") -> list[Holder]:
+    """Every process (thread group) holding ``socket:[inode]`` open, one entry per fd.
+
+    Reads every ``/proc/<pid>/fd`` (a full scan: root, or CAP_SYS_PTRACE and
+    CAP_DAC_READ_SEARCH, sees them all). What this cannot see: a socket held
+    only in flight (inside an ``SCM_RIGHTS`` message not yet received) or as
+    an io_uring registered file.
+    """
+    target = f"socket:[{inode}]"
+    found: list[Holder] = []
+    for pid in _pids(proc_root):
+        fd_dir = f"{proc_root}/{pid}/fd"
+        try:
+            with os.scandir(fd_dir) as entries:
+                for entry in entries:
+                    try:
+                        if os.readlink(entry.path) != target:
+                            continue
+                    except OSError:
+                        continue
+                    fd = int(entry.name)
+                    found.append(Holder(pid, fd, _fd_cloexec(proc_root, pid, fd)))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 # --- cgroups ----------------------------------------------------------------------
 
 _HEX64 = r"[0-9a-f]{64}"
