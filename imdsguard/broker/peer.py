@@ -332,18 +332,32 @@ def check_connection(
         decision = policy.decide(peer)
     if not decision.allowed and not policy.clients.exes:
         return decision, peer  # nothing about the holders can turn this into an allow
+    inode = peer_inode(sock) if holders is None else None
+    if holders is None and inode is None:
+        return _refused(
+            peer,
+            "the broker cannot tell which processes hold this connection "
+            "(no unix_diag, or a client in another network namespace)",
+        ), peer
+    if not decision.allowed:
+        # Only an exe can still allow it: first how the connector itself holds the
+        # connection (its own fds: cheap), so refusals never cost a full scan.
+        own = (
+            socket_holders(inode, proc_root, [peer.pid])
+            if inode is not None and peer.pid is not None
+            else [h for h in holders or () if h.pid == peer.pid]
+        )
+        if own:
+            peer = dataclasses.replace(peer, socket_cloexec=all(h.cloexec for h in own))
+        decision = policy.decide(peer)
+        if not decision.allowed:
+            return decision, peer
     if holders is None:
-        inode = peer_inode(sock)
-        if inode is None:
-            return _refused(
-                peer,
-                "the broker cannot tell which processes hold this connection "
-                "(no unix_diag, or a client in another network namespace)",
-            ), peer
+        assert inode is not None  # noqa: S101 - checked above
         holders = socket_holders(inode, proc_root)
-    by_pid = {h.pid: h for h in holders}
-    if peer.pid in by_pid:
-        peer = dataclasses.replace(peer, socket_cloexec=by_pid[peer.pid].cloexec)
+    mine = [h for h in holders if h.pid == peer.pid]
+    if mine:
+        peer = dataclasses.replace(peer, socket_cloexec=all(h.cloexec for h in mine))
         decision = policy.decide(peer)
     if not decision.allowed:
         return decision, peer

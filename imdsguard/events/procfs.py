@@ -256,30 +256,38 @@ def _fd_cloexec(proc_root: str, pid: int, fd: int) -> bool:
     return False
 
 
-def socket_holders(inode: int, proc_root: str = "/proc") -> list[Holder]:
+def socket_holders(
+    inode: int, proc_root: str = "/proc", pids: Iterable[int] | None = None
+) -> list[Holder]:
     """Every process (thread group) holding ``socket:[inode]`` open, one entry per fd.
 
-    Reads every ``/proc/<pid>/fd`` (a full scan: root, or CAP_SYS_PTRACE and
-    CAP_DAC_READ_SEARCH, sees them all). What this cannot see: a socket held
-    only in flight (inside an ``SCM_RIGHTS`` message not yet received) or as
-    an io_uring registered file.
+    Reads every ``/proc/<pid>/fd`` (or those of ``pids``): a full scan, which
+    root, or CAP_SYS_PTRACE with CAP_DAC_READ_SEARCH, sees whole; its cost
+    grows with the number of open files on the host (about 10 ms for 700
+    fds on a loaded 2-vCPU VM). What it cannot see: a socket held only in
+    flight (inside an ``SCM_RIGHTS`` message not yet received) or as an
+    io_uring registered file.
     """
     target = f"socket:[{inode}]"
     found: list[Holder] = []
-    for pid in _pids(proc_root):
-        fd_dir = f"{proc_root}/{pid}/fd"
+    for pid in _pids(proc_root) if pids is None else pids:
         try:
-            with os.scandir(fd_dir) as entries:
-                for entry in entries:
-                    try:
-                        if os.readlink(entry.path) != target:
-                            continue
-                    except OSError:
-                        continue
-                    fd = int(entry.name)
-                    found.append(Holder(pid, fd, _fd_cloexec(proc_root, pid, fd)))
-        except (OSError, ValueError):
+            fd_dir = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
             continue
+        try:
+            for name in os.listdir(fd_dir):
+                try:
+                    if os.readlink(name, dir_fd=fd_dir) != target:
+                        continue
+                    fd = int(name)
+                except (OSError, ValueError):
+                    continue
+                found.append(Holder(pid, fd, _fd_cloexec(proc_root, pid, fd)))
+        except OSError:
+            continue
+        finally:
+            os.close(fd_dir)
     return found
 
 
