@@ -183,6 +183,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_serve(args: argparse.Namespace) -> int:
+    """Internal: the broker process of imdsguard-broker.service (not for people)."""
+    from imdsguard.broker.process import unit_main  # noqa: PLC0415
+    from imdsguard.broker.supervisor import control_socket  # noqa: PLC0415
+
+    return unit_main(control_socket())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Self-contained demo in throw-away namespaces."""
     from imdsguard.demo import run_demo  # noqa: PLC0415
@@ -232,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check-config", cmd_check_config, "validate the config, print the effective policy")
     p.add_argument("--rules", action="store_true", help="also print the rules it renders to")
     add("demo", cmd_demo, "self-contained demo in throw-away network namespaces (root)")
+    # Internal, for imdsguard-broker.service: no help, so it is not listed.
+    sub.add_parser("broker-serve", parents=[common]).set_defaults(func=cmd_broker_serve)
     return parser
 
 

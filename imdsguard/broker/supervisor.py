@@ -5,12 +5,24 @@ parses what any local user sends is the unprivileged one):
 
 - The daemon (root, the firewall's owner) binds the broker's socket, so the
   socket file belongs to root in a root-owned directory and the broker
-  cannot replace it; it resolves the broker's account
-  (:func:`imdsguard.identity.broker_account`) and starts
-  :mod:`imdsguard.broker.process` with the listening socket and one end of
-  a socketpair, the check channel.
-- The broker process drops to that account at once: no capability (bounding
-  set included), no supplementary group, ``no_new_privs``. It parses HTTP,
+  cannot replace it, and resolves the broker's account
+  (:func:`imdsguard.identity.broker_account`).
+- The broker process (:mod:`imdsguard.broker.process`) runs as that account
+  with no capability (bounding set included), no supplementary group and
+  ``no_new_privs``, in one of two ways:
+
+  - **unit** (``IMDSGUARD_BROKER_UNIT`` set, as ``imdsguard.service`` does):
+    systemd runs it as ``imdsguard-broker.service``, a unit of its own with
+    a tighter sandbox than the daemon's, and restarts it; it connects to the
+    daemon's control socket (``/run/imdsguard/broker-control.sock``), which
+    accepts only the broker's uid (``SO_PEERCRED``). The daemon needs no
+    capability to switch users.
+  - **spawn** (anywhere else, e.g. run by hand or in tests): the daemon
+    starts it itself with one end of a socketpair; it drops privileges
+    before it imports anything else; the daemon restarts it with backoff.
+
+  Either way the daemon then hands it the settings and the listening
+  socket (the hello) over that channel. The broker parses HTTP,
   keeps the credential cache and reaches IMDS as its own uid, which the
   firewall allowlists (no packet mark: any CAP_NET_RAW process can set one).
 - Who may have credentials needs other users' ``/proc``: for each request
@@ -18,13 +30,15 @@ parses what any local user sends is the unprivileged one):
   and the daemon answers (:mod:`imdsguard.broker.checks`). The daemon also
   logs refusals, with attribution.
 
-The daemon starts the broker after the rules are in (it is not a
-``BEFORE_RULES`` component), restarts it when it exits (backoff from 0.5 s,
-doubling to 30 s, back to 0.5 s after a minute of uptime), reports its
-process, restarts and health (sent by the broker every second) in
-``status``, stops it on stop, and on SIGHUP applies new clients at once and
-restarts it only when what it runs with changed (socket, IMDS URL, limits,
-log format).
+The daemon serves the broker only after the rules are in (it is not a
+``BEFORE_RULES`` component); in spawn mode it restarts it when it exits
+(backoff from 0.5 s, doubling to 30 s, back to 0.5 s after a minute of
+uptime); it reports the process, its restarts (sessions) and its health
+(sent by the broker every second) in ``status``; on stop it ends the
+session (spawn: and the process; unit: ``PartOf=`` stops the unit); on
+SIGHUP new clients apply at once, and a change of what the broker runs
+with (socket, IMDS URL, limits, log format) ends the session, so the
+broker starts over with the new settings.
 """
 
 from __future__ import annotations
@@ -35,6 +49,8 @@ import json
 import os
 import select
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -42,6 +58,7 @@ import time
 from typing import Any
 
 import imdsguard
+from imdsguard import paths
 from imdsguard.broker.checks import MAX_MESSAGE, Decider
 from imdsguard.broker.peer import ClientPolicy
 from imdsguard.broker.process import BOOT, HEALTH_INTERVAL, settings
@@ -55,6 +72,12 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0  # seconds of uptime after which a crash starts the backoff over
 STALE_AFTER = 3 * HEALTH_INTERVAL + 2.0
 STOP_TIMEOUT = 5.0
+UNIT_ENV = "IMDSGUARD_BROKER_UNIT"
+
+
+def control_socket() -> str:
+    """Where the broker's unit connects to the daemon (unit mode)."""
+    return os.path.join(paths.run_dir(), "broker-control.sock")
 
 
 def _runs_with(config: Config) -> tuple[Any, ...]:
@@ -85,6 +108,10 @@ class BrokerSupervisor:
         self._report: dict[str, Any] = {}
         self._report_at = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.unit = os.environ.get(UNIT_ENV) or None  # unit mode: systemd runs the broker
+        self._control: socket.socket | None = None
+        self._session_pid: int | None = None
+        self._sessions = 0
 
     # -- life cycle
 
@@ -98,7 +125,11 @@ class BrokerSupervisor:
         self._listen, self._socket_id = _bind(self.config.broker.socket)
         try:
             with self._lock:
-                self._spawn()
+                if self.unit:
+                    self._control = _bind_control(control_socket())
+                    self.log.info("broker_waiting", unit=self.unit, control=control_socket())
+                else:
+                    self._spawn()
         except OSError as exc:
             self._close_socket()
             raise BrokerError(f"cannot start the broker process: {exc}") from None
@@ -116,6 +147,11 @@ class BrokerSupervisor:
             self._thread = None
         with self._lock:
             self._end_process("stop")
+            if self._control is not None:
+                self._control.close()
+                self._control = None
+                with contextlib.suppress(OSError):
+                    os.unlink(control_socket())
             self._close_socket()
         self.log.info("broker_process_stopped", restarts=self.restarts)
 
@@ -144,7 +180,8 @@ class BrokerSupervisor:
             if restart:
                 self._end_process("reconfigure")
                 try:
-                    self._spawn()
+                    if not self.unit:  # the unit's broker connects again by itself
+                        self._spawn()
                 except OSError as exc:
                     self.log.error("broker_unavailable", error=str(exc))
                     self._next_spawn = time.monotonic() + self._backoff
@@ -155,11 +192,18 @@ class BrokerSupervisor:
         """The broker's own report (fresh, or it is not healthy) and its process; no secret."""
         with self._lock:
             proc = self._proc
-            running = proc is not None and proc.poll() is None
+            if self.unit:
+                running = self._channel is not None
+                pid = self._session_pid if running else None
+            else:
+                running = proc is not None and proc.poll() is None
+                pid = proc.pid if running and proc is not None else None
             doc = dict(self._report)
             fresh = running and time.monotonic() - self._report_at < STALE_AFTER
             if not fresh:
-                if not running:
+                if not running and self.unit:
+                    why = f"waiting for {self.unit} to connect (systemctl status {self.unit})"
+                elif not running:
                     why = "the broker process is not running" + (
                         f" (it {self._last_exit}; restarting)" if self._last_exit else ""
                     )
@@ -170,7 +214,8 @@ class BrokerSupervisor:
                 doc.update(status="unavailable", healthy=False, last_error=why)
             doc["socket"] = self.config.broker.socket
             doc["process"] = {
-                "pid": proc.pid if running and proc is not None else None,
+                "pid": pid,
+                "unit": self.unit,
                 "user": self.account.name if self.account else None,
                 "uid": self.account.uid if self.account else None,
                 "running": running,
@@ -182,23 +227,28 @@ class BrokerSupervisor:
 
     # -- the process
 
+    def _hello(self, channel: socket.socket) -> None:
+        """The session's first message: the settings, and the listening socket."""
+        assert self._listen is not None  # noqa: S101
+        msg = json.dumps(settings(self.config)).encode()
+        socket.send_fds(channel, [msg], [self._listen.fileno()])
+
     def _spawn(self) -> None:
         assert self._listen is not None and self.account is not None  # noqa: S101
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
         )
         try:
-            opts = settings(
-                self.config,
-                self.account.uid,
-                self.account.gid,
-                self._listen.fileno(),
-                theirs.fileno(),
-            )
+            opts = {
+                "uid": self.account.uid,
+                "gid": self.account.gid,
+                "channel_fd": theirs.fileno(),
+                "log_format": self.config.log_format,
+            }
             root = os.path.dirname(os.path.dirname(os.path.abspath(imdsguard.__file__)))
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", BOOT, root, json.dumps(opts)],
-                pass_fds=(self._listen.fileno(), theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stdout,
                 stderr=subprocess.STDOUT,
@@ -210,6 +260,7 @@ class BrokerSupervisor:
             raise
         finally:
             theirs.close()
+        self._hello(ours)
         ours.setblocking(False)
         self._channel = ours
         self._spawned_at = time.monotonic()
@@ -225,21 +276,20 @@ class BrokerSupervisor:
         )
 
     def _end_process(self, why: str) -> None:
-        """Stop the current process (SIGTERM, then SIGKILL) and forget it."""
+        """End the session (the broker stops serving at once); spawned: the process too."""
         proc, self._proc = self._proc, None
         if self._channel is not None:
-            self._channel.close()
+            self._channel.close()  # the broker sees EOF and stops
             self._channel = None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
                 proc.kill()
-                proc.wait()
-                self.log.warning("broker_process_killed", pid=proc.pid, reason=why)
+            proc.wait()
+            self.log.warning("broker_process_killed", pid=proc.pid, reason=why)
 
     def _exited(self, proc: subprocess.Popen[bytes]) -> None:
         code = proc.returncode
@@ -279,8 +329,8 @@ class BrokerSupervisor:
 
     def _tick(self) -> None:
         with self._lock:
-            channel = self._channel
-        fds: list[Any] = [self._wake_r] + ([channel] if channel is not None else [])
+            channel, control = self._channel, self._control
+        fds: list[Any] = [self._wake_r] + [f for f in (channel, control) if f is not None]
         ready, _, _ = select.select(fds, [], [], 0.25)
         if self._wake_r in ready:
             with contextlib.suppress(OSError):
@@ -289,8 +339,12 @@ class BrokerSupervisor:
         with self._lock:
             if self._stopping.is_set():
                 return
-            if channel is not None and channel in ready and channel is self._channel:
-                self._serve_channel(channel)
+            mine = channel is not None and channel in ready and channel is self._channel
+            if mine and channel is not None and not self._serve_channel(channel) and self.unit:
+                self._last_exit = "disconnected"
+                self.log.warning("broker_disconnected", unit=self.unit, pid=self._session_pid)
+            if control is not None and control in ready and control is self._control:
+                self._accept_session(control)
             proc = self._proc
             if proc is not None and proc.poll() is not None:
                 self._exited(proc)
@@ -303,13 +357,52 @@ class BrokerSupervisor:
                     self.log.error("broker_unavailable", error=str(exc))
                     self._next_spawn = time.monotonic() + self._backoff
 
-    def _serve_channel(self, channel: socket.socket) -> None:
-        """Answer every question waiting on the channel, keep the health reports."""
+    def _accept_session(self, control: socket.socket) -> None:
+        """A broker unit connects: only the broker's uid, one session at a time."""
+        try:
+            conn, _ = control.accept()
+        except OSError:
+            return
+        raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid, uid, _ = struct.unpack("3i", raw)
+        expected = self.account.uid if self.account is not None else None
+        if uid != expected:
+            conn.close()
+            self.log.warning("broker_control_refused", uid=uid, pid=pid, expected_uid=expected)
+            return
+        if self._channel is not None:  # a broker that restarted before we saw it go
+            self._channel.close()
+        try:
+            self._hello(conn)
+        except OSError as exc:
+            conn.close()
+            self.log.error("broker_unavailable", error=str(exc))
+            return
+        conn.setblocking(False)
+        self._channel, self._session_pid = conn, pid
+        self._sessions += 1
+        self.restarts = self._sessions - 1
+        self._spawned_at = time.monotonic()
+        self._report, self._report_at = {}, 0.0
+        self.log.info(
+            "broker_process_started",
+            pid=pid,
+            unit=self.unit,
+            uid=uid,
+            socket=self.config.broker.socket,
+            restarts=self.restarts,
+        )
+
+    def _serve_channel(self, channel: socket.socket) -> bool:
+        """Answer every question waiting on the channel, keep the health reports.
+
+        False when the broker ended the session.
+        """
         for _ in range(64):
             try:
                 data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 4)
             except BlockingIOError:
-                return
+                return True
             except OSError:
                 data, fds = b"", []
             if not data:
@@ -317,8 +410,9 @@ class BrokerSupervisor:
                     os.close(fd)
                 channel.close()  # the broker went away; its exit is seen next
                 self._channel = None
-                return
+                return False
             self._handle(channel, data, fds)
+        return True
 
     def _handle(self, channel: socket.socket, data: bytes, fds: list[int]) -> None:
         try:
@@ -353,6 +447,23 @@ class BrokerSupervisor:
             self._listen.close()
             unlink_socket(self.config.broker.socket, self._socket_id)
             self._listen = None
+
+
+def _bind_control(path: str) -> socket.socket:
+    """The control socket the broker's unit connects to (0666: the uid is checked)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # only one daemon runs (its lock): a leftover of an earlier one
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)  # noqa: S103 - access control is by SO_PEERCRED
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _bind(path: str) -> tuple[socket.socket, tuple[int, int]]:

@@ -218,8 +218,14 @@ def broker_config(sock: str) -> str:
 
 
 def _broker_env(
-    workdir: str, backend: str, users: dict[str, User], lifetime: float = 3600
+    workdir: str,
+    backend: str,
+    users: dict[str, User],
+    lifetime: float = 3600,
+    unit: bool = False,
 ) -> Iterator[Env]:
+    """``unit``: the broker as imdsguard-broker.service runs it (``imdsguard broker-serve``
+    as the broker's user, connecting to the daemon), started here instead of systemd."""
     control = os.path.join(workdir, "control.json")
     request_log = os.path.join(workdir, "imds-requests.log")
     with Topology() as topo:
@@ -238,7 +244,11 @@ def _broker_env(
         sock = os.path.join(workdir, "run", "broker.sock")
         daemon = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env, backend)
         daemon.write_config("allow:\n  users: []\n" + broker_config(sock))
+        if unit:
+            env["IMDSGUARD_BROKER_UNIT"] = "imdsguard-broker.service"
         daemon.start()
+        if unit:
+            start_broker_unit(topo, daemon)
         setup = Env(
             topo,
             daemon,
@@ -266,6 +276,23 @@ def backend() -> str:
 @pytest.fixture
 def env(workdir: str, backend: str, test_users: dict[str, User]) -> Iterator[Env]:
     yield from _broker_env(workdir, backend, test_users)
+
+
+def start_broker_unit(topo: Topology, daemon: DaemonHandle) -> subprocess.Popen[Any]:
+    """``imdsguard broker-serve`` as the broker's user, as imdsguard-broker.service runs it."""
+    from imdsguard.identity import broker_account
+
+    account = broker_account()
+    return topo.popen(
+        topo.host,
+        daemon.cli_argv("broker-serve"),
+        user=User(account.uid, account.gid),
+        env=daemon.env,
+        # Its own log (journald keeps the units apart too); appending to the
+        # daemon's file would interleave partial lines.
+        stdout=open(os.path.join(daemon.workdir, "broker-unit.log"), "a"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.fixture
@@ -598,3 +625,49 @@ def test_a_missing_broker_account_is_a_clear_error_at_start(daemon: DaemonHandle
         out = fh.read()
     assert "imdsg-no-such-user" in out
     assert "useradd --system --no-create-home --shell /usr/sbin/nologin imdsg-no-such-user" in out
+
+
+def test_unit_mode_broker_connects_serves_and_comes_back(
+    workdir: str, test_users: dict[str, User]
+) -> None:
+    """What imdsguard-broker.service does: the daemon switches no user; the broker, started
+    apart as its own user, connects to the control socket and serves; a uid other than
+    the broker's is refused there; a broker that dies and comes back is served again."""
+    from imdsguard.identity import broker_account
+
+    account = broker_account()
+    setup = _broker_env(workdir, "iptables", test_users, unit=True)
+    env = next(setup)
+    try:
+        doc = _broker_process(env)
+        assert doc["process"]["unit"] == "imdsguard-broker.service"
+        pid = doc["process"]["pid"]
+        assert _status_fields(pid)["Uid"].split() == [str(account.uid)] * 4
+        result = env.credentials(test_users["imdsg-app"])
+        assert result.returncode == 0, result.stderr
+        # Only the broker's uid may take the listening socket.
+        control = os.path.join(env.daemon.env["IMDSGUARD_RUN_DIR"], "broker-control.sock")
+        grab = (
+            "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+            "s.connect(sys.argv[1]); d, fds, _, _ = socket.recv_fds(s, 65536, 1); "
+            "print(len(d), len(fds))"
+        )
+        denied = test_users["imdsg-denied"]
+        out = env.as_user(denied, [env.client.python, "-c", grab, control])
+        assert out.stdout.split() == ["0", "0"], (out.stdout, out.stderr)
+        refused = env.daemon.wait_log("broker_control_refused")
+        assert refused[0]["uid"] == denied.uid
+        # The broker dies (systemd would restart it): it is served again when it comes back.
+        os.kill(pid, signal.SIGKILL)
+        env.daemon.wait_log("broker_disconnected")
+        start_broker_unit(env.topo, env.daemon)
+        wait_for(lambda: env.health()["status"] == "ok", 15, "the broker's second session")
+
+        def restarted() -> bool:
+            broker = json.loads(env.daemon.cli("status", "--json").stdout)["broker"]
+            return bool(broker["healthy"] and broker["process"]["restarts"] == 1)
+
+        wait_for(restarted, 15, "status to show the second session")
+        assert env.credentials(test_users["imdsg-app"]).returncode == 0
+    finally:
+        setup.close()
