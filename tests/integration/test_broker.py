@@ -335,7 +335,7 @@ def test_botocore_gets_credentials_through_the_broker(
 def test_the_broker_starts_only_once_its_mark_may_pass(env: Env) -> None:
     """Over rules of a policy without the broker (left by ``apply`` or an earlier daemon),
     the broker's first IMDS request must not be denied: it starts after the rules that
-    let its mark through, at start and on a reload that turns it on."""
+    let its uid through, at start and on a reload that turns it on."""
     daemon = env.daemon
 
     def blocked_root() -> list[dict[str, Any]]:
