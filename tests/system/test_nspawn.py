@@ -518,13 +518,18 @@ def test_broker_works_in_the_sandbox(booted: Container) -> None:
     wait_for(lambda: served().returncode == 0, 15, "the broker to serve nobody")
     creds = json.loads(served().stdout)
     assert creds["Version"] == 1 and creds["AccessKeyId"].startswith("ASIA")
-    status = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
-    assert status["broker"]["enabled"] is True
-    assert status["broker"]["healthy"] is True
+    def status() -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
+        return doc
+
+    # state.json is published every 5 s: the broker's first report shows up by then.
+    wait_for(lambda: status()["broker"]["healthy"] is True, 15, "status: broker healthy")
+    status_doc = status()
+    assert status_doc["broker"]["enabled"] is True
     # The broker is its own unit's process, as imdsguard-broker, with no capability.
     pid = int(c.show("imdsguard-broker.service", "MainPID"))
-    assert status["broker"]["process"]["pid"] == pid
-    assert status["broker"]["process"]["unit"] == "imdsguard-broker.service"
+    assert status_doc["broker"]["process"]["pid"] == pid
+    assert status_doc["broker"]["process"]["unit"] == "imdsguard-broker.service"
     uid = c.run(["id", "-u", "imdsguard-broker"], check=True).stdout.strip()
     fields = dict(
         line.split(":", 1) for line in c.sh(f"cat /proc/{pid}/status").stdout.splitlines()
