@@ -7,15 +7,17 @@ secret found in user-data is reported by kind and line, never echoed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from imdsguard.config import Config
 from imdsguard.errors import ImdsGuardError
+from imdsguard.identity import broker_account
 from imdsguard.imds import ImdsClient, ImdsRequestError
-from imdsguard.policy import MARK_BROKER
 
 SEVERITIES = ("high", "medium", "low", "info")
 IPV6_URL = "http://[fd00:ec2::254]"
@@ -70,8 +72,16 @@ def scan_secrets(data: bytes) -> list[tuple[str, int]]:
     return found
 
 
-def _client(config: Config, url: str, mark: bool) -> ImdsClient:
-    return ImdsClient(url, timeout=2.0, mark=MARK_BROKER if mark else None)
+def _client(config: Config, url: str, as_broker: bool) -> ImdsClient:
+    """The audit's IMDS client; as root with the broker on, as the broker's user.
+
+    The guard lets that uid through (root may well not be allowlisted).
+    """
+    owner = None
+    if as_broker and os.geteuid() == 0:
+        with contextlib.suppress(ImdsGuardError):  # no account: ask as root
+            owner = broker_account().uid
+    return ImdsClient(url, timeout=2.0, owner_uid=owner)
 
 
 def guard_findings(doc: dict[str, Any]) -> tuple[list[Finding], dict[str, Any]]:
@@ -126,8 +136,8 @@ def run_audit(
     """
     findings: list[Finding] = []
     report: dict[str, Any] = {"imds_url": config.imds_url}
-    # As root with the broker enabled, use its mark: the guard lets it through.
-    client = _client(config, config.imds_url, mark=config.broker.enabled)
+    # As root with the broker enabled, ask as its user: the guard lets it through.
+    client = _client(config, config.imds_url, as_broker=config.broker.enabled)
     try:
         client.token()
     except ImdsRequestError as exc:
@@ -283,7 +293,7 @@ def _answers(client: ImdsClient) -> bool:
 
 
 def _ipv6_findings(config: Config, report: dict[str, Any], url: str) -> list[Finding]:
-    client = _client(config, url, mark=config.broker.enabled)
+    client = _client(config, url, as_broker=config.broker.enabled)
     if not _answers(client):
         report["ipv6"] = False
         why = "fd00:ec2::254 did not answer (disabled, or blocked for this user)"

@@ -20,6 +20,7 @@ from imdsguard import __version__, _locks, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.detect import choose, leftovers, make_backend
+from imdsguard.identity import service_uids
 from imdsguard.policy import QUEUE_NUM, build_ruleset
 
 # Heavier modules (structlog, the rule renderers) are imported by the commands
@@ -67,7 +68,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     supports_queue = getattr(backend, "supports_queue", lambda: True)
     queue = QUEUE_NUM if _locks.is_held(paths.daemon_lock()) and supports_queue() else None
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-        changed = backend.apply(build_ruleset(config, queue_num=queue))
+        ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=queue)
+        changed = backend.apply(ruleset)
     print(f"rules {'applied' if changed else 'already in place'} ({backend.name} backend)")
     return 0
 
@@ -171,7 +173,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         from imdsguard.firewall.nftables import expand_groups  # noqa: PLC0415
         from imdsguard.firewall.nftables import render as nft_render  # noqa: PLC0415
 
-        ruleset = build_ruleset(config, queue_num=None)
+        ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=None)
         backend = choose(config.backend)
         if backend == "nftables":
             print("# nftables batch (nft -j), groups expanded with this host's /etc/group")
@@ -181,6 +183,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 print(f"# {family} rules (iptables-save form)")
                 print("\n".join(render(ruleset, family).lines()))
     return 0
+
+
+def cmd_broker_serve(args: argparse.Namespace) -> int:
+    """Internal: the broker process of imdsguard-broker.service (not for people)."""
+    from imdsguard.broker.process import unit_main  # noqa: PLC0415
+    from imdsguard.broker.supervisor import control_socket  # noqa: PLC0415
+
+    return unit_main(control_socket())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -236,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         # namespace harness are not installed on hosts. It reads no config.
         text = "self-contained demo in throw-away network namespaces (root; source checkout)"
         sub.add_parser("demo", help=text, description=text).set_defaults(func=cmd_demo)
+    # Internal, for imdsguard-broker.service: no help, so it is not listed.
+    sub.add_parser("broker-serve", parents=[common]).set_defaults(func=cmd_broker_serve)
     return parser
 
 

@@ -14,6 +14,7 @@ config on SIGHUP is logged and the old policy stays.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import signal
@@ -29,12 +30,13 @@ from imdsguard.config import Config, load_config
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import leftovers, make_backend
+from imdsguard.identity import service_uids
 from imdsguard.notify import Notifier
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
 #: Components that must run before the rules go in (the capture listens before
 #: the rules that queue packets to it); the others (the broker above all: its
-#: IMDS requests need the rules' allowance for its mark) start once they are in.
+#: IMDS requests need the rules that allow its uid) start once they are in.
 BEFORE_RULES = frozenset({"capture"})
 
 
@@ -232,14 +234,14 @@ class Daemon:
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.
         queue = QUEUE_NUM if "capture" in self._components else None
-        return build_ruleset(config, queue_num=queue)
+        return build_ruleset(config, extra_uids=service_uids(config), queue_num=queue)
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
         current: RuleSet | None = getattr(self, "ruleset", None)
         if current is None or current.queue_num is None:
             return
-        self.ruleset = build_ruleset(self.config, queue_num=None)
+        self.ruleset = dataclasses.replace(current, queue_num=None)
         try:
             self._apply("shutdown")
         except ImdsGuardError as exc:
@@ -331,7 +333,7 @@ class Daemon:
 
         Order: the capture first (it must listen before rules queue to it),
         then the rules, then the other components (the broker's first IMDS
-        request needs the new rules' allowance for its mark).
+        request needs the new rules' allowance for its uid).
         """
         try:
             config = load_config(self.config_path)
@@ -504,9 +506,9 @@ def _make_components(
         capture = CaptureComponent(config, logger, hold=hold)
     wanted["capture"] = capture
     if config.broker.enabled:
-        from imdsguard.broker.server import Broker  # noqa: PLC0415
+        from imdsguard.broker.supervisor import BrokerSupervisor  # noqa: PLC0415
 
-        wanted["broker"] = existing.get("broker") or Broker(config, logger)
+        wanted["broker"] = existing.get("broker") or BrokerSupervisor(config, logger)
     if config.metrics.textfile or config.metrics.listen:
         from imdsguard.metrics import MetricsExporter  # noqa: PLC0415
 

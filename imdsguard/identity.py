@@ -14,6 +14,7 @@ import os
 import pwd
 from dataclasses import dataclass
 
+from imdsguard.config import Config
 from imdsguard.errors import ImdsGuardError
 
 #: The broker's account name (sysusers.d: ``u imdsguard-broker - ...``).
@@ -48,3 +49,12 @@ def broker_account() -> Account:
     if entry.pw_uid == 0:
         raise ImdsGuardError(f"the broker's system user {name!r} has uid 0: it must not be root")
     return Account(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def service_uids(config: Config) -> tuple[int, ...]:
+    """The uids of imdsguard's own processes that ``config`` needs to reach IMDS.
+
+    The broker's, when it is enabled; raises :class:`ImdsGuardError` naming
+    the fix when its account is missing (the rules would shut the broker out).
+    """
+    return (broker_account().uid,) if config.broker.enabled else ()

@@ -9,9 +9,9 @@ half-broken IMDS connection is never reused.
   renewed before its TTL runs out; a ``401`` on a GET (the token expired or
   was revoked) drops it, fetches a new one and retries once.
 - IMDSv1 (``token=False``): a plain GET, for ``audit`` to probe.
-- ``mark``: an ``SO_MARK`` set on every socket (needs CAP_NET_ADMIN). The
-  firewall lets packets carrying :data:`imdsguard.policy.MARK_BROKER`
-  through, which is how the broker reaches IMDS while nothing else is opened.
+- ``owner_uid``: create each socket as that uid (root only; for ``audit``,
+  which borrows the broker's identity, the uid the firewall allows). The
+  broker itself needs nothing: it runs as its own user, which is allowlisted.
 - Every failure is an :class:`ImdsRequestError` (an
   :class:`~imdsguard.errors.ImdsError`) with a ``kind`` and a message that
   names the request but never a token or credential.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import threading
@@ -43,9 +44,6 @@ MAX_TOKEN_TTL = 21600
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_MAX_BODY = 1 << 20  # user-data is at most 16 KiB on EC2; credentials ~1.5 KiB
 
-#: ``SO_MARK`` (``socket.SO_MARK`` is missing from some Python builds).
-SO_MARK = getattr(socket, "SO_MARK", 36)
-
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|z|[+-]\d\d:?\d\d)?"
 )
@@ -57,8 +55,7 @@ class ImdsRequestError(ImdsError):
     ``kind`` is one of ``timeout``, ``connection`` (refused, unreachable,
     reset), ``truncated`` (the answer stopped short), ``http`` (an unexpected
     status, in ``status``), ``protocol`` (not HTTP), ``invalid`` (a document
-    that does not parse), ``no-role`` (no instance profile) or ``permission``
-    (the socket mark could not be set).
+    that does not parse) or ``no-role`` (no instance profile).
     """
 
     def __init__(self, message: str, *, kind: str, status: int | None = None) -> None:
@@ -179,27 +176,18 @@ class Credentials:
 
 
 class _Connection(http.client.HTTPConnection):
-    """An HTTP connection whose socket carries an optional ``SO_MARK``."""
+    """An HTTP connection whose socket is optionally created as another uid."""
 
-    def __init__(self, host: str, port: int, timeout: float, mark: int | None) -> None:
+    def __init__(self, host: str, port: int, timeout: float, owner_uid: int | None) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._mark = mark
+        self._owner_uid = owner_uid
 
     def connect(self) -> None:
         last: OSError | None = None
         infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
+            sock = _socket_as(self._owner_uid, family, kind, proto)
             try:
-                if self._mark is not None:
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
-                    except PermissionError:
-                        raise ImdsRequestError(
-                            "cannot mark the IMDS socket (SO_MARK needs CAP_NET_ADMIN): "
-                            "run the broker as root",
-                            kind="permission",
-                        ) from None
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.settimeout(self.timeout)
                 sock.connect(address)
@@ -215,6 +203,23 @@ class _Connection(http.client.HTTPConnection):
         raise last or OSError(f"no address for {self.host}")
 
 
+def _socket_as(uid: int | None, family: int, kind: int, proto: int) -> socket.socket:
+    """A socket owned by ``uid`` (the firewall matches the socket's owner).
+
+    The kernel records the creator's (fs)uid in the socket; switching the
+    effective uid for the call is enough and is undone at once. It changes
+    the uid of the whole process, so only single-threaded callers (``audit``)
+    may pass a ``uid``.
+    """
+    if uid is None or uid == os.geteuid():
+        return socket.socket(family, kind, proto)
+    os.seteuid(uid)
+    try:
+        return socket.socket(family, kind, proto)
+    finally:
+        os.seteuid(0)
+
+
 class ImdsClient:
     """IMDS over HTTP (see the module docstring).
 
@@ -228,7 +233,7 @@ class ImdsClient:
         url: str = DEFAULT_URL,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        mark: int | None = None,
+        owner_uid: int | None = None,
         token_ttl: int = MAX_TOKEN_TTL,
         max_body: int = DEFAULT_MAX_BODY,
         clock: Callable[[], float] = time.monotonic,
@@ -242,7 +247,7 @@ class ImdsClient:
         self.host = parts.hostname
         self.port = parts.port or 80
         self.timeout = timeout
-        self.mark = mark
+        self.owner_uid = owner_uid
         self.token_ttl = token_ttl
         self.max_body = max_body
         self._clock = clock
@@ -253,7 +258,7 @@ class ImdsClient:
         self._requests = 0
 
     def __repr__(self) -> str:
-        return f"ImdsClient({self.url!r}, mark={self.mark!r}, timeout={self.timeout!r})"
+        return f"ImdsClient({self.url!r}, owner_uid={self.owner_uid!r}, timeout={self.timeout!r})"
 
     @property
     def request_count(self) -> int:
@@ -269,7 +274,7 @@ class ImdsClient:
         what = f"IMDS {method} {path} at {self.url}"
         with self._count_lock:
             self._requests += 1
-        conn = _Connection(self.host, self.port, self.timeout, self.mark)
+        conn = _Connection(self.host, self.port, self.timeout, self.owner_uid)
         try:
             conn.putrequest(method, path, skip_accept_encoding=True)
             conn.putheader("User-Agent", f"imdsguard/{__version__}")

@@ -36,17 +36,14 @@ QUEUE_NUM = 5421
 #: (0x80) use.
 MARK_SEEN = 0x1000
 
-#: SO_MARK the broker puts on its own IMDS sockets. Setting a socket mark needs
-#: CAP_NET_ADMIN, so no unprivileged process can borrow it; this lets the
-#: broker through without allowing every root process.
-MARK_BROKER = 0x2000
-
 
 @dataclass(frozen=True)
 class RuleSet:
     """What to enforce, per address family.
 
-    ``allow_uids``/``allow_gids`` (and packets carrying ``allow_mark``) pass.
+    ``allow_uids``/``allow_gids`` pass (the broker is one of ``allow_uids``:
+    its own system user; no packet mark grants access, since any process
+    with CAP_NET_RAW can set one).
     Everything else to ``endpoints`` is denied with ``action`` in enforce
     mode; in audit mode nothing is denied. With ``queue_num`` set (only while
     a daemon listens on that queue) packets go through NFQUEUE first so the
@@ -63,7 +60,6 @@ class RuleSet:
     action: str = "reject"
     mode: str = "enforce"
     queue_num: int | None = None
-    allow_mark: int | None = None
     containers: str = "allow"
 
     @property
@@ -95,7 +91,6 @@ class RuleSet:
             action=data["action"],
             mode=data["mode"],
             queue_num=data.get("queue_num"),
-            allow_mark=data.get("allow_mark"),
             containers=data.get("containers", "allow"),
         )
 
@@ -105,8 +100,9 @@ def build_ruleset(
 ) -> RuleSet:
     """The rule set for ``config``.
 
-    ``extra_uids`` are identities the daemon itself needs (for instance the
-    broker's) and are allowed in addition to the configured users.
+    ``extra_uids`` are identities the daemon itself needs (the broker's
+    system user, :func:`imdsguard.identity.service_uids`) and are allowed in
+    addition to the configured users.
     """
     v4 = [str(e) for e in config.endpoints if isinstance(e, ipaddress.IPv4Address)]
     v6 = [str(e) for e in config.endpoints if isinstance(e, ipaddress.IPv6Address)]
@@ -120,6 +116,5 @@ def build_ruleset(
         action=config.action,
         mode=config.mode,
         queue_num=queue_num,
-        allow_mark=MARK_BROKER if config.broker.enabled else None,
         containers=config.containers,
     )

@@ -15,7 +15,8 @@ from imdsguard.config import load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState
 from imdsguard.firewall.detect import leftovers, make_backend
-from imdsguard.policy import RuleSet, build_ruleset
+from imdsguard.identity import service_uids
+from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
 _FINE = (FamilyState.OK, FamilyState.DISABLED)
 EXIT = {"protected": 0, "degraded": 1, "unprotected": 2, "unknown": 3}
@@ -51,7 +52,14 @@ def gather(config_path: str | None) -> dict[str, Any]:
     if state and state.get("ruleset"):
         candidates.append(RuleSet.from_json(state["ruleset"]))
     elif config is not None:
-        candidates += [build_ruleset(config, queue_num=None), build_ruleset(config)]
+        try:
+            extra = service_uids(config)
+        except ImdsGuardError as exc:
+            reasons.append(str(exc))
+            extra = ()
+        candidates += [
+            build_ruleset(config, extra_uids=extra, queue_num=q) for q in (None, QUEUE_NUM)
+        ]
     ruleset = candidates[0] if candidates else None
     mode = (state or {}).get("mode") or (config.mode if config else None)
     backend_name = (state or {}).get("backend") or (config.backend if config else "auto")

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from typing import Any
 
-from imdsguard_testing.netns import Topology, User, guard_env, wait_for
+from imdsguard_testing.netns import Topology, User, ensure_broker_user, guard_env, wait_for
 
 DEMO_USER = "nobody"
 TAMPER = {"nftables": ["nft", "flush", "ruleset"], "iptables": ["iptables-legacy", "-F", "OUTPUT"]}
@@ -36,6 +36,7 @@ def run_demo() -> int:
     env = guard_env(work)
     config = os.path.join(work, "config.yaml")
     ok = True
+    ensure_broker_user()  # what the packages' sysusers.d entry does on a real host
     try:
         with Topology(prefix="imdsg-demo") as topo:
             _say(f"== network namespaces {topo.host} (host) and {topo.vpc} (IMDS), like EC2")

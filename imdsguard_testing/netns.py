@@ -321,6 +321,29 @@ class HttpResult:
         return json.loads(self.body)
 
 
+def ensure_broker_user() -> None:
+    """Create the broker's system user, as the packages' sysusers.d entry would (idempotent).
+
+    Another process may be creating it at the same moment: "already exists"
+    (useradd exit 9) is success.
+    """
+    from imdsguard.identity import broker_account, broker_user_name  # noqa: PLC0415
+
+    name = broker_user_name()
+    with contextlib.suppress(ImdsGuardError):
+        broker_account()
+        return
+    proc = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode not in (0, 9):
+        raise ImdsGuardError(f"useradd {name} failed: {proc.stderr.strip()}")
+    broker_account()  # raises if it still does not exist
+
+
 def guard_env(workdir: str) -> dict[str, str]:
     """This process's environment with imdsguard's run, state and log directories in ``workdir``."""
     env = dict(os.environ)

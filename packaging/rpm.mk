@@ -49,7 +49,12 @@ $(RPM_TARBALL): $(RPM_INPUT_FILES)
 	  --exclude=__pycache__ --exclude='*.pyc' \
 	  --transform 's,^,imdsguard-$(RPM_VERSION)/,' -czf $@ $(RPM_INPUTS)
 
-$(RPM_FILE): $(RPM_TARBALL) $(RPM_VENDOR_STAMP) packaging/rpm/imdsguard.spec
+# Source4: %pre creates the broker's user from it (read when the spec is parsed).
+$(RPM_SOURCEDIR)/imdsguard.sysusers.conf: packaging/imdsguard.sysusers.conf
+	mkdir -p $(RPM_SOURCEDIR)
+	cp -p $< $@
+
+$(RPM_FILE): $(RPM_TARBALL) $(RPM_VENDOR_STAMP) $(RPM_SOURCEDIR)/imdsguard.sysusers.conf packaging/rpm/imdsguard.spec
 	rpmbuild -ba $(RPMBUILD_NODEPS) --quiet $(RPMBUILD_FLAGS) \
 	  --define '_topdir $(RPM_TOPDIR)' --define '_sourcedir $(RPM_SOURCEDIR)' \
 	  packaging/rpm/imdsguard.spec

@@ -23,12 +23,22 @@ The executable is read from ``/proc/<pid>``, which raises two problems:
   device and inode): a binary replaced after the process started no longer
   matches.
 
+The identity is bound to the connection, not only to the process that made
+it (:func:`check_connection`): the kernel's record of the connecting
+process must pass, and so must *every* process that holds the client's end
+of the connection now (found by the peer socket's inode, ``sock_diag``,
+in every ``/proc/<pid>/fd``). So a denied process cannot connect, fork, and
+let an allowed program hold the connection for it (connect-then-exec): the
+denied child holds it too. And an exe only vouches for a connection that
+the program holds close-on-exec: a socket inherited across an ``exec`` is
+never close-on-exec, so a connection made before the allowed binary was
+exec'd does not count as that binary's.
+
 Even so, allowing an exe identifies a program, not a person: whoever can
 run it can make it ask (arguments, ``LD_PRELOAD``, ``ptrace`` by the same
-uid, or a connection made first and kept by a forked child across an
-``exec`` of the binary). List only binaries that untrusted users cannot
-run, never an interpreter (``/usr/bin/python3``) or a shell, and prefer
-users and groups. Note that with ``credential_process`` the peer is
+uid). List only binaries that untrusted users cannot run, never an
+interpreter (``/usr/bin/python3``) or a shell, and prefer users and groups.
+Note that with ``credential_process`` the peer is
 ``imdsguard credentials`` itself (a Python interpreter), not the SDK's
 program: exes are for programs that talk to the socket directly.
 """
@@ -36,6 +46,7 @@ program: exes are for programs that talk to the socket directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -45,7 +56,8 @@ import time
 from dataclasses import dataclass
 
 from imdsguard.config import BrokerClients
-from imdsguard.events.procfs import ProcessInfo, read_process
+from imdsguard.events import _netlink as nl
+from imdsguard.events.procfs import Holder, ProcessInfo, read_process, socket_holders
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -71,6 +83,9 @@ class Peer:
     exe_id: tuple[int, int] | None = None
     verified: bool = False
     process: ProcessInfo | None = None
+    #: Whether this process holds the connection close-on-exec (None: not known,
+    #: or it does not hold it). An exe vouches only for a close-on-exec hold.
+    socket_cloexec: bool | None = None
 
 
 def boot_ticks() -> int:
@@ -171,25 +186,15 @@ def identify(sock: socket.socket, accepted_ticks: int, proc_root: str = "/proc")
     if pid <= 0:
         return Peer(uid=uid, gid=gid, pid=None, groups=groups or ())
     pidfd, exact = _open_pidfd(sock, pid)
-    try:
-        before = _start_time(pid, proc_root)
-        info = read_process(pid, proc_root)
-        exe_id: tuple[int, int] | None = None
-        with contextlib.suppress(OSError):
-            st = os.stat(f"{proc_root}/{pid}/exe")  # the running image, even if deleted
-            exe_id = (st.st_dev, st.st_ino)
-        after = _start_time(pid, proc_root)
-        verified = (
-            pidfd is not None
-            and info is not None
-            and before is not None
-            and before == after == info.start_time
-            and _alive(pidfd)
-            and (exact or before <= accepted_ticks)
-        )
-    finally:
-        if pidfd is not None:
+    if pidfd is None:
+        info, exe_id, verified = read_process(pid, proc_root), None, False
+    else:
+        try:
+            info, exe_id, stable = _read_stable(pid, pidfd, proc_root)
+        finally:
             os.close(pidfd)
+        started = info.start_time if info is not None else None
+        verified = stable and (exact or (started is not None and started <= accepted_ticks))
     if groups is None:
         groups = info.groups if verified and info is not None else ()
     if not verified:
@@ -205,6 +210,181 @@ def identify(sock: socket.socket, accepted_ticks: int, proc_root: str = "/proc")
         verified=True,
         process=info,
     )
+
+
+# -- the connection's holders
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+UDIAG_SHOW_PEER = 0x4
+UNIX_DIAG_PEER = 2
+_NO_COOKIE = 0xFFFFFFFF
+_UNIX_REQ = struct.Struct("=BBHIIIII")  # family, protocol, pad, states, ino, show, cookie[2]
+_UNIX_MSG = struct.Struct("=BBBxIII")  # family, type, state, ino, cookie[2]
+
+
+def peer_inode(sock: socket.socket) -> int | None:
+    """The inode of the client's end of ``sock`` (a connected Unix socket), or None.
+
+    One ``sock_diag`` exact lookup (``UDIAG_SHOW_PEER``). None when the
+    kernel does not say: no ``unix_diag``, or the connection lives in another
+    network namespace (a client's accepted socket belongs to the client's).
+    """
+    own = os.fstat(sock.fileno()).st_ino
+    req = _UNIX_REQ.pack(
+        socket.AF_UNIX, 0, 0, 0xFFFFFFFF, own, UDIAG_SHOW_PEER, _NO_COOKIE, _NO_COOKIE
+    )
+    try:
+        diag = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+        )
+    except OSError:
+        return None
+    try:
+        diag.settimeout(1.0)
+        diag.send(nl.message(SOCK_DIAG_BY_FAMILY, 0x1, 1, req))  # NLM_F_REQUEST
+        data = diag.recv(8192)
+    except OSError:
+        return None
+    finally:
+        diag.close()
+    for msg in nl.parse_messages(data):
+        if msg.type != SOCK_DIAG_BY_FAMILY or len(msg.payload) < _UNIX_MSG.size:
+            continue
+        if _UNIX_MSG.unpack_from(msg.payload)[3] != own:
+            continue
+        peer = nl.parse_attrs(msg.payload, _UNIX_MSG.size).get(UNIX_DIAG_PEER)
+        if peer is not None and len(peer) >= 4:
+            return int(struct.unpack_from("=I", peer)[0]) or None
+    return None
+
+
+def holder_peer(holder: Holder, proc_root: str = "/proc") -> Peer | None:
+    """A process that holds the connection, as ``/proc`` shows it now (None: gone).
+
+    Its effective uid and gid and its groups decide; its exe is verified
+    against pid reuse (a pidfd, and the same start time before and after).
+    """
+    try:
+        pidfd = os.pidfd_open(holder.pid)
+    except (OSError, AttributeError):
+        return None
+    try:
+        info, exe_id, stable = _read_stable(holder.pid, pidfd, proc_root)
+    finally:
+        os.close(pidfd)
+    if info is None or info.uid is None or info.gid is None:
+        return None
+    return Peer(
+        uid=info.uid,
+        gid=info.gid,
+        pid=holder.pid,
+        groups=info.groups,
+        exe=info.exe if stable else None,
+        exe_id=exe_id if stable else None,
+        verified=stable,
+        process=info,
+        socket_cloexec=holder.cloexec,
+    )
+
+
+def _read_stable(
+    pid: int, pidfd: int, proc_root: str
+) -> tuple[ProcessInfo | None, tuple[int, int] | None, bool]:
+    """``pid``'s process, its running image, and whether it stayed that process throughout."""
+    before = _start_time(pid, proc_root)
+    info = read_process(pid, proc_root)
+    exe_id: tuple[int, int] | None = None
+    with contextlib.suppress(OSError):
+        st = os.stat(f"{proc_root}/{pid}/exe")  # the running image, even if deleted
+        exe_id = (st.st_dev, st.st_ino)
+    after = _start_time(pid, proc_root)
+    stable = (
+        info is not None
+        and before is not None
+        and before == after == info.start_time
+        and _alive(pidfd)
+    )
+    return info, exe_id, stable
+
+
+def check_connection(
+    sock: socket.socket,
+    accepted_ticks: int,
+    policy: ClientPolicy,
+    proc_root: str = "/proc",
+    *,
+    holders: list[Holder] | None = None,
+) -> tuple[Decision, Peer]:
+    """Whether the client on ``sock`` may have credentials, and who it is (for the log).
+
+    The connecting process (the kernel's record, its exe verified) must
+    pass ``policy``, and so must every process that holds the client's end
+    now (see the module docstring). Needs to read every process's
+    ``/proc/<pid>/fd``: the privileged daemon runs it for the broker.
+    ``holders`` is for tests.
+    """
+    quick = kernel_peer(sock, proc_root)
+    peer = quick or identify(sock, accepted_ticks, proc_root)
+    decision = policy.decide(peer)
+    if not decision.allowed and quick is not None:
+        peer = identify(sock, accepted_ticks, proc_root)  # verified exe, and the log's process
+        decision = policy.decide(peer)
+    if not decision.allowed and not policy.clients.exes:
+        return decision, peer  # nothing about the holders can turn this into an allow
+    inode = peer_inode(sock) if holders is None else None
+    if holders is None and inode is None:
+        return _refused(
+            peer,
+            "the broker cannot tell which processes hold this connection "
+            "(no unix_diag, or a client in another network namespace)",
+        ), peer
+    if not decision.allowed:
+        # Only an exe can still allow it: first how the connector itself holds the
+        # connection (its own fds: cheap), so refusals never cost a full scan.
+        own = (
+            socket_holders(inode, proc_root, [peer.pid])
+            if inode is not None and peer.pid is not None
+            else [h for h in holders or () if h.pid == peer.pid]
+        )
+        if own:
+            peer = dataclasses.replace(peer, socket_cloexec=all(h.cloexec for h in own))
+        decision = policy.decide(peer)
+        if not decision.allowed:
+            return decision, peer
+    if holders is None:
+        assert inode is not None  # noqa: S101 - checked above
+        holders = socket_holders(inode, proc_root)
+    mine = [h for h in holders if h.pid == peer.pid]
+    if mine:
+        peer = dataclasses.replace(peer, socket_cloexec=all(h.cloexec for h in mine))
+        decision = policy.decide(peer)
+    if not decision.allowed:
+        return decision, peer
+    if not holders:
+        return _refused(
+            peer,
+            "no process visibly holds this connection (passed on in an SCM_RIGHTS message?)",
+        ), peer
+    for holder in holders:
+        other = holder_peer(holder, proc_root)
+        if other is None:
+            continue  # gone: it no longer holds the connection
+        verdict = policy.decide(other)
+        if not verdict.allowed:
+            who = other.exe or (other.process.comm if other.process else None) or "?"
+            return Decision(
+                False,
+                None,
+                f"process {holder.pid} ({who}, uid {other.uid}) also holds this connection, and "
+                + verdict.reason,
+                verdict.exe_problem,
+            ), peer
+    return decision, peer
+
+
+def _refused(peer: Peer, reason: str) -> Decision:
+    return Decision(False, None, f"uid {peer.uid}: {reason}")
 
 
 def exe_trust_problem(path: str) -> str | None:
@@ -278,6 +458,14 @@ class ClientPolicy:
         if self.clients.exes:
             if not peer.verified or peer.exe_id is None:
                 problems.append("its executable could not be verified (process gone?)")
+            elif peer.socket_cloexec is not True:
+                problems.append(
+                    "it does not hold the connection close-on-exec, so the connection may "
+                    "predate its executable (connect, then exec): an exe vouches only for "
+                    "sockets it opens with SOCK_CLOEXEC"
+                    if peer.socket_cloexec is False
+                    else "it does not hold the connection (passed on, or closed)"
+                )
             else:
                 for allowed in self.clients.exes:
                     matched, problem = self._exe_matches(peer, allowed)

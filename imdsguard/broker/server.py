@@ -18,9 +18,18 @@ per uid, so one user cannot crowd out the others. Answering is immediate
 from the cache; only when nothing is servable does a request wait (in a
 small worker pool, bounded) for the refresher's fetch.
 
+Who may have credentials is decided by a checker
+(:mod:`imdsguard.broker.checks`): in the broker process, the privileged
+daemon over a channel; in-process (:class:`~imdsguard.broker.checks.
+InlineChecker`) when the broker runs with the privileges itself. The loop
+never waits for it: a connection being checked is parked until its verdict
+arrives.
+
 The socket is 0666: access control is by the peer's kernel credentials,
 not by file permissions. Its directory must be ours and not writable by
 others; we refuse to start over a live socket and never follow a symlink.
+In the broker process the daemon binds it (root owns the file, so the
+broker cannot replace it) and passes the listening socket.
 """
 
 from __future__ import annotations
@@ -29,7 +38,6 @@ import collections
 import contextlib
 import dataclasses
 import os
-import pwd
 import queue
 import selectors
 import socket
@@ -43,35 +51,23 @@ from typing import Any
 from imdsguard import paths
 from imdsguard.broker import _http
 from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
-from imdsguard.broker.peer import (
-    ClientPolicy,
-    Decision,
-    Peer,
-    boot_ticks,
-    exe_trust_problem,
-    identify,
-    kernel_peer,
-)
+from imdsguard.broker.checks import ChannelChecker, Decider, InlineChecker, Verdict
+from imdsguard.broker.peer import ClientPolicy, boot_ticks, exe_trust_problem
 from imdsguard.config import BrokerLimits, Config
 from imdsguard.errors import BrokerError, ImdsGuardError
-from imdsguard.events.attribution import Attribution, redact_args
-from imdsguard.events.procfs import ancestors
 from imdsguard.imds import Credentials, ImdsClient
-from imdsguard.policy import MARK_BROKER
 
 CREDENTIALS_ROUTE = "/v1/credentials"
 HEALTH_ROUTE = "/v1/health"
-_REFUSAL_LOG_INTERVAL = 10.0  # per (uid, exe): one broker_refused line, then a count
-_REFUSAL_LOG_BURST = 20  # and at most this many lines per interval in all
 _BUSY_LOG_INTERVAL = 10.0
-_MAX_REFUSAL_KEYS = 1024
+_MAX_THROTTLE_KEYS = 1024
 _FAILED_LOG_INTERVAL = 10.0  # per (uid, status >= 400): one broker_request line, then a count
 
 
 class _Throttle:
     """At most one log line per key and interval; counts what it held back (bounded keys)."""
 
-    def __init__(self, interval: float, max_keys: int = _MAX_REFUSAL_KEYS) -> None:
+    def __init__(self, interval: float, max_keys: int = _MAX_THROTTLE_KEYS) -> None:
         self.interval = interval
         self.max_keys = max_keys
         self._seen: collections.OrderedDict[Any, tuple[float, int]] = collections.OrderedDict()
@@ -98,6 +94,7 @@ class _Conn:
 
     __slots__ = (
         "buf",
+        "checking",
         "deadline",
         "exe",
         "fd",
@@ -128,6 +125,7 @@ class _Conn:
         self.path: str | None = None
         self.exe: str | None = None
         self.matched: str | None = None
+        self.checking: int | None = None  # the id of the check it waits for
 
 
 def _peer_cred(sock: socket.socket) -> tuple[int | None, int]:
@@ -142,8 +140,11 @@ def _peer_cred(sock: socket.socket) -> tuple[int | None, int]:
 class Broker:
     """The credential broker, a daemon component (start/stop/reconfigure/health).
 
-    ``imds``, ``refresh``, ``limits``, ``imds_mark`` and ``proc_root`` are
-    for tests; the daemon passes only ``config`` and ``logger``.
+    ``checker`` decides who is a client (default: in-process, which needs
+    the privileges to read other users' ``/proc``); ``listen`` is a
+    listening socket bound by someone else (the daemon), which the broker
+    then neither binds nor unlinks. ``imds``, ``refresh``, ``limits`` and
+    ``proc_root`` are for tests.
     """
 
     def __init__(
@@ -154,33 +155,31 @@ class Broker:
         imds: ImdsClient | None = None,
         refresh: RefreshPolicy | None = None,
         limits: Limits | None = None,
-        imds_mark: int | None = MARK_BROKER,
         proc_root: str = "/proc",
+        checker: InlineChecker | ChannelChecker | None = None,
+        listen: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.log = logger
         self._given_limits = limits
         self.limits = limits or config.broker.limits
         self._refresh_policy = refresh
-        self._imds_mark = imds_mark
         self._given_imds = imds
-        self._proc_root = proc_root
-        self._policy = ClientPolicy(config.broker.clients)
+        self._given_listen = listen
+        self.checker = checker or InlineChecker(
+            Decider(ClientPolicy(config.broker.clients), logger, proc_root)
+        )
+        self._check_ids = 0
         self._lock = threading.Lock()
         self._requests = 0
         self._by_status: collections.Counter[int] = collections.Counter()
         self._rejected = 0
-        self._refusals: collections.OrderedDict[tuple[int, str | None], tuple[float, int]] = (
-            collections.OrderedDict()
-        )
-        self._users: dict[int, str | None] = {}
         self._failed_log = _Throttle(_FAILED_LOG_INTERVAL)
-        self._refusal_times: collections.deque[float] = collections.deque(maxlen=_REFUSAL_LOG_BURST)
         self._running = False
         self._new_state()
 
     def _new_state(self) -> None:
-        self.imds = self._given_imds or ImdsClient(self.config.imds_url, mark=self._imds_mark)
+        self.imds = self._given_imds or ImdsClient(self.config.imds_url)
         self.cache = CredentialCache(
             self.imds.role_credentials, self._refresh_policy, logger=self.log
         )
@@ -190,6 +189,7 @@ class Broker:
         self._socket_id: tuple[int, int] | None = None
         self._sel: selectors.BaseSelector | None = None
         self._conns: dict[int, _Conn] = {}
+        self._checking: dict[int, _Conn] = {}
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._waiting = 0
         self._finished: queue.SimpleQueue[tuple[_Conn, int, dict[str, Any]]] = queue.SimpleQueue()
@@ -199,19 +199,28 @@ class Broker:
         self._wake_r, self._wake_w = -1, -1
         self._accept_paused_until = 0.0
         self._busy_logged = 0.0
+        self._channel_fd: int | None = None
 
     # -- life cycle
 
     def start(self) -> None:
         """Bind the socket, start fetching credentials and serving; BrokerError if impossible."""
         path = self.config.broker.socket
-        self._check_exes()
-        self._listen, self._socket_id = bind_socket(path)
+        if isinstance(self.checker, InlineChecker):
+            check_exes(self.config, self.log)
+        if self._given_listen is not None:
+            self._listen, self._socket_id = self._given_listen, None
+            self._listen.setblocking(False)
+        else:
+            self._listen, self._socket_id = bind_socket(path)
         self._socket_path = path
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listen, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._channel_fd = self.checker.fileno()
+        if self._channel_fd is not None:
+            self._sel.register(self._channel_fd, selectors.EVENT_READ, "check")
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="broker-wait")
         self._refresher.start()
         self._loop_thread = threading.Thread(target=self._loop, name="broker", daemon=True)
@@ -254,11 +263,13 @@ class Broker:
         """
         old = self.config
         self.config = config
-        self._policy = ClientPolicy(config.broker.clients)
+        if isinstance(self.checker, InlineChecker):
+            self.checker.decider.policy = ClientPolicy(config.broker.clients)
         # New limits apply to new connections (the worker pool keeps its size).
         self.limits = self._given_limits or config.broker.limits
         if (old.broker.socket, old.imds_url) == (config.broker.socket, config.imds_url):
-            self._check_exes()
+            if isinstance(self.checker, InlineChecker):
+                check_exes(config, self.log)
             self.log.info("broker_reconfigured", socket=config.broker.socket)
             return
         self.stop()
@@ -281,6 +292,11 @@ class Broker:
             return
         self.log.info("broker_reconfigured", socket=config.broker.socket)
 
+    @property
+    def serving(self) -> bool:
+        """Whether the loop runs (it ends when stopped, or when the daemon's channel closes)."""
+        return self._loop_thread is not None and self._loop_thread.is_alive()
+
     def health(self) -> dict[str, Any]:
         """For ``status`` and metrics: state, expiry, errors and counters; never a secret."""
         doc = self.cache.health()
@@ -296,17 +312,6 @@ class Broker:
             )
         doc.update(imds_requests=self.imds.request_count, socket=self.config.broker.socket)
         return doc
-
-    def _check_exes(self) -> None:
-        for exe in self.config.broker.clients.exes:
-            problem = exe_trust_problem(exe)
-            if problem:
-                self.log.warning(
-                    "broker_exe_untrusted",
-                    exe=exe,
-                    problem=problem,
-                    effect="processes running it are not allowed",
-                )
 
     # -- the loop
 
@@ -346,6 +351,17 @@ class Broker:
             with contextlib.suppress(OSError):
                 while os.read(self._wake_r, 4096):
                     pass
+        elif tag == "check":
+            for ident, verdict in self.checker.results():
+                conn = self._checking.pop(ident, None)
+                if conn is not None and self._live(conn):
+                    conn.checking = None
+                    self._after_check(conn, verdict)
+            if self.checker.closed and self._channel_fd is not None:
+                assert self._sel is not None  # noqa: S101
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(self._channel_fd)
+                self._stopping.set()  # the daemon is gone: so is the broker
         elif isinstance(tag, _Conn) and self._live(tag):
             if mask & selectors.EVENT_READ:
                 self._on_read(tag)
@@ -430,12 +446,27 @@ class Broker:
         if request.method != "GET":
             self._reply(conn, 405, {"error": "only GET is served"}, (("Allow", "GET"),))
             return
-        # Users and groups are decided on the kernel's record alone (fast, race-free);
-        # /proc is read in full only for an exe match or to log a refusal.
-        quick = kernel_peer(conn.sock, self._proc_root)
-        peer = quick or self._identify(conn)
-        conn.exe = peer.exe or (peer.process.exe if peer.process else None)
-        if request.path == HEALTH_ROUTE:
+        self._check_ids += 1
+        ident = self._check_ids
+        # Health is open to everyone; it is checked too, quietly, for the exe in the log.
+        verdict = self.checker.check(
+            conn.sock,
+            conn.ticks,
+            ident,
+            self.config.broker.socket,
+            quiet=request.path == HEALTH_ROUTE,
+        )
+        if verdict is not None:
+            self._after_check(conn, verdict)
+            return
+        # Parked until the verdict arrives (its deadline still runs).
+        conn.checking = ident
+        self._checking[ident] = conn
+        self._unwatch(conn)
+
+    def _after_check(self, conn: _Conn, verdict: Verdict) -> None:
+        conn.exe = verdict.exe
+        if conn.path == HEALTH_ROUTE:
             doc = self.health()
             public = {
                 k: doc.get(k)
@@ -443,23 +474,17 @@ class Broker:
             }
             self._reply(conn, 503 if doc["status"] == "unavailable" else 200, public)
             return
-        policy = self._policy
-        decision = policy.decide(peer)
-        if not decision.allowed and quick is not None:
-            peer = self._identify(conn)  # the exe, verified, and the process for the log
-            decision = policy.decide(peer)
-        if not decision.allowed:
-            self._log_refused(peer, decision)
+        if not verdict.allowed:
             self._reply(
                 conn,
                 403,
                 {
-                    "error": f"{decision.reason}: ask an administrator to add this user, a group "
+                    "error": f"{verdict.reason}: ask an administrator to add this user, a group "
                     f"of it or the program to broker.clients in {self.config.path}"
                 },
             )
             return
-        conn.matched = decision.matched
+        conn.matched = verdict.matched
         creds = self.cache.current()
         if creds is not None:
             self._reply(conn, 200, creds.process_output())
@@ -472,12 +497,6 @@ class Broker:
         self._unwatch(conn)
         conn.deadline = None
         self._pool.submit(self._wait_for_credentials, conn)
-
-    def _identify(self, conn: _Conn) -> Peer:
-        try:
-            return identify(conn.sock, conn.ticks, self._proc_root)
-        except OSError:
-            return Peer(uid=conn.uid, gid=-1, pid=conn.pid)
 
     def _unavailable(self) -> dict[str, Any]:
         error = self.cache.health().get("last_error") or "no credentials yet"
@@ -511,7 +530,11 @@ class Broker:
             assert self._sel is not None and self._listen is not None  # noqa: S101
             self._sel.register(self._listen, selectors.EVENT_READ, "listen")
         for conn in [c for c in self._conns.values() if c.deadline and c.deadline <= now]:
-            if conn.out:
+            if conn.checking is not None:
+                self._checking.pop(conn.checking, None)
+                conn.checking = None
+                self._reply(conn, 503, {"error": "the client check did not finish in time"})
+            elif conn.out:
                 self._close(conn)  # the client does not read its answer
             elif conn.buf:
                 self._reply(conn, 408, {"error": "request head not received in time"})
@@ -592,6 +615,8 @@ class Broker:
             return
         self._unwatch(conn)
         del self._conns[conn.fd]
+        if conn.checking is not None:
+            self._checking.pop(conn.checking, None)
         self._per_uid[conn.uid] -= 1
         if self._per_uid[conn.uid] <= 0:
             del self._per_uid[conn.uid]
@@ -611,63 +636,22 @@ class Broker:
             self._sel.close()
         if self._listen is not None:
             self._listen.close()
-            unlink_socket(self._socket_path, self._socket_id)
+            if self._given_listen is None:  # a socket bound by the daemon is the daemon's
+                unlink_socket(self._socket_path, self._socket_id)
             self._listen = None
 
-    # -- logging a refusal
 
-    def _user(self, uid: int) -> str | None:
-        if uid not in self._users:
-            try:
-                self._users[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self._users[uid] = None
-            if len(self._users) > 1024:
-                self._users.pop(next(iter(self._users)))
-        return self._users[uid]
-
-    def _log_refused(self, peer: Peer, decision: Decision) -> None:
-        info = peer.process
-        key = (peer.uid, info.exe if info else None)
-        now = time.monotonic()
-        last, suppressed = self._refusals.get(key, (-_REFUSAL_LOG_INTERVAL, 0))
-        flooded = (
-            len(self._refusal_times) == _REFUSAL_LOG_BURST
-            and now - self._refusal_times[0] < _REFUSAL_LOG_INTERVAL
-        )
-        if now - last < _REFUSAL_LOG_INTERVAL or flooded:
-            # Reading /proc for the log costs ~1 ms: a refusal flood must not buy that.
-            self._refusals[key] = (last, suppressed + 1)
-            return
-        self._refusal_times.append(now)
-        self._refusals[key] = (now, 0)
-        self._refusals.move_to_end(key)
-        while len(self._refusals) > _MAX_REFUSAL_KEYS:
-            self._refusals.popitem(last=False)
-        chain = ancestors(info, self._proc_root) if info else []
-        who = Attribution(
-            uid=peer.uid,
-            user=self._user(peer.uid),
-            gid=peer.gid,
-            pid=peer.pid,
-            ppid=info.ppid if info else None,
-            exe=info.exe if info else None,
-            cmdline=redact_args(info.cmdline) if info else (),
-            comm=info.comm if info else None,
-            ancestors=tuple((a.pid, a.comm, a.exe) for a in chain),
-            unit=info.unit if info else None,
-            container=info.container if info else None,
-            attributed=peer.verified,
-        )
-        self.log.warning(
-            "broker_refused",
-            **who.fields(),
-            groups=list(peer.groups),
-            reason=decision.reason,
-            exe_problem=decision.exe_problem,
-            suppressed_before=suppressed,
-            socket=self.config.broker.socket,
-        )
+def check_exes(config: Config, logger: Any) -> None:
+    """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
+    for exe in config.broker.clients.exes:
+        problem = exe_trust_problem(exe)
+        if problem:
+            logger.warning(
+                "broker_exe_untrusted",
+                exe=exe,
+                problem=problem,
+                effect="processes running it are not allowed",
+            )
 
 
 # -- the socket file

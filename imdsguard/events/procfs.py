@@ -236,6 +236,61 @@ def find_socket_owner(
     return None
 
 
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds a socket open: which fd, and whether it is close-on-exec."""
+
+    pid: int
+    fd: int
+    cloexec: bool
+
+
+def _fd_cloexec(proc_root: str, pid: int, fd: int) -> bool:
+    raw = _read(f"{proc_root}/{pid}/fdinfo/{fd}", 4096) or b""
+    for line in raw.split(b"\n"):
+        if line.startswith(b"flags:"):
+            try:
+                return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+            except (IndexError, ValueError):
+                return False
+    return False
+
+
+def socket_holders(
+    inode: int, proc_root: str = "/proc", pids: Iterable[int] | None = None
+) -> list[Holder]:
+    """Every process (thread group) holding ``socket:[inode]`` open, one entry per fd.
+
+    Reads every ``/proc/<pid>/fd`` (or those of ``pids``): a full scan, which
+    root, or CAP_SYS_PTRACE with CAP_DAC_READ_SEARCH, sees whole; its cost
+    grows with the number of open files on the host (about 10 ms for 700
+    fds on a loaded 2-vCPU VM). What it cannot see: a socket held only in
+    flight (inside an ``SCM_RIGHTS`` message not yet received) or as an
+    io_uring registered file.
+    """
+    target = f"socket:[{inode}]"
+    found: list[Holder] = []
+    for pid in _pids(proc_root) if pids is None else pids:
+        try:
+            fd_dir = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for name in os.listdir(fd_dir):
+                try:
+                    if os.readlink(name, dir_fd=fd_dir) != target:
+                        continue
+                    fd = int(name)
+                except (OSError, ValueError):
+                    continue
+                found.append(Holder(pid, fd, _fd_cloexec(proc_root, pid, fd)))
+        except OSError:
+            continue
+        finally:
+            os.close(fd_dir)
+    return found
+
+
 # --- cgroups ----------------------------------------------------------------------
 
 _HEX64 = r"[0-9a-f]{64}"

@@ -159,9 +159,6 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
         )
         for gid in ruleset.allow_gids
     ]
-    if ruleset.allow_mark is not None:
-        mark = f"{ruleset.allow_mark:#x}/{ruleset.allow_mark:#x}"
-        rules.append(XtRule(CHAIN, "RETURN", matches=(("mark", (("mark", mark),)),)))
     rules.append(TEARDOWN)
     rules += _deny_rules(ruleset, family)
     chains = {CHAIN: rules}

@@ -262,8 +262,6 @@ def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]], hold: b
     skuid = {"meta": {"key": "skuid"}}
     plan.add_chain("guard")
     plan.add_rule("guard", [_match(skuid, "@allow_uids"), {"accept": None}])
-    if ruleset.allow_mark is not None:
-        plan.add_rule("guard", [_mark_has(ruleset.allow_mark), {"accept": None}])
     # Any other process's socket: denied. ``meta skuid`` does not match at all
     # where no process owns the packet (see TEARDOWN in the iptables backend):
     # the last packets of an allowed connection, after its socket was closed,

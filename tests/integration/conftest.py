@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from imdsguard.errors import ImdsGuardError
-from imdsguard_testing.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, ensure_broker_user, wait_for
 
 USERS = {
     "imdsg-app": [],  # allowed by name
@@ -85,6 +85,7 @@ def test_users() -> dict[str, User]:
         gids = tuple(grp.getgrnam(g).gr_gid for g in groups)
         result[name] = User(pw.pw_uid, pw.pw_gid, gids)
     result["root"] = User(0, 0)
+    ensure_broker_user()  # the broker's own system user (the packages' sysusers.d entry)
     return result
 
 
@@ -222,6 +223,7 @@ def backend(request: Any) -> str:
 @pytest.fixture
 def daemon(topo: Topology, workdir: str, backend: str) -> Iterator[DaemonHandle]:
     """A daemon handle with its own runtime/state/log dirs (not started yet)."""
+    ensure_broker_user()
     env = dict(os.environ)
     for key in ("run", "state", "log"):
         path = os.path.join(workdir, key)

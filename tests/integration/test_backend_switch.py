@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.netns import User
+from imdsguard_testing.netns import User
 from tests.integration.conftest import DaemonHandle
 
 PATH = "/latest/meta-data/instance-id"

@@ -3,7 +3,8 @@
 Layout: the simulated IMDS in VPC (tokens required, a control file for
 faults, a request log), the daemon in HOST with ``allow.users: []`` (not
 even root reaches IMDS directly) and the broker enabled. The broker gets
-through only because its sockets carry the broker mark.
+through only because it runs as its own system user (``imdsguard-broker``),
+whose uid the rules allow; no packet mark grants anything.
 
 Test clients run as unprivileged users, so everything they execute must be
 readable by them. When the venv and the repository are world-readable (as
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -216,8 +218,14 @@ def broker_config(sock: str) -> str:
 
 
 def _broker_env(
-    workdir: str, backend: str, users: dict[str, User], lifetime: float = 3600
+    workdir: str,
+    backend: str,
+    users: dict[str, User],
+    lifetime: float = 3600,
+    unit: bool = False,
 ) -> Iterator[Env]:
+    """``unit``: the broker as imdsguard-broker.service runs it (``imdsguard broker-serve``
+    as the broker's user, connecting to the daemon), started here instead of systemd."""
     control = os.path.join(workdir, "control.json")
     request_log = os.path.join(workdir, "imds-requests.log")
     with Topology() as topo:
@@ -236,7 +244,11 @@ def _broker_env(
         sock = os.path.join(workdir, "run", "broker.sock")
         daemon = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env, backend)
         daemon.write_config("allow:\n  users: []\n" + broker_config(sock))
+        if unit:
+            env["IMDSGUARD_BROKER_UNIT"] = "imdsguard-broker.service"
         daemon.start()
+        if unit:
+            start_broker_unit(topo, daemon)
         setup = Env(
             topo,
             daemon,
@@ -266,6 +278,23 @@ def env(workdir: str, backend: str, test_users: dict[str, User]) -> Iterator[Env
     yield from _broker_env(workdir, backend, test_users)
 
 
+def start_broker_unit(topo: Topology, daemon: DaemonHandle) -> subprocess.Popen[Any]:
+    """``imdsguard broker-serve`` as the broker's user, as imdsguard-broker.service runs it."""
+    from imdsguard.identity import broker_account
+
+    account = broker_account()
+    return topo.popen(
+        topo.host,
+        daemon.cli_argv("broker-serve"),
+        user=User(account.uid, account.gid),
+        env=daemon.env,
+        # Its own log (journald keeps the units apart too); appending to the
+        # daemon's file would interleave partial lines.
+        stdout=open(os.path.join(daemon.workdir, "broker-unit.log"), "a"),
+        stderr=subprocess.STDOUT,
+    )
+
+
 @pytest.fixture
 def short_lived(workdir: str, test_users: dict[str, User]) -> Iterator[Env]:
     """Credentials that live 40 s: the broker refreshes at 20 s, stops serving at 36 s."""
@@ -280,7 +309,7 @@ def test_botocore_gets_credentials_through_the_broker(
     # Nobody reaches IMDS directly, root included ...
     for user in (app, None):
         assert env.topo.imds_get(user, CREDS, v2=True).rc != 0
-    # ... but the broker fetched credentials with IMDSv2 through its mark.
+    # ... but the broker fetched credentials with IMDSv2, as its own allowed uid.
     records = env.imds_records()
     assert [r["path"] for r in records][:3] == [
         "/latest/api/token",
@@ -306,7 +335,7 @@ def test_botocore_gets_credentials_through_the_broker(
 def test_the_broker_starts_only_once_its_mark_may_pass(env: Env) -> None:
     """Over rules of a policy without the broker (left by ``apply`` or an earlier daemon),
     the broker's first IMDS request must not be denied: it starts after the rules that
-    let its mark through, at start and on a reload that turns it on."""
+    let its uid through, at start and on a reload that turns it on."""
     daemon = env.daemon
 
     def blocked_root() -> list[dict[str, Any]]:
@@ -464,3 +493,181 @@ def datetime_epoch(text: str) -> float:
     from imdsguard.imds import parse_time
 
     return parse_time(text)
+
+
+# -- privilege separation: the broker's own process, user and checks
+
+# Connects as the user it runs as, forks; the parent becomes an allowed program
+# (exec of argv[2]) while the child, still this denied program, sends the request
+# on the shared connection. Prints the status the child got.
+CONNECT_FORK_EXEC = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+os.set_inheritable(s.fileno(), True)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(w)
+    os.read(r, 1)  # EOF: the parent has exec'd (the pipe was close-on-exec there)
+    time.sleep(0.2)
+    s.sendall(b"GET /v1/credentials HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    reply = b""
+    while chunk := s.recv(65536):
+        reply += chunk
+    print(reply.split(b"\\r\\n", 1)[0].decode(), flush=True)
+    os._exit(0)
+os.close(r)
+os.set_inheritable(w, False)
+os.execv(sys.argv[2], [sys.argv[2], "3"])
+"""
+
+
+def _broker_process(env: Env) -> dict[str, Any]:
+    state = os.path.join(env.daemon.env["IMDSGUARD_RUN_DIR"], "state.json")
+
+    def published() -> bool:
+        if not os.path.exists(state):
+            return False
+        with open(state) as fh:
+            return bool(json.load(fh)["components"]["broker"]["process"]["pid"])
+
+    wait_for(published, 15, "the broker's process in state.json", env.daemon.proc)
+    with open(state) as fh:
+        doc: dict[str, Any] = json.load(fh)["components"]["broker"]
+    return doc
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as fh:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+
+
+def test_connect_then_exec_does_not_borrow_an_allowed_exe(
+    env: Env, test_users: dict[str, User]
+) -> None:
+    """issue 14 item 5: a denied uid connects, forks, the parent execs the allowed
+    /usr/bin/sleep and the child sends the request: refused, and logged."""
+    sleep = os.path.realpath(shutil.which("sleep") or "/usr/bin/sleep")
+    with open(env.daemon.config_path) as fh:
+        text = fh.read()
+    env.daemon.write_config(text.replace("groups: [imdsg-readers]", f"exes: [{sleep}]"))
+    env.daemon.signal(signal.SIGHUP)
+    env.daemon.wait_log("config_reloaded")
+    denied = test_users["imdsg-denied"]
+    result = env.as_user(denied, [env.client.python, "-c", CONNECT_FORK_EXEC, env.socket, sleep])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "HTTP/1.1 403 Forbidden", result.stdout
+    refused = [e for e in env.log_lines() if e.get("event") == "broker_refused"]
+    assert refused and refused[-1]["uid"] == denied.uid, refused
+    assert "also holds this connection" in refused[-1]["reason"] or "connect, then exec" in str(
+        refused[-1]["exe_problem"]
+    ), refused[-1]
+    served = [e for e in env.log_lines() if e.get("event") == "broker_request"]
+    assert not [e for e in served if e["uid"] == denied.uid and e["status"] == 200]
+
+
+def test_the_broker_runs_as_its_own_user_without_capabilities(env: Env) -> None:
+    from imdsguard.identity import broker_account
+
+    account = broker_account()
+    doc = _broker_process(env)
+    pid = doc["process"]["pid"]
+    assert doc["process"]["uid"] == account.uid and doc["process"]["user"] == account.name
+    fields = _status_fields(pid)
+    assert fields["Uid"].split() == [str(account.uid)] * 4
+    assert fields["Gid"].split() == [str(account.gid)] * 4
+    assert fields["Groups"].strip() == ""
+    net_admin, net_raw = 1 << 12, 1 << 13
+    for key in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"):
+        caps = int(fields[key], 16)
+        assert caps & (net_admin | net_raw) == 0, (key, fields[key])
+        assert caps == 0, (key, fields[key])
+    assert fields["NoNewPrivs"].strip() == "1"
+    # The daemon bound the socket: root owns it (and its directory), clients can connect.
+    st = os.lstat(env.socket)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o666)
+    assert os.stat(os.path.dirname(env.socket)).st_uid == 0
+    # It reaches IMDS as its own uid: every IMDS request came from it, none was blocked.
+    assert env.health()["status"] == "ok"
+    blocked = [e for e in env.log_lines() if e.get("event") == "imds_access_blocked"]
+    assert not [e for e in blocked if e["uid"] == account.uid], blocked
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_killed_broker_is_restarted_and_healthy_again(
+    env: Env, test_users: dict[str, User]
+) -> None:
+    first = _broker_process(env)["process"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    exited = env.daemon.wait_log("broker_process_exited", timeout=10)
+    assert exited[0]["returncode"] == -9 and exited[0]["pid"] == first
+    env.daemon.wait_log("broker_process_started", count=2, timeout=10)
+    wait_for(lambda: env.health()["status"] == "ok", 15, "the restarted broker's credentials")
+    result = env.credentials(test_users["imdsg-app"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["Version"] == 1
+
+    def restarted() -> bool:
+        doc = json.loads(env.daemon.cli("status", "--json").stdout)["broker"]
+        return bool(doc["healthy"] and doc["process"]["restarts"] == 1)
+
+    wait_for(restarted, 15, "status to show a healthy broker restarted once")
+    assert _broker_process(env)["process"]["pid"] != first
+
+
+def test_a_missing_broker_account_is_a_clear_error_at_start(daemon: DaemonHandle) -> None:
+    daemon.write_config("allow:\n  users: []\n" + broker_config(daemon.workdir + "/b.sock"))
+    daemon.env["IMDSGUARD_BROKER_USER"] = "imdsg-no-such-user"
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(timeout=30) != 0
+    with open(daemon.log_path) as fh:
+        out = fh.read()
+    assert "imdsg-no-such-user" in out
+    assert "useradd --system --no-create-home --shell /usr/sbin/nologin imdsg-no-such-user" in out
+
+
+def test_unit_mode_broker_connects_serves_and_comes_back(
+    workdir: str, test_users: dict[str, User]
+) -> None:
+    """What imdsguard-broker.service does: the daemon switches no user; the broker, started
+    apart as its own user, connects to the control socket and serves; a uid other than
+    the broker's is refused there; a broker that dies and comes back is served again."""
+    from imdsguard.identity import broker_account
+
+    account = broker_account()
+    setup = _broker_env(workdir, "iptables", test_users, unit=True)
+    env = next(setup)
+    try:
+        doc = _broker_process(env)
+        assert doc["process"]["unit"] == "imdsguard-broker.service"
+        pid = doc["process"]["pid"]
+        assert _status_fields(pid)["Uid"].split() == [str(account.uid)] * 4
+        result = env.credentials(test_users["imdsg-app"])
+        assert result.returncode == 0, result.stderr
+        # Only the broker's uid may take the listening socket.
+        control = os.path.join(env.daemon.env["IMDSGUARD_RUN_DIR"], "broker-control.sock")
+        grab = (
+            "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+            "s.connect(sys.argv[1]); d, fds, _, _ = socket.recv_fds(s, 65536, 1); "
+            "print(len(d), len(fds))"
+        )
+        denied = test_users["imdsg-denied"]
+        out = env.as_user(denied, [env.client.python, "-c", grab, control])
+        assert out.stdout.split() == ["0", "0"], (out.stdout, out.stderr)
+        refused = env.daemon.wait_log("broker_control_refused")
+        assert refused[0]["uid"] == denied.uid
+        # The broker dies (systemd would restart it): it is served again when it comes back.
+        os.kill(pid, signal.SIGKILL)
+        env.daemon.wait_log("broker_disconnected")
+        start_broker_unit(env.topo, env.daemon)
+        wait_for(lambda: env.health()["status"] == "ok", 15, "the broker's second session")
+
+        def restarted() -> bool:
+            broker = json.loads(env.daemon.cli("status", "--json").stdout)["broker"]
+            return bool(broker["healthy"] and broker["process"]["restarts"] == 1)
+
+        wait_for(restarted, 15, "status to show the second session")
+        assert env.credentials(test_users["imdsg-app"]).returncode == 0
+    finally:
+        setup.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from imdsguard.netns import IMDS_V4, Topology, User, wait_for
+from imdsguard_testing.netns import IMDS_V4, Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
 SO_MARK = 36

@@ -226,7 +226,7 @@ def test_sighup_reload_that_cannot_be_put_in_place_keeps_the_old_policy(
             os.close(held)
     assert failed[0]["kept"] == "previous policy"
     if failure == "broker-socket-unbindable":
-        # The broker starts after the new rules (its mark's allowance) are in: those
+        # The broker starts after the new rules (its uid's allowance) are in: those
         # went in, so they are rolled back too.
         assert failed[0]["stage"] == "components" and "not-a-dir/sub" in failed[0]["error"]
     else:

@@ -22,8 +22,10 @@ CONFIG = "/etc/imdsguard/config.yaml"
 EXPECTED_FILES = {
     "/usr/bin/imdsguard",
     "/usr/lib/systemd/system/imdsguard.service",
+    "/usr/lib/systemd/system/imdsguard-broker.service",
     "/usr/lib/systemd/system-preset/80-imdsguard.preset",
     "/usr/lib/tmpfiles.d/imdsguard.conf",
+    "/usr/lib/sysusers.d/imdsguard.conf",
     CONFIG,
     f"{SITE}/libxtwrapper.so",
     f"{SITE}/imdsguard/cli.py",
@@ -41,8 +43,10 @@ ALLOWED_PREFIXES = (
     "/usr/bin/imdsguard",
     f"{SITE}",
     "/usr/lib/systemd/system/imdsguard.service",
+    "/usr/lib/systemd/system/imdsguard-broker.service",
     "/usr/lib/systemd/system-preset/",
     "/usr/lib/tmpfiles.d/",
+    "/usr/lib/sysusers.d/imdsguard.conf",
     "/etc/imdsguard",
     "/usr/share/doc/imdsguard",
     "/usr/share/licenses/imdsguard",
@@ -160,7 +164,8 @@ def test_spec_matches_the_sources(rpm_file: Path) -> None:
     # The SRPM carries the exact sources the binary package was built from.
     srpm_files = set(rpmpkg.query(rpmpkg.source_rpm(), "-l").split())
     assert f"imdsguard-{rpmpkg.version()}.tar.gz" in srpm_files
-    assert len(srpm_files) == 5  # spec, our tarball, three pinned dependencies
+    # spec, our tarball, three pinned dependencies, the sysusers.d file (%pre reads it)
+    assert len(srpm_files) == 6
 
 
 def test_size(rpm_file: Path) -> None:

@@ -15,7 +15,11 @@ import pytest
 import rpmpkg
 
 UNIT = rpmpkg.REPO / "systemd" / "imdsguard.service"
+BROKER_UNIT = rpmpkg.REPO / "systemd" / "imdsguard-broker.service"
 MAX_EXPOSURE = 2.5
+#: The broker, which parses what any local user sends: lower than the daemon's
+#: (1.2 measured with systemd 252).
+MAX_BROKER_EXPOSURE = 1.5
 #: CAP_DAC_READ_SEARCH (2), CAP_NET_ADMIN (12), CAP_NET_RAW (13), CAP_SYS_PTRACE (19)
 CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
 
@@ -27,11 +31,11 @@ def _analyze() -> str:
     return tool
 
 
-def _directives() -> dict[str, list[str]]:
+def _directives(unit: Path = UNIT) -> dict[str, list[str]]:
     """``Section.Key`` -> values, in order (a key may repeat)."""
     found: dict[str, list[str]] = {}
     section = ""
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -43,30 +47,65 @@ def _directives() -> dict[str, list[str]]:
     return found
 
 
-def test_exposure_score() -> None:
+def _exposure(unit: Path, limit: float) -> tuple[float, str, subprocess.CompletedProcess[str]]:
     tool = _analyze()
     usage = subprocess.run([tool, "--help"], capture_output=True, text=True, check=False).stdout
     if "--offline" not in usage:
         pytest.skip("this systemd-analyze has no --offline security review (systemd < 250)")
     proc = subprocess.run(
         # --threshold is on the 0-100 scale the 0-10 figure is printed from.
-        [tool, "security", "--offline=true", f"--threshold={MAX_EXPOSURE * 10:.0f}", str(UNIT)],
+        [tool, "security", "--offline=true", f"--threshold={limit * 10:.0f}", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    found = re.search(r"Overall exposure level for imdsguard\.service: ([\d.]+) (\S+)", proc.stdout)
+    name = re.escape(unit.name)
+    found = re.search(rf"Overall exposure level for {name}: ([\d.]+) (\S+)", proc.stdout)
     assert found, proc.stdout + proc.stderr
-    score = float(found.group(1))
+    return float(found.group(1)), found.group(2), proc
+
+
+def test_exposure_score() -> None:
+    score, word, proc = _exposure(UNIT, MAX_EXPOSURE)
     rpmpkg.FIGURES["exposure"] = (
-        f"systemd-analyze security imdsguard.service: {score} {found.group(2)} "
-        f"(target <= {MAX_EXPOSURE})"
+        f"systemd-analyze security imdsguard.service: {score} {word} (target <= {MAX_EXPOSURE})"
     )
     print(rpmpkg.FIGURES["exposure"])
     assert proc.stderr == "", proc.stderr  # no unknown or misplaced directive
     assert score <= MAX_EXPOSURE
     assert proc.returncode == 0, "systemd-analyze says the exposure is over the threshold"
+
+
+def test_broker_unit_exposure_is_lower() -> None:
+    score, word, proc = _exposure(BROKER_UNIT, MAX_BROKER_EXPOSURE)
+    daemon, _, _ = _exposure(UNIT, MAX_EXPOSURE)
+    rpmpkg.FIGURES["broker_exposure"] = (
+        f"systemd-analyze security imdsguard-broker.service: {score} {word} "
+        f"(target <= {MAX_BROKER_EXPOSURE}; the daemon's {daemon})"
+    )
+    print(rpmpkg.FIGURES["broker_exposure"])
+    assert proc.stderr == "", proc.stderr
+    assert score <= MAX_BROKER_EXPOSURE and score < daemon
+    assert proc.returncode == 0
+
+
+def test_broker_unit_is_unprivileged_and_tied_to_the_daemon() -> None:
+    d = _directives(BROKER_UNIT)
+    assert d["Service.User"] == ["imdsguard-broker"]
+    assert d["Service.CapabilityBoundingSet"] == [""]
+    assert d["Service.NoNewPrivileges"] == ["yes"]
+    assert d["Service.ProtectProc"] == ["invisible"]  # it reads no other process
+    assert d["Service.ExecStart"] == ["/usr/bin/imdsguard broker-serve"]
+    assert d["Unit.PartOf"] == ["imdsguard.service"]
+    assert "imdsguard.service" in " ".join(d["Unit.After"]).split()
+    daemon = _directives()
+    assert "imdsguard-broker.service" in " ".join(daemon["Unit.Wants"]).split()
+    assert "IMDSGUARD_BROKER_UNIT=imdsguard-broker.service" in daemon["Service.Environment"]
+    sysusers = (rpmpkg.REPO / "packaging" / "imdsguard.sysusers.conf").read_text()
+    assert [ln.split()[:2] for ln in sysusers.splitlines() if ln and ln[0] != "#"] == [
+        ["u", "imdsguard-broker"]
+    ]
 
 
 def test_verify(payload: Path, tmp_path: Path) -> None:
@@ -77,6 +116,12 @@ def test_verify(payload: Path, tmp_path: Path) -> None:
     units.mkdir(parents=True)
     (root / "usr/bin").mkdir(parents=True)
     shutil.copy(payload / "usr/lib/systemd/system/imdsguard.service", units)
+    shutil.copy(payload / "usr/lib/systemd/system/imdsguard-broker.service", units)
+    # The broker's unit has the default dependencies: the OS's own targets.
+    for target in ("sysinit.target", "basic.target", "shutdown.target"):
+        host = Path("/usr/lib/systemd/system") / target
+        if host.exists():
+            shutil.copy(host, units)
     shutil.copy(payload / "usr/bin/imdsguard", root / "usr/bin/imdsguard")
     kill = shutil.which("kill", path="/usr/bin:/bin")
     if kill is None:  # only its presence matters to verify
@@ -85,7 +130,14 @@ def test_verify(payload: Path, tmp_path: Path) -> None:
     else:
         shutil.copy(kill, root / "usr/bin/kill")
     proc = subprocess.run(
-        [tool, f"--root={root}", "verify", "--man=no", "imdsguard.service"],
+        [
+            tool,
+            f"--root={root}",
+            "verify",
+            "--man=no",
+            "imdsguard.service",
+            "imdsguard-broker.service",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -94,6 +146,9 @@ def test_verify(payload: Path, tmp_path: Path) -> None:
     # verify exits 0 even after warnings such as an unknown key: none allowed.
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
     assert (payload / "usr/lib/systemd/system/imdsguard.service").read_text() == UNIT.read_text()
+    broker = payload / "usr/lib/systemd/system/imdsguard-broker.service"
+    assert broker.read_text() == BROKER_UNIT.read_text()
+    assert (payload / "usr/lib/sysusers.d/imdsguard.conf").exists()
 
 
 def test_ordering_and_lifecycle() -> None:

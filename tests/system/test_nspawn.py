@@ -296,7 +296,10 @@ def _prepare(cache: Path, rootfs: Path, rpm: Path) -> None:
     (rootfs / "etc/systemd/system/multi-user.target.wants/workload.service").symlink_to(
         "/etc/systemd/system/workload.service"
     )
-    # The package's own %post, as rpm would run it on a first install ($1 = 1).
+    # The package's own %pre (the broker's system user) and %post, as rpm would
+    # run them on a first install ($1 = 1).
+    pre = rpmpkg.scriptlet(rpm, "PREIN")
+    subprocess.run(["chroot", str(rootfs), "/bin/sh", "-c", pre, "pre", "1"], check=True)
     post = rpmpkg.scriptlet(rpm, "POSTIN")
     subprocess.run(["chroot", str(rootfs), "/bin/sh", "-c", post, "post", "1"], check=True)
     wants = rootfs / "etc/systemd/system/multi-user.target.wants/imdsguard.service"
@@ -498,8 +501,9 @@ def test_attribution_works_in_the_sandbox(booted: Container) -> None:
 
 
 def test_broker_works_in_the_sandbox(booted: Container) -> None:
-    """The broker's socket, its IMDS mark (IPAddressAllow=, CAP_NET_ADMIN) and peer checks
-    (SO_PEERCRED, pidfd, /proc under ProtectProc=) all work in the hardened unit."""
+    """The broker runs in imdsguard-broker.service as its own user, without capabilities;
+    it reaches IMDS as that (allowlisted) uid and the daemon answers its peer checks
+    (SO_PEERCRED, pidfd, /proc under ProtectProc=), all in the hardened units."""
     c = booted
     c.write_config(
         "firewall:\n  backend: iptables\nallow:\n  users: []\n"
@@ -514,8 +518,30 @@ def test_broker_works_in_the_sandbox(booted: Container) -> None:
     wait_for(lambda: served().returncode == 0, 15, "the broker to serve nobody")
     creds = json.loads(served().stdout)
     assert creds["Version"] == 1 and creds["AccessKeyId"].startswith("ASIA")
-    status = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
-    assert status["broker"]["enabled"] is True
+
+    def status() -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
+        return doc
+
+    # state.json is published every 5 s: the broker's first report shows up by then.
+    wait_for(lambda: status()["broker"]["healthy"] is True, 15, "status: broker healthy")
+    status_doc = status()
+    assert status_doc["broker"]["enabled"] is True
+    # The broker is its own unit's process, as imdsguard-broker, with no capability.
+    pid = int(c.show("imdsguard-broker.service", "MainPID"))
+    assert status_doc["broker"]["process"]["pid"] == pid
+    assert status_doc["broker"]["process"]["unit"] == "imdsguard-broker.service"
+    uid = c.run(["id", "-u", "imdsguard-broker"], check=True).stdout.strip()
+    fields = dict(
+        line.split(":", 1) for line in c.sh(f"cat /proc/{pid}/status").stdout.splitlines()
+    )
+    assert fields["Uid"].split() == [uid] * 4
+    for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+        assert int(fields[key], 16) == 0, (key, fields[key])
+    assert fields["NoNewPrivs"].strip() == "1"
+    # The daemon kept its own capabilities only (no CAP_SETUID etc. for the broker).
+    daemon_caps = c.sh(f"grep CapBnd /proc/{c.main_pid()}/status").stdout.split()[1]
+    assert int(daemon_caps, 16) == CAPS
     # Root is not a broker client here: refused, with a one-line reason.
     refused = c.run(["imdsguard", "credentials"])
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1

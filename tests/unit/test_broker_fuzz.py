@@ -264,7 +264,7 @@ def served() -> Iterator[tuple[str, Recorder]]:
             os.path.join(tmp, "config.yaml"),
         )
         log = Recorder()
-        broker = Broker(config, log, imds=ImdsClient(config.imds_url, timeout=0.5), imds_mark=None)
+        broker = Broker(config, log, imds=ImdsClient(config.imds_url, timeout=0.5))
         broker.start()
         try:
             assert broker.cache.wait_current(5) is not None

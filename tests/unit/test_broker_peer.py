@@ -9,13 +9,23 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from imdsguard.broker import peer as peer_mod
-from imdsguard.broker.peer import ClientPolicy, Peer, boot_ticks, exe_trust_problem, identify
+from imdsguard.broker.peer import (
+    ClientPolicy,
+    Peer,
+    boot_ticks,
+    check_connection,
+    exe_trust_problem,
+    identify,
+    peer_inode,
+)
 from imdsguard.config import BrokerClients, Principal
+from imdsguard.events.procfs import Holder, socket_holders
 
 PYTHON = os.path.realpath(sys.executable)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as root")
@@ -52,7 +62,9 @@ def test_allowed_by_user_then_group_then_exe() -> None:
     assert policy(users=(1001,)).decide(me).matched == "user:u1001"
     assert policy(groups=(1001,)).decide(me).matched == "group:g1001"  # primary group
     assert policy(groups=(27,)).decide(me).matched == "group:g27"  # supplementary
-    runs_python = Peer(1001, 1001, 4242, (), PYTHON, exe_id(PYTHON), verified=True)
+    runs_python = Peer(
+        1001, 1001, 4242, (), PYTHON, exe_id(PYTHON), verified=True, socket_cloexec=True
+    )
     decision = policy(exes=(PYTHON,)).decide(runs_python)
     assert decision.allowed
     assert decision.matched == f"exe:{PYTHON}"
@@ -74,8 +86,8 @@ def test_exe_needs_a_verified_process() -> None:
 
 
 def test_exe_matched_by_inode() -> None:
-    runs_python = Peer(0, 0, 1, (), PYTHON, exe_id(PYTHON), verified=True)
-    runs_sh = Peer(0, 0, 1, (), "/bin/sh", exe_id("/bin/sh"), verified=True)
+    runs_python = Peer(0, 0, 1, (), PYTHON, exe_id(PYTHON), verified=True, socket_cloexec=True)
+    runs_sh = Peer(0, 0, 1, (), "/bin/sh", exe_id("/bin/sh"), verified=True, socket_cloexec=True)
     assert not policy(exes=("/bin/sh",)).decide(runs_python).allowed
     assert policy(exes=(PYTHON,)).decide(runs_python).allowed
     assert not policy(exes=(PYTHON,)).decide(runs_sh).allowed
@@ -86,8 +98,107 @@ def test_exe_matched_through_a_trusted_symlink(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o755)
     link = tmp_path / "python-link"
     link.symlink_to(PYTHON)
-    runs_python = Peer(0, 0, 1, (), PYTHON, exe_id(PYTHON), verified=True)
+    runs_python = Peer(0, 0, 1, (), PYTHON, exe_id(PYTHON), verified=True, socket_cloexec=True)
     assert policy(exes=(str(link),)).decide(runs_python).matched == f"exe:{link}"
+
+
+def test_an_exe_vouches_only_for_a_close_on_exec_hold() -> None:
+    inherited = Peer(1001, 1001, 4242, (), PYTHON, exe_id(PYTHON), verified=True)
+    for cloexec, why in ((False, "connect, then exec"), (None, "does not hold the connection")):
+        peer = Peer(**{**inherited.__dict__, "socket_cloexec": cloexec})
+        decision = policy(exes=(PYTHON,)).decide(peer)
+        assert not decision.allowed
+        assert decision.exe_problem is not None
+        assert why in decision.exe_problem
+    # Users and groups do not depend on how the socket is held.
+    assert policy(users=(1001,)).decide(inherited).allowed
+
+
+def test_peer_inode_and_holders_of_own_socketpair() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        inode = peer_inode(a)
+        assert inode == os.fstat(b.fileno()).st_ino
+        assert socket_holders(inode) == [Holder(os.getpid(), b.fileno(), cloexec=True)]
+        os.set_inheritable(b.fileno(), True)
+        assert socket_holders(inode) == [Holder(os.getpid(), b.fileno(), cloexec=False)]
+
+
+def test_the_connection_needs_a_visible_holder() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert check_connection(a, boot_ticks(), policy(users=(os.geteuid(),)))[0].allowed
+        decision, _ = check_connection(a, boot_ticks(), policy(users=(os.geteuid(),)), holders=[])
+    assert not decision.allowed
+    assert "no process visibly holds" in decision.reason
+
+
+HOLD = "import sys, time; time.sleep(30)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (another uid)")
+def test_every_holder_must_pass(tmp_path: Path) -> None:
+    """Allowed connector, but a process of a denied uid holds the connection too: refused."""
+    server, path = _listener(tmp_path)
+    with server:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        conn, _ = server.accept()
+        with conn, client:
+            allowed = policy(users=(os.geteuid(),))
+            assert check_connection(conn, boot_ticks(), allowed)[0].allowed
+            holder = subprocess.Popen(
+                [PYTHON, "-c", HOLD], pass_fds=(client.fileno(),), user=65534, group=65534
+            )
+            try:
+                deadline = time.monotonic() + 10
+                while not any(h.pid == holder.pid for h in socket_holders(peer_inode(conn) or 0)):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                decision, _ = check_connection(conn, boot_ticks(), allowed)
+            finally:
+                holder.kill()
+                holder.wait()
+    assert not decision.allowed
+    assert f"process {holder.pid} ({PYTHON}, uid 65534) also holds this connection" in (
+        decision.reason
+    )
+
+
+CONNECT_THEN_EXEC = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+os.set_inheritable(s.fileno(), True)
+os.execv(sys.argv[2], [sys.argv[2], "30"])
+"""
+
+
+@needs_root
+def test_connect_then_exec_does_not_borrow_the_exe(tmp_path: Path) -> None:
+    """A connection made before an exec of the allowed binary is not that binary's."""
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    sleep = os.path.realpath(sleep)
+    server, path = _listener(tmp_path)
+    with server:
+        proc = subprocess.Popen([PYTHON, "-c", CONNECT_THEN_EXEC, path, sleep])
+        try:
+            conn, _ = server.accept()
+            with conn:
+                deadline = time.monotonic() + 10
+                while os.path.realpath(f"/proc/{proc.pid}/exe") != sleep:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                peer = identify(conn, boot_ticks())
+                decision, _ = check_connection(conn, boot_ticks(), policy(exes=(sleep,)))
+        finally:
+            proc.kill()
+            proc.wait()
+    assert peer.exe == sleep and peer.verified  # what the process runs now: sleep
+    assert not decision.allowed
+    assert decision.exe_problem is not None
+    assert "connect, then exec" in decision.exe_problem
 
 
 def test_identify_own_connection() -> None:
@@ -180,7 +291,7 @@ def test_replaceable_exe_refused(bindir: Path, change: object, expected: str) ->
     problem = exe_trust_problem(exe)
     assert problem is not None
     assert expected in problem
-    peer = Peer(0, 0, 1, (), exe, exe_id(exe), verified=True)
+    peer = Peer(0, 0, 1, (), exe, exe_id(exe), verified=True, socket_cloexec=True)
     decision = policy(exes=(exe,)).decide(peer)
     assert not decision.allowed
     assert decision.exe_problem is not None
@@ -209,12 +320,11 @@ def test_exe_replaced_after_start_no_longer_matches(bindir: Path, tmp_path: Path
         with server:
             conn, _ = server.accept()
             with conn:
-                assert policy(exes=(exe,)).decide(identify(conn, boot_ticks())).allowed
+                assert check_connection(conn, boot_ticks(), policy(exes=(exe,)))[0].allowed
                 # An upgrade (or an attacker with write access) swaps the file.
                 _install(bindir, "app.new")
                 os.replace(bindir / "app.new", exe)
-                peer = identify(conn, boot_ticks())
-                decision = policy(exes=(exe,)).decide(peer)
+                decision, peer = check_connection(conn, boot_ticks(), policy(exes=(exe,)))
                 conn.send(b"x")
     finally:
         proc.wait(timeout=10)

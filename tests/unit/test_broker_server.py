@@ -30,6 +30,7 @@ import pytest
 import structlog
 
 from imdsguard.broker.cache import RefreshPolicy
+from imdsguard.broker.checks import InlineChecker
 from imdsguard.broker.client import credentials_main, fetch_credentials, fetch_health
 from imdsguard.broker.peer import Decision, Peer
 from imdsguard.broker.server import Broker, Limits
@@ -109,7 +110,6 @@ def start_broker(
             imds=ImdsClient(config.imds_url, timeout=0.5),
             limits=limits,
             refresh=refresh,
-            imds_mark=None,
         )
         broker.start()
         brokers.append(broker)
@@ -230,8 +230,9 @@ def test_socket_directory_made_reachable(start_broker: StartBroker, tmp_path: Pa
 def test_refusal_logging_is_bounded(start_broker: StartBroker, logs: Logs) -> None:
     broker = start_broker()
     decision = Decision(False, None, "not allowed")
+    assert isinstance(broker.checker, InlineChecker)
     for uid in range(5000, 5030):  # thirty different callers at once
-        broker._log_refused(Peer(uid=uid, gid=uid, pid=None), decision)
+        broker.checker.decider.refusals.record(Peer(uid=uid, gid=uid, pid=None), decision, "s")
     assert len(logs.events("broker_refused")) == 20
 
 

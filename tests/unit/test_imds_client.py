@@ -14,7 +14,6 @@ import pytest
 from imdsguard.errors import ImdsError
 from imdsguard.imds import (
     CREDENTIALS_PATH,
-    SO_MARK,
     TOKEN_PATH,
     Credentials,
     ImdsClient,
@@ -218,35 +217,19 @@ def test_oversized_answer_refused(make_sim: Factory) -> None:
         ImdsClient(url, max_body=4096).get_bytes("/latest/user-data")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN")
-def test_socket_mark_is_set(sim_url: tuple[ImdsSimulator, str]) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a socket as another uid needs root")
+def test_sockets_created_as_the_owner_uid(sim_url: tuple[ImdsSimulator, str]) -> None:
+    """``owner_uid``: the socket belongs to that uid (what the firewall's owner match sees)."""
     _, url = sim_url
     host, port = url[len("http://") :].rsplit(":", 1)
-    conn = _Connection(host, int(port), 1.0, 0x2000)
+    conn = _Connection(host, int(port), 1.0, 65534)
     conn.connect()
     try:
-        assert conn.sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x2000
+        assert os.fstat(conn.sock.fileno()).st_uid == 65534
+        assert os.geteuid() == 0  # given back at once
     finally:
         conn.close()
-    assert ImdsClient(url, mark=0x2000).role_name() == DEFAULT_ROLE
-
-
-def test_mark_without_privilege_is_explained(
-    sim_url: tuple[ImdsSimulator, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, url = sim_url
-    real_socket = socket.socket
-
-    class NoMark(real_socket):
-        def setsockopt(self, level: int, name: int, value: object, *rest: object) -> None:
-            if level == socket.SOL_SOCKET and name == SO_MARK:
-                raise PermissionError(1, "Operation not permitted")
-            super().setsockopt(level, name, value, *rest)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(socket, "socket", NoMark)
-    with pytest.raises(ImdsRequestError, match="CAP_NET_ADMIN") as info:
-        ImdsClient(url, mark=0x2000).token()
-    assert info.value.kind == "permission"
+    assert ImdsClient(url, owner_uid=65534).role_name() == DEFAULT_ROLE
 
 
 def test_bad_urls_and_ttls_rejected() -> None:

@@ -33,8 +33,11 @@ MULTI = "endpoints: [169.254.169.254, 169.254.170.2, 'fd00:ec2::254', 169.254.17
 
 
 def _ruleset(text: str = "", queue_num: int | None = QUEUE_NUM) -> RuleSet:
-    # Numeric ids only (and root), so the output does not depend on /etc/passwd.
-    return build_ruleset(parse_config(text, "cfg.yaml"), queue_num=queue_num)
+    # Numeric ids only (and root), so the output does not depend on /etc/passwd;
+    # 990 stands for the broker's system user (the daemon passes its real uid).
+    config = parse_config(text, "cfg.yaml")
+    extra = (990,) if config.broker.enabled else ()
+    return build_ruleset(config, extra_uids=extra, queue_num=queue_num)
 
 
 # name -> (config text, queue_num, family)

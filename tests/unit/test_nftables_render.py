@@ -29,7 +29,7 @@ CASES: dict[str, tuple[str, int | None]] = {
     "enforce_queue": ("", QUEUE_NUM),
     "audit_queue": ("mode: audit\n", QUEUE_NUM),
     "groups_expanded": ("allow: {users: [4242], groups: [4343]}\ncontainers: allow\n", None),
-    "broker_mark": ("broker: {enabled: true}\n", None),
+    "broker_uid": ("broker: {enabled: true}\n", None),
     "ipv4_only": ("endpoints: [169.254.169.254]\n", None),
 }
 #: Capture on, but the kernel cannot queue from nftables: log group, then deny at once.
@@ -39,8 +39,14 @@ LOG_CASES: dict[str, str] = {
 }
 
 
+#: The broker's system user in the broker cases (the daemon passes its real uid).
+BROKER_UID = 990
+
+
 def _ruleset(text: str, queue_num: int | None = None) -> RuleSet:
-    return build_ruleset(parse_config(text, "cfg.yaml"), queue_num=queue_num)
+    config = parse_config(text, "cfg.yaml")
+    extra = (BROKER_UID,) if config.broker.enabled else ()
+    return build_ruleset(config, extra_uids=extra, queue_num=queue_num)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from imdsguard.config import Config, parse_config
-from imdsguard.policy import MARK_BROKER, QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.errors import ImdsGuardError
+from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
 
 def _ruleset(
@@ -26,7 +27,6 @@ def test_defaults() -> None:
         action="reject",
         mode="enforce",
         queue_num=QUEUE_NUM,
-        allow_mark=None,
         containers="deny",
     )
     assert rs.enforcing
@@ -69,9 +69,27 @@ def test_mode_action_containers_carried_over() -> None:
     assert not rs.enforcing
 
 
-def test_broker_enables_the_allow_mark() -> None:
-    assert build_ruleset(Config()).allow_mark is None
-    assert _ruleset("broker: {enabled: true}").allow_mark == MARK_BROKER
+def test_no_mark_grants_access() -> None:
+    # The broker is allowed by its uid (extra_uids), never by a packet mark.
+    assert "mark" not in _ruleset("broker: {enabled: true}").to_json()
+    assert _ruleset("broker: {enabled: true}", extra_uids=(990,)).allow_uids == (0, 990)
+
+
+def test_service_uids_is_the_brokers_account_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imdsguard import identity
+
+    assert identity.service_uids(parse_config("", "cfg.yaml")) == ()
+    monkeypatch.setenv("IMDSGUARD_BROKER_USER", "nobody")
+    nobody = identity.broker_account()
+    assert identity.service_uids(parse_config("broker: {enabled: true}", "cfg.yaml")) == (
+        nobody.uid,
+    )
+    monkeypatch.setenv("IMDSGUARD_BROKER_USER", "imdsg-no-such-user")
+    with pytest.raises(ImdsGuardError, match=r"useradd --system .* imdsg-no-such-user"):
+        identity.service_uids(parse_config("broker: {enabled: true}", "cfg.yaml"))
+    monkeypatch.setenv("IMDSGUARD_BROKER_USER", "root")
+    with pytest.raises(ImdsGuardError, match="must not be root"):
+        identity.broker_account()
 
 
 @pytest.mark.parametrize(
@@ -112,6 +130,6 @@ def test_from_json_fills_keys_older_records_lack() -> None:
         "action": "drop",
         "mode": "enforce",
     }
-    rs = RuleSet.from_json(json.dumps(old))
-    assert (rs.queue_num, rs.allow_mark, rs.containers) == (None, None, "allow")
+    rs = RuleSet.from_json(json.dumps({**old, "allow_mark": 0x2000}))  # a record of 0.1
+    assert (rs.queue_num, rs.containers) == (None, "allow")
     assert rs.families() == ("ipv4",)
