@@ -94,6 +94,7 @@ class Daemon:
         self.ruleset: RuleSet
         self.backend: Backend
         self._notify = Notifier(on_error=self._notify_failed)
+        self._limits_logged: set[str] = set()
 
     def _notify_failed(self, address: str, error: str) -> None:
         self.log.warning(
@@ -124,7 +125,7 @@ class Daemon:
             signal.signal(signum, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)  # a signal wakes the select() in the loop
         self.config = load_config(self.config_path)
-        self.backend = make_backend(self.config.backend)
+        self.backend = make_backend(self.config.backend, hold=True)
         self.ruleset = self._ruleset(self.config)
         self.log.info(
             "daemon_starting",
@@ -202,6 +203,10 @@ class Daemon:
         with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
             changed = self.backend.apply(self.ruleset)
         self.log.info("rules_applied", reason=why, changed=changed, backend=self.backend.name)
+        for limit in self._limits():
+            if limit not in self._limits_logged:
+                self._limits_logged.add(limit)
+                self.log.warning("protection_limited", backend=self.backend.name, limit=limit)
         problem = getattr(self.backend, "fast_check_problem", lambda: None)()
         if problem:
             self.log.warning(
@@ -209,6 +214,11 @@ class Daemon:
                 error=problem,
                 effect="the rules are parsed on every check (about 2% of a core when idle)",
             )
+
+    def _limits(self) -> list[str]:
+        """What the backend cannot guard against on this host (shown by ``status``)."""
+        limits: list[str] = list(getattr(self.backend, "limits", list)())
+        return limits
 
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.
@@ -319,7 +329,7 @@ class Daemon:
             backend = (
                 self.backend
                 if config.backend == self.config.backend
-                else make_backend(config.backend)
+                else make_backend(config.backend, hold=True)
             )
         except ImdsGuardError as exc:  # ConfigError, or the backend is unusable here
             self._reload_failed("load", exc)
@@ -443,6 +453,7 @@ class Daemon:
             "components": {n: c.health() for n, c in self._components.items()},
             "degraded": self.degraded + ([self.rollback_problem] if self.rollback_problem else []),
             "attribution": self._attribution(),
+            "limits": self._limits(),
         }
         try:
             _state.write_state(state)

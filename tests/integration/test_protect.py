@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from imdsguard.firewall.nftables import BACKSTOP
 from imdsguard.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
@@ -113,13 +114,15 @@ TAMPERS = {
             ["ip6tables-legacy", "-R", "IMDSGUARD", "1", *SWAP_TO_NOBODY],
         ],
     },
+    # Our own table is owned by the daemon (test_owned_table_refuses_other_processes);
+    # what others can change is the backstop, which the daemon puts back.
     "nftables": {
         "flush-ruleset": [["nft", "flush", "ruleset"]],  # what a firewalld reload does
-        "flush-our-chain": [["nft", "flush", "chain", "inet", "imdsguard", "guard"]],
-        "delete-our-table": [["nft", "delete", "table", "inet", "imdsguard"]],
-        "delete-output-hook": [["nft", "delete", "chain", "inet", "imdsguard", "output"]],
-        "allow-set-edited": [
-            ["nft", "add", "element", "inet", "imdsguard", "allow_uids", "{ 65534 }"]
+        "flush-backstop-chain": [["nft", "flush", "chain", "inet", BACKSTOP, "guard"]],
+        "delete-backstop-table": [["nft", "delete", "table", "inet", BACKSTOP]],
+        "delete-backstop-output-hook": [["nft", "delete", "chain", "inet", BACKSTOP, "output"]],
+        "backstop-allow-set-edited": [
+            ["nft", "add", "element", "inet", BACKSTOP, "allow_uids", "{ 65534 }"]
         ],
     },
 }
