@@ -75,6 +75,8 @@ test-long: deps
 
 bench: deps
 	$(VPY) benchmarks/repair.py
+	$(VPY) benchmarks/flushrace.py
+	$(VPY) benchmarks/nftcall.py
 	$(VPY) benchmarks/attribution.py
 	$(VPY) benchmarks/broker.py
 	$(VPY) benchmarks/resources.py

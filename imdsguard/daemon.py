@@ -44,6 +44,7 @@ def _in_phase(name: str, before: bool | None) -> bool:
 
 
 DEFAULT_INTERVAL = 0.25  # polling backends (x_tables has no change notification)
+QUICK_INTERVAL = 0.025  # polling backends with a cheap change test (iptables: table headers)
 WATCHED_INTERVAL = 2.0  # notifying backends: a safety net, and /etc/group re-expansion
 HEARTBEAT = 5.0
 
@@ -156,14 +157,19 @@ class Daemon:
 
     def _loop(self) -> None:
         watch = self._watch()
-        interval = self.interval if watch is None else max(self.interval, WATCHED_INTERVAL)
         next_heartbeat = time.monotonic() + HEARTBEAT
+        next_full = 0.0
         try:
             while not self._stop.is_set():
+                interval = self.interval if watch is None else max(self.interval, WATCHED_INTERVAL)
+                # A polling backend with a cheap change test is asked often and
+                # checked in full only when it says so (or every interval).
+                quick = self._quick_check() if watch is None else None
                 fds: list[int | socket.socket] = [self._wake_r]
                 if watch is not None:
                     fds.append(watch)
-                ready, _, _ = select.select(fds, [], [], interval)
+                timeout = QUICK_INTERVAL if quick is not None else interval
+                ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:
                     _drain(fd)
                 if self._stop.is_set():
@@ -172,13 +178,27 @@ class Daemon:
                     self._reload.clear()
                     self._do_reload()
                     watch = self._rewatch(watch)
-                self._check()
+                    next_full = 0.0
+                now = time.monotonic()
+                if quick is None or now >= next_full or self._quick_changed(quick):
+                    self._check()
+                    next_full = time.monotonic() + interval
                 if time.monotonic() >= next_heartbeat:
                     self._publish()
                     next_heartbeat = time.monotonic() + HEARTBEAT
         finally:
             if watch is not None:
                 watch.close()
+
+    def _quick_check(self) -> Callable[[], bool] | None:
+        check: Callable[[], bool] | None = getattr(self.backend, "quick_check", None)
+        return check
+
+    def _quick_changed(self, quick: Callable[[], bool]) -> bool:
+        try:
+            return quick()
+        except ImdsGuardError:
+            return True  # let the full check say what is wrong
 
     def _watch(self) -> socket.socket | None:
         """The backend's change-notification socket, if it has one."""
