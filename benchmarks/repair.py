@@ -35,7 +35,9 @@ tampers = {
         [["iptables-legacy", "-F", "OUTPUT"]],
         [["iptables-legacy", "-F", "IMDSGUARD"]],
         [["iptables-legacy", "-I", "OUTPUT", "-j", "ACCEPT"]],
-        [["iptables-legacy", "-F"], ["iptables-legacy", "-X"]],
+        # The whole table replaced (flush and delete every chain in one step: as
+        # two commands, the daemon can put its jumps back between them).
+        [["sh", "-c", "printf '*filter\\nCOMMIT\\n' | iptables-legacy-restore"]],
         [["ip6tables-legacy", "-F", "OUTPUT"]],
     ],
     # The daemon's own table is owned (nobody else can touch it): what others

@@ -315,6 +315,7 @@ class Daemon:
             start = time.monotonic()
             with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
                 self.backend.apply(self.ruleset)
+            repair_ms = round((time.monotonic() - start) * 1000, 2)  # found broken -> whole
             self.counters.rules_restored += 1
             self.counters.last_problems = problems
             self.last_states = {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
@@ -322,7 +323,7 @@ class Daemon:
                 "rules_restored",
                 problems=problems,
                 families=sorted(bad),
-                repair_ms=round((time.monotonic() - start) * 1000, 2),
+                repair_ms=repair_ms,
                 total=self.counters.rules_restored,
             )
             self._publish()

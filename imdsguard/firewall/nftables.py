@@ -59,6 +59,7 @@ import json
 import os
 import pwd
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -76,12 +77,16 @@ PRIORITY = -10
 #: reaches the capture's queue or log there first; a reject in either is final.
 BACKSTOP = "imdsguard_backstop"
 BACKSTOP_PRIORITY = -5
+#: How long the daemon's apply may act on the listing its inspect just made.
+REUSE = 0.1
 _NETLINK_NETFILTER = 12
 _NFNLGRP_NFTABLES = 7
 _SOL_NETLINK = 270
 _NETLINK_ADD_MEMBERSHIP = 1
 
 Cmd = dict[str, Any]
+#: What to write (our table, the backstop, the tables wanted) and what was listed.
+_State = tuple["Plan", "Plan | None", list[str], dict[str, "list[dict[str, Any]] | None"]]
 
 
 def expand_groups(gids: Sequence[int]) -> dict[int, tuple[int, ...]]:
@@ -540,6 +545,7 @@ class NftablesBackend:
         self._owns_main = False  # our owner context created the table now in the kernel
         self._queue_supported: bool | None = None
         self.owner_problem: str | None = None
+        self._last: tuple[RuleSet, float, _State] | None = None  # the last inspection's
 
     def supports_queue(self) -> bool:
         """True when the kernel has nft_queue (CONFIG_NFT_QUEUE), checked without changes."""
@@ -581,12 +587,15 @@ class NftablesBackend:
         wanted = ([TABLE] if self._expect_main else []) + ([BACKSTOP] if backstop else [])
         return main, backstop, wanted
 
-    def _state(
-        self, ruleset: RuleSet
-    ) -> tuple[Plan, Plan | None, list[str], dict[str, list[dict[str, Any]] | None]]:
+    def _state(self, ruleset: RuleSet, reuse: bool = False) -> _State:
+        last = self._last
+        if reuse and last is not None and last[0] == ruleset and time.monotonic() - last[1] < REUSE:
+            return last[2]
         main, backstop, wanted = self._wanted(ruleset)
         listings = {TABLE: self._reader.table(TABLE), BACKSTOP: self._reader.table(BACKSTOP)}
-        return main, backstop, wanted, listings
+        state = main, backstop, wanted, listings
+        self._last = (ruleset, time.monotonic(), state)
+        return state
 
     @staticmethod
     def _compare(
@@ -616,7 +625,10 @@ class NftablesBackend:
 
     def apply(self, ruleset: RuleSet) -> bool:
         """See :meth:`imdsguard.firewall.base.Backend.apply`."""
-        main, backstop, wanted, listings = self._state(ruleset)
+        # The daemon applies right after an inspect that found something wrong:
+        # its listing is reused (a change since then notifies the daemon again).
+        main, backstop, wanted, listings = self._state(ruleset, reuse=self._owner is not None)
+        self._last = None  # whatever is written below, the next look lists afresh
         found = self._compare(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
 
         def fine(table: str) -> bool:

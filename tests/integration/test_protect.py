@@ -97,13 +97,22 @@ TAMPERS = {
     "iptables": {
         "flush-output": [["iptables-legacy", "-F", "OUTPUT"]],
         "flush-our-chain": [["iptables-legacy", "-F", "IMDSGUARD"]],
+        # One commit (as three commands, the daemon can put the jump back between them
+        # and -X then fails: our chain is referenced again).
         "delete-our-chain": [
-            ["iptables-legacy", "-D", "OUTPUT", "-d", "169.254.169.254/32", "-j", "IMDSGUARD"],
-            ["iptables-legacy", "-F", "IMDSGUARD"],
-            ["iptables-legacy", "-X", "IMDSGUARD"],
+            [
+                "sh",
+                "-c",
+                "printf '*filter\\n-D OUTPUT -d 169.254.169.254/32 -j IMDSGUARD\\n"
+                "-F IMDSGUARD\\n-X IMDSGUARD\\nCOMMIT\\n' | iptables-legacy-restore --noflush",
+            ]
         ],
         "accept-inserted-first": [["iptables-legacy", "-I", "OUTPUT", "-j", "ACCEPT"]],
-        "whole-table-flush": [["iptables-legacy", "-F"], ["iptables-legacy", "-X"]],
+        # Flush and delete every chain in one step (iptables-restore of an empty
+        # table): as `-F` then `-X`, the daemon can put its jumps back in between.
+        "whole-table-flush": [
+            ["sh", "-c", "printf '*filter\\nCOMMIT\\n' | iptables-legacy-restore"]
+        ],
         "ipv6-flush": [["ip6tables-legacy", "-F"]],
         # Same-size edits: the table's blob keeps its length, only a uid changes
         # (the daemon skips parsing while the blob is unchanged; this must not).

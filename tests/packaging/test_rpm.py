@@ -90,6 +90,7 @@ def test_requires(rpm_file: Path) -> None:
         "/usr/bin/python3",
         "python3-pyyaml",
         "nftables",
+        "python3-nftables",
         "libxtables.so.12()(64bit)",
         "libip4tc.so.2()(64bit)",
         "libip6tc.so.2()(64bit)",
