@@ -561,8 +561,8 @@ class IptablesBackend:
         return [
             "x_tables has no change notification: a table replace without our chain "
             "(iptables-restore, a firewall reload) opens IMDS until the daemon notices "
-            f"(checked every {QUICK_INTERVAL * 1000:.0f} ms) and repairs it (~20-40 ms): "
-            "measured up to 60 ms here; same-size edits are seen by the full check "
+            f"(checked every {QUICK_INTERVAL * 1000:.0f} ms) and repairs it (~15-30 ms): "
+            "measured up to 55 ms; same-size edits are seen by the full check "
             f"every {FULL_INTERVAL * 1000:.0f} ms"
         ]
 
