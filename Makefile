@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PACKAGES := iptables nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev
+APT_PACKAGES := iptables nftables python3-nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev
 TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML botocore hypothesis prometheus-client
 
 .PHONY: help deps os-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
@@ -37,7 +37,18 @@ $(VENV)/.installed: $(VENV)/.runtime
 	$(VPY) -m pip install -q --disable-pip-version-check $(TEST_DEPS)
 	touch $@
 
-venv: os-deps $(VENV)/.installed
+# The nftables backend drives libnftables in-process through the distribution's
+# binding (python3-nftables: ctypes over libnftables.so.1, so it must match the
+# installed nftables; it is not on PyPI). The venv sees that one package through
+# a symlink, not --system-site-packages: the rest of dist-packages (an older
+# structlog, yaml, ...) must not shadow or satisfy what pip installs here.
+NFT_BINDING := /usr/lib/python3/dist-packages/nftables
+$(VENV)/.nftables: $(VENV)/.installed
+	ln -sfn $(NFT_BINDING) "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nftables"
+	$(VPY) -c 'import nftables; nftables.Nftables()'
+	touch $@
+
+venv: os-deps $(VENV)/.installed $(VENV)/.nftables
 
 deps: venv rpm-os-deps
 
@@ -71,6 +82,8 @@ test-long: deps
 
 bench: deps
 	PYTHONPATH=. $(VPY) benchmarks/repair.py
+	PYTHONPATH=. $(VPY) benchmarks/flushrace.py
+	PYTHONPATH=. $(VPY) benchmarks/nftcall.py
 	PYTHONPATH=. $(VPY) benchmarks/attribution.py
 	PYTHONPATH=. $(VPY) benchmarks/broker.py
 	PYTHONPATH=. $(VPY) benchmarks/resources.py

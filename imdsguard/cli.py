@@ -60,13 +60,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     """Put the rules in place once."""
     _need_root("apply")
     config = load_config(args.config)
-    backend = make_backend(config.backend)
+    running = _locks.is_held(paths.daemon_lock())
+    backend = make_backend(config.backend, daemon_running=running)
     paths.ensure_dir(paths.run_dir())
     # With a daemon attributing packets, keep its queue in the rules; otherwise
     # rules that need no daemon. The daemon queues only where the backend can
     # (nftables needs CONFIG_NFT_QUEUE): the same test here, or the batch fails.
     supports_queue = getattr(backend, "supports_queue", lambda: True)
-    queue = QUEUE_NUM if _locks.is_held(paths.daemon_lock()) and supports_queue() else None
+    queue = QUEUE_NUM if running and supports_queue() else None
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
         ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=queue)
         changed = backend.apply(ruleset)
@@ -77,7 +78,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     """Take every rule and chain of ours out."""
     _need_root("remove")
-    if _locks.is_held(paths.daemon_lock()) and not args.force:
+    running = _locks.is_held(paths.daemon_lock())
+    if running and not args.force:
         raise ImdsGuardError(
             "the imdsguard daemon is running and would put the rules back: "
             "stop it first (systemctl stop imdsguard) or pass --force"

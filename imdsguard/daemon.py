@@ -46,6 +46,7 @@ def _in_phase(name: str, before: bool | None) -> bool:
 
 
 DEFAULT_INTERVAL = 0.25  # polling backends (x_tables has no change notification)
+QUICK_INTERVAL = 0.025  # polling backends with a cheap change test (iptables: table headers)
 WATCHED_INTERVAL = 2.0  # notifying backends: a safety net, and /etc/group re-expansion
 HEARTBEAT = 5.0
 
@@ -96,6 +97,7 @@ class Daemon:
         self.ruleset: RuleSet
         self.backend: Backend
         self._notify = Notifier(on_error=self._notify_failed)
+        self._limits_logged: set[str] = set()
 
     def _notify_failed(self, address: str, error: str) -> None:
         self.log.warning(
@@ -126,7 +128,7 @@ class Daemon:
             signal.signal(signum, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)  # a signal wakes the select() in the loop
         self.config = load_config(self.config_path)
-        self.backend = make_backend(self.config.backend)
+        self.backend = make_backend(self.config.backend, hold=True)
         self.ruleset = self._ruleset(self.config)
         self.log.info(
             "daemon_starting",
@@ -158,14 +160,19 @@ class Daemon:
 
     def _loop(self) -> None:
         watch = self._watch()
-        interval = self.interval if watch is None else max(self.interval, WATCHED_INTERVAL)
         next_heartbeat = time.monotonic() + HEARTBEAT
+        next_full = 0.0
         try:
             while not self._stop.is_set():
+                interval = self.interval if watch is None else max(self.interval, WATCHED_INTERVAL)
+                # A polling backend with a cheap change test is asked often and
+                # checked in full only when it says so (or every interval).
+                quick = self._quick_check() if watch is None else None
                 fds: list[int | socket.socket] = [self._wake_r]
                 if watch is not None:
                     fds.append(watch)
-                ready, _, _ = select.select(fds, [], [], interval)
+                timeout = QUICK_INTERVAL if quick is not None else interval
+                ready, _, _ = select.select(fds, [], [], timeout)
                 for fd in ready:
                     _drain(fd)
                 if self._stop.is_set():
@@ -174,13 +181,27 @@ class Daemon:
                     self._reload.clear()
                     self._do_reload()
                     watch = self._rewatch(watch)
-                self._check()
+                    next_full = 0.0
+                now = time.monotonic()
+                if quick is None or now >= next_full or self._quick_changed(quick):
+                    self._check()
+                    next_full = time.monotonic() + interval
                 if time.monotonic() >= next_heartbeat:
                     self._publish()
                     next_heartbeat = time.monotonic() + HEARTBEAT
         finally:
             if watch is not None:
                 watch.close()
+
+    def _quick_check(self) -> Callable[[], bool] | None:
+        check: Callable[[], bool] | None = getattr(self.backend, "quick_check", None)
+        return check
+
+    def _quick_changed(self, quick: Callable[[], bool]) -> bool:
+        try:
+            return quick()
+        except ImdsGuardError:
+            return True  # let the full check say what is wrong
 
     def _watch(self) -> socket.socket | None:
         """The backend's change-notification socket, if it has one."""
@@ -205,6 +226,10 @@ class Daemon:
         with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
             changed = self.backend.apply(self.ruleset)
         self.log.info("rules_applied", reason=why, changed=changed, backend=self.backend.name)
+        for limit in self._limits():
+            if limit not in self._limits_logged:
+                self._limits_logged.add(limit)
+                self.log.warning("protection_limited", backend=self.backend.name, limit=limit)
         problem = getattr(self.backend, "fast_check_problem", lambda: None)()
         if problem:
             self.log.warning(
@@ -230,6 +255,11 @@ class Daemon:
         except ImdsGuardError as exc:
             # Harmless for protection (they deny too); status names them.
             self.log.error("old_backend_rules_left", error=str(exc))
+
+    def _limits(self) -> list[str]:
+        """What the backend cannot guard against on this host (shown by ``status``)."""
+        limits: list[str] = list(getattr(self.backend, "limits", list)())
+        return limits
 
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.
@@ -306,6 +336,7 @@ class Daemon:
             start = time.monotonic()
             with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
                 self.backend.apply(self.ruleset)
+            repair_ms = round((time.monotonic() - start) * 1000, 2)  # found broken -> whole
             self.counters.rules_restored += 1
             self.counters.last_problems = problems
             self.last_states = {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
@@ -313,7 +344,7 @@ class Daemon:
                 "rules_restored",
                 problems=problems,
                 families=sorted(bad),
-                repair_ms=round((time.monotonic() - start) * 1000, 2),
+                repair_ms=repair_ms,
                 total=self.counters.rules_restored,
             )
             self._publish()
@@ -340,7 +371,7 @@ class Daemon:
             backend = (
                 self.backend
                 if config.backend == self.config.backend
-                else make_backend(config.backend)
+                else make_backend(config.backend, hold=True)
             )
         except ImdsGuardError as exc:  # ConfigError, or the backend is unusable here
             self._reload_failed("load", exc)
@@ -464,6 +495,7 @@ class Daemon:
             "components": {n: c.health() for n, c in self._components.items()},
             "degraded": self.degraded + ([self.rollback_problem] if self.rollback_problem else []),
             "attribution": self._attribution(),
+            "limits": self._limits(),
         }
         try:
             _state.write_state(state)

@@ -86,13 +86,15 @@ def gather(config_path: str | None) -> dict[str, Any]:
         # Who was blocked: informational, protection does not depend on it.
         "attribution": (state or {}).get("attribution", {"available": None, "reason": None}),
         "blocked": _blocked(),
+        # What the running daemon's backend cannot guard against on this host.
+        "limits": list((state or {}).get("limits", [])),
     }
     if ruleset is None:
         reasons.append("no valid configuration and no running daemon: cannot tell what to check")
         return doc
 
     try:
-        backend = make_backend(backend_name)
+        backend = make_backend(backend_name, daemon_running=daemon_running)
         doc["backend"] = backend.name
         results = [backend.inspect(c) for c in candidates]
         found = next((r for r in results if all(i.state in _FINE for i in r.values())), results[0])
@@ -187,6 +189,8 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  note:     attribution unavailable: {doc['attribution']['reason']}")
     elif doc["attribution"].get("held") is False:
         lines.append(f"  note:     attribution best-effort: {doc['attribution']['reason']}")
+    for limit in doc.get("limits", []):
+        lines.append(f"  limit:    {limit}")
     for reason in doc["reasons"]:
         lines.append(f"  ! {reason}")
     for problem in doc["problems"]:

@@ -93,6 +93,17 @@ class TableReader:
             err = ctypes.get_errno()
             raise BlobError(err, f"{self.family} table: getsockopt({optname}): {os.strerror(err)}")
 
+    def info(self) -> bytes:
+        """The table's header alone (hooks, entry count, size): one cheap getsockopt.
+
+        Any replace that drops or adds a rule changes it (a table restored
+        without our chain has fewer entries); only a same-size edit does not,
+        which :meth:`fingerprint` sees.
+        """
+        info = ctypes.create_string_buffer(self.table, INFO.size)
+        self._get(SO_GET_INFO, info)
+        return info.raw[NAME_LEN:]
+
     def blob(self) -> bytes:
         """The table's info and entries with the counters zeroed."""
         for _ in range(5):  # the table may be replaced between the two calls

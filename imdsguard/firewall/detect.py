@@ -53,8 +53,13 @@ def choose(name: str) -> str:
     return flavour
 
 
-def make_backend(name: str) -> Backend:
-    """The backend named by ``firewall.backend`` (``auto`` picks one for this host)."""
+def make_backend(name: str, hold: bool = False, daemon_running: bool = False) -> Backend:
+    """The backend named by ``firewall.backend`` (``auto`` picks one for this host).
+
+    ``hold``: for the daemon, which keeps the nftables table it owns for its
+    lifetime; ``daemon_running``: a one-shot command next to such a daemon
+    (see :class:`~imdsguard.firewall.nftables.NftablesBackend`).
+    """
     chosen = choose(name)
     if chosen == "iptables":
         from imdsguard.firewall.iptables import IptablesBackend  # noqa: PLC0415 - loads libxtables
@@ -63,7 +68,7 @@ def make_backend(name: str) -> Backend:
     if chosen == "nftables":
         from imdsguard.firewall.nftables import NftablesBackend  # noqa: PLC0415
 
-        return NftablesBackend()
+        return NftablesBackend(hold=hold, daemon_running=daemon_running)
     raise FirewallError(f"unknown firewall backend {name!r}: use auto, iptables or nftables")
 
 

@@ -55,15 +55,17 @@ from __future__ import annotations
 
 import grp
 import hashlib
+import importlib
 import json
+import os
 import pwd
-import shutil
 import socket
-import subprocess
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from imdsguard.errors import FirewallError, PermissionDeniedError
+from imdsguard.errors import FirewallError, ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
@@ -72,12 +74,20 @@ FAMILY = "inet"
 # Before the usual filter chains (priority 0), after mangle (-150): other tools'
 # marks are set, and a deny here costs nothing downstream.
 PRIORITY = -10
+#: The daemon-less copy of the deny. After our own table, so a denied packet
+#: reaches the capture's queue or log there first; a reject in either is final.
+BACKSTOP = "imdsguard_backstop"
+BACKSTOP_PRIORITY = -5
+#: How long the daemon's apply may act on the listing its inspect just made.
+REUSE = 0.1
 _NETLINK_NETFILTER = 12
 _NFNLGRP_NFTABLES = 7
 _SOL_NETLINK = 270
 _NETLINK_ADD_MEMBERSHIP = 1
 
 Cmd = dict[str, Any]
+#: What to write (our table, the backstop, the tables wanted) and what was listed.
+_State = tuple["Plan", "Plan | None", list[str], dict[str, "list[dict[str, Any]] | None"]]
 
 
 def expand_groups(gids: Sequence[int]) -> dict[int, tuple[int, ...]]:
@@ -187,7 +197,9 @@ def _comment(chain: str, expr: list[Cmd]) -> str:
 class Plan:
     """The rendered table: the batch that creates it and what inspection expects."""
 
-    def __init__(self) -> None:
+    def __init__(self, table: str = TABLE, priority: int = PRIORITY) -> None:
+        self.table = table
+        self.priority = priority
         self.commands: list[Cmd] = []
         self.sets: dict[str, tuple[str, list[Any]]] = {}
         self.chains: dict[str, dict[str, Any]] = {}
@@ -195,16 +207,16 @@ class Plan:
         self.required: dict[str, list[str]] = {}
 
     def add_set(self, name: str, kind: str, elements: list[Any]) -> None:
-        spec: Cmd = {"family": FAMILY, "table": TABLE, "name": name, "type": kind}
+        spec: Cmd = {"family": FAMILY, "table": self.table, "name": name, "type": kind}
         if elements:
             spec["elem"] = elements
         self.commands.append({"add": {"set": spec}})
         self.sets[name] = (kind, elements)
 
     def add_chain(self, name: str, hook: str | None = None) -> None:
-        spec: Cmd = {"family": FAMILY, "table": TABLE, "name": name}
+        spec: Cmd = {"family": FAMILY, "table": self.table, "name": name}
         if hook:
-            spec.update(type="filter", hook=hook, prio=PRIORITY, policy="accept")
+            spec.update(type="filter", hook=hook, prio=self.priority, policy="accept")
         self.commands.append({"add": {"chain": spec}})
         self.chains[name] = {k: spec[k] for k in ("type", "hook", "prio", "policy") if k in spec}
         self.rules[name] = []
@@ -217,7 +229,7 @@ class Plan:
                 "add": {
                     "rule": {
                         "family": FAMILY,
-                        "table": TABLE,
+                        "table": self.table,
                         "chain": chain,
                         "expr": expr,
                         "comment": comment,
@@ -231,7 +243,7 @@ class Plan:
 
     def batch(self) -> dict[str, Any]:
         """Replace our table atomically: add (so delete cannot fail), delete, re-create."""
-        table = {"family": FAMILY, "name": TABLE}
+        table = {"family": FAMILY, "name": self.table}
         prelude = [
             {"add": {"table": table}},
             {"delete": {"table": table}},
@@ -239,14 +251,40 @@ class Plan:
         ]
         return {"nftables": prelude + self.commands}
 
+    def replace_in_place(self, listing: list[dict[str, Any]]) -> list[Cmd]:
+        """Replace the table's content, keeping the table (and its ``owner`` flag).
+
+        An owned table cannot be deleted and re-added in one batch through
+        libnftables' JSON (nft 1.0.6 cannot express table flags in JSON, and
+        an ``add table`` without them asks the kernel to drop the flag:
+        EOPNOTSUPP). Flushing its rules and deleting its chains and sets in the
+        same transaction as the new content is just as atomic.
+        """
+        table = {"family": FAMILY, "name": self.table}
+        out: list[Cmd] = [{"flush": {"table": table}}]
+        for kind in ("chain", "set"):
+            for obj in listing:
+                if kind in obj:
+                    name = obj[kind]["name"]
+                    out.append(
+                        {"delete": {kind: {"family": FAMILY, "table": self.table, "name": name}}}
+                    )
+        return out + self.commands
+
     def lines(self) -> list[str]:
         """One JSON command per line (golden tests, ``check-config --rules``)."""
         return [json.dumps(c, sort_keys=True) for c in self.commands]
 
 
-def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]], hold: bool = True) -> Plan:
+def render(
+    ruleset: RuleSet,
+    group_members: Mapping[int, Sequence[int]],
+    hold: bool = True,
+    table: str = TABLE,
+    priority: int = PRIORITY,
+) -> Plan:
     """The table for ``ruleset`` (pure: group membership and queue support are passed in)."""
-    plan = Plan()
+    plan = Plan(table, priority)
     uids = set(ruleset.allow_uids)
     for gid in ruleset.allow_gids:
         uids.update(group_members.get(gid, ()))
@@ -285,6 +323,17 @@ def render(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]], hold: b
     return plan
 
 
+def render_backstop(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]]) -> Plan | None:
+    """The backstop table: the same allow and deny, no queue and no log; None in audit mode.
+
+    It needs no daemon, so it outlives one: see :class:`NftablesBackend`.
+    """
+    if not ruleset.enforcing:
+        return None
+    plain = replace(ruleset, queue_num=None)
+    return render(plain, group_members, table=BACKSTOP, priority=BACKSTOP_PRIORITY)
+
+
 def _hook(plan: Plan, ruleset: RuleSet, hook: str, target: str) -> None:
     """A base chain on ``hook`` sending traffic to the IMDS addresses into ``target``."""
     plan.add_chain(hook, hook=hook)
@@ -300,7 +349,7 @@ def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict
     objects = [o for o in listing if "metainfo" not in o]
     if not any("table" in o for o in objects):
         return {
-            f: Inspection(f, FamilyState.MISSING, (f"table {FAMILY} {TABLE} does not exist",))
+            f: Inspection(f, FamilyState.MISSING, (f"table {FAMILY} {plan.table} does not exist",))
             if ruleset.endpoints(f)
             else Inspection(f, FamilyState.DISABLED, ("no endpoint configured",))
             for f in FAMILIES
@@ -379,74 +428,174 @@ def _elements(nft_set: dict[str, Any]) -> list[Any]:
     return out
 
 
+def combine(
+    ruleset: RuleSet, found: Mapping[str, dict[str, Inspection] | None], wanted: Sequence[str]
+) -> dict[str, Inspection]:
+    """One state per family from each table's comparison (``None``: the table is absent).
+
+    A reject in any table is final, so a family is denied while either table
+    denies it: ``ok`` when every wanted table matches the policy and no other
+    of ours is there, ``drifted`` while at least one of them still governs
+    the traffic (the daemon repairs the rest), ``missing`` when none does.
+    A table of ours that is present but not wanted (the backstop in audit
+    mode, a daemon's table left by an older imdsguard) is drift.
+    """
+    result = {}
+    for family in FAMILIES:
+        if not ruleset.endpoints(family):
+            result[family] = Inspection(family, FamilyState.DISABLED, ("no endpoint configured",))
+            continue
+        states: list[str] = []
+        problems: list[str] = []
+        for table, inspections in found.items():
+            if table not in wanted and inspections is None:
+                continue
+            if inspections is None:
+                states.append(FamilyState.MISSING)
+                problems.append(f"table {FAMILY} {table} does not exist")
+                continue
+            got = inspections[family]
+            state = got.state
+            extra = list(got.problems)
+            if table not in wanted:
+                state = FamilyState.DRIFTED if got.effective else state
+                extra.insert(0, f"table {FAMILY} {table} is not wanted now")
+            states.append(state)
+            problems += [f"{table}: {p}" for p in extra]
+        if all(s == FamilyState.OK for s in states):
+            result[family] = Inspection(family, FamilyState.OK)
+        elif any(s in (FamilyState.OK, FamilyState.DRIFTED) for s in states):
+            result[family] = Inspection(family, FamilyState.DRIFTED, tuple(problems))
+        else:
+            result[family] = Inspection(family, FamilyState.MISSING, tuple(problems))
+    return result
+
+
+def load_binding() -> Any:
+    """A new libnftables context (python3-nftables); FirewallError when it is missing."""
+    try:
+        module = importlib.import_module("nftables")
+    except ImportError:
+        raise FirewallError(
+            "the nftables backend needs libnftables' Python binding: install python3-nftables "
+            "(Debian/Ubuntu, Amazon Linux 2023, RHEL 9), or set firewall.backend: iptables"
+        ) from None
+    try:
+        return module.Nftables()
+    except OSError as exc:  # libnftables.so.1 itself is missing
+        raise FirewallError(f"libnftables cannot be loaded ({exc}): install nftables") from None
+
+
+class Context:
+    """One libnftables context: one netlink socket, open as long as this object lives.
+
+    Tables created with ``flags owner`` through a context belong to its socket:
+    the kernel lets nobody else change or delete them and destroys them when
+    the socket closes (when this object is freed or the process exits).
+    """
+
+    def __init__(self, dry_run: bool = False) -> None:
+        self._nft = load_binding()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+        if dry_run:
+            self._nft.set_dry_run(True)
+
+    def _failed(self, what: str, error: str) -> ImdsGuardError:
+        lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
+        text = next((ln for ln in lines if "Error:" in ln), lines[0] if lines else "failed")
+        text = text.split("Error:", 1)[-1].strip()
+        if "Operation not permitted" in error:
+            if os.geteuid() != 0:
+                return PermissionDeniedError(
+                    f"nftables {what}: the firewall needs root (CAP_NET_ADMIN): {text}"
+                )
+            return FirewallError(
+                f"nftables {what}: {text} (the table is owned by another process: "
+                "a running imdsguard daemon holds it)"
+            )
+        return FirewallError(f"nftables {what} failed: {text}")
+
+    def json(self, commands: list[Cmd], what: str) -> None:
+        """Run ``commands`` as one transaction."""
+        rc, _out, err = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise self._failed(what, err)
+
+    def text(self, command: str, what: str) -> None:
+        """Run nft syntax (for what JSON cannot say in nft 1.0.6: table flags)."""
+        rc, _out, err = self._nft.cmd(command)
+        if rc != 0:
+            raise self._failed(what, err)
+
+    def table(self, name: str) -> list[dict[str, Any]] | None:
+        """``list table inet NAME`` as JSON objects; None when the table does not exist."""
+        rc, out, err = self._nft.json_cmd(
+            {"nftables": [{"list": {"table": {"family": FAMILY, "name": name}}}]}
+        )
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise self._failed(f"list table {name}", err)
+        objects: list[dict[str, Any]] = (out or {}).get("nftables", [])
+        return [o for o in objects if "metainfo" not in o]
+
+
 class NftablesBackend:
-    """nftables implementation of :class:`~imdsguard.firewall.base.Backend`."""
+    """nftables implementation of :class:`~imdsguard.firewall.base.Backend`.
+
+    Two tables (see the README's "What a firewall reload does"):
+
+    - ``inet imdsguard``: the daemon's, with the queue or log for the
+      capture. Created ``flags owner`` through a context the daemon keeps
+      open (``hold=True``), so no other process can flush, edit or delete it
+      (``nft flush ruleset`` skips it; its edits get EPERM) and it goes
+      with the daemon.
+    - ``inet imdsguard_backstop``: the same allow and deny without queue, owned
+      by nobody, so it stays when the daemon is gone (kill -9, stop, upgrade).
+      Hooked after our own table, so attribution sees denied packets first.
+      A reload's ``flush ruleset`` removes it; the daemon puts it back while
+      its owned table keeps IMDS closed.
+
+    Without a daemon (one-shot ``apply``) only the backstop is written: it
+    is all that would survive the command's exit. ``daemon_running``: a
+    daemon holds ``inet imdsguard``, so inspect expects it and leaves it be.
+    """
 
     name = "nftables"
 
-    def __init__(self, nft: str | None = None) -> None:
-        found = nft or shutil.which("nft") or "/usr/sbin/nft"
-        if not shutil.which(found):
-            raise FirewallError("the nft command is not installed: install the nftables package")
-        self._nft = found
+    def __init__(self, hold: bool = False, daemon_running: bool = False) -> None:
+        self._reader = Context()  # listings: never the owner's socket (see README)
+        self._owner = Context() if hold else None
+        self._expect_main = hold or daemon_running
+        self._owns_main = False  # our owner context created the table now in the kernel
         self._queue_supported: bool | None = None
-
-    # -- running nft
-
-    def _run(self, args: Sequence[str], stdin: str | None = None) -> str:
-        proc = subprocess.run(
-            [self._nft, *args], input=stdin, capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            err = proc.stderr.strip().splitlines()
-            text = err[0] if err else f"exit {proc.returncode}"
-            if "Operation not permitted" in proc.stderr:
-                raise PermissionDeniedError(
-                    f"nft {' '.join(args)}: the firewall needs root (CAP_NET_ADMIN): {text}"
-                )
-            raise FirewallError(f"nft {' '.join(args)} failed: {text}")
-        return proc.stdout
-
-    def _listing(self) -> list[dict[str, Any]]:
-        proc = subprocess.run(
-            [self._nft, "-j", "list", "table", FAMILY, TABLE],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            if "No such file or directory" in proc.stderr:
-                return []
-            if "Operation not permitted" in proc.stderr:
-                raise PermissionDeniedError(
-                    "cannot read the nftables ruleset: the firewall needs root (CAP_NET_ADMIN)"
-                )
-            raise FirewallError(f"nft list table failed: {proc.stderr.strip()}")
-        data: list[dict[str, Any]] = json.loads(proc.stdout)["nftables"]
-        return data
+        self.owner_problem: str | None = None
+        self._last: tuple[RuleSet, float, _State] | None = None  # the last inspection's
 
     def supports_queue(self) -> bool:
         """True when the kernel has nft_queue (CONFIG_NFT_QUEUE), checked without changes."""
         if self._queue_supported is None:
-            probe = {
-                "nftables": [
-                    {"add": {"table": {"family": FAMILY, "name": "imdsguard_probe"}}},
-                    {"add": {"chain": {"family": FAMILY, "table": "imdsguard_probe", "name": "c"}}},
-                    {
-                        "add": {
-                            "rule": {
-                                "family": FAMILY,
-                                "table": "imdsguard_probe",
-                                "chain": "c",
-                                "expr": [{"queue": {"num": 1}}],
-                            }
+            probe = "imdsguard_probe"
+            commands: list[Cmd] = [
+                {"add": {"table": {"family": FAMILY, "name": probe}}},
+                {"add": {"chain": {"family": FAMILY, "table": probe, "name": "c"}}},
+                {
+                    "add": {
+                        "rule": {
+                            "family": FAMILY,
+                            "table": probe,
+                            "chain": "c",
+                            "expr": [{"queue": {"num": 1}}],
                         }
-                    },
-                ]
-            }
+                    }
+                },
+            ]
             try:
-                self._run(["-c", "-j", "-f", "-"], json.dumps(probe))
+                Context(dry_run=True).json(commands, "queue probe")
                 self._queue_supported = True
+            except PermissionDeniedError:
+                raise
             except FirewallError:
                 self._queue_supported = False
         return self._queue_supported
@@ -456,31 +605,150 @@ class NftablesBackend:
         hold = ruleset.queue_num is None or self.supports_queue()
         return render(ruleset, expand_groups(ruleset.allow_gids), hold=hold)
 
+    def _wanted(self, ruleset: RuleSet) -> tuple[Plan, Plan | None, list[str]]:
+        members = expand_groups(ruleset.allow_gids)
+        hold = ruleset.queue_num is None or self.supports_queue()
+        main = render(ruleset, members, hold=hold)
+        backstop = render_backstop(ruleset, members)
+        wanted = ([TABLE] if self._expect_main else []) + ([BACKSTOP] if backstop else [])
+        return main, backstop, wanted
+
+    def _state(self, ruleset: RuleSet, reuse: bool = False) -> _State:
+        last = self._last
+        if reuse and last is not None and last[0] == ruleset and time.monotonic() - last[1] < REUSE:
+            return last[2]
+        main, backstop, wanted = self._wanted(ruleset)
+        listings = {TABLE: self._reader.table(TABLE), BACKSTOP: self._reader.table(BACKSTOP)}
+        state = main, backstop, wanted, listings
+        self._last = (ruleset, time.monotonic(), state)
+        return state
+
+    @staticmethod
+    def _compare(
+        ruleset: RuleSet, plans: Mapping[str, Plan | None], listings: Mapping[str, Any]
+    ) -> dict[str, dict[str, Inspection] | None]:
+        found: dict[str, dict[str, Inspection] | None] = {}
+        for table, listing in listings.items():
+            plan = plans[table]
+            if listing is None:
+                found[table] = None
+            elif plan is None:  # present but nothing of it is wanted: audit-mode backstop
+                found[table] = {
+                    f: Inspection(f, FamilyState.DRIFTED, ("it denies in audit mode",))
+                    for f in FAMILIES
+                }
+            else:
+                found[table] = compare(listing, plan, ruleset)
+        return found
+
     # -- the Backend interface
 
     def inspect(self, ruleset: RuleSet) -> dict[str, Inspection]:
         """See :meth:`imdsguard.firewall.base.Backend.inspect`."""
-        return compare(self._listing(), self.plan(ruleset), ruleset)
+        main, backstop, wanted, listings = self._state(ruleset)
+        found = self._compare(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
+        return combine(ruleset, found, wanted)
 
     def apply(self, ruleset: RuleSet) -> bool:
         """See :meth:`imdsguard.firewall.base.Backend.apply`."""
-        plan = self.plan(ruleset)
-        found = compare(self._listing(), plan, ruleset)
-        if all(i.state in (FamilyState.OK, FamilyState.DISABLED) for i in found.values()):
-            return False
-        self._run(["-j", "-f", "-"], json.dumps(plan.batch()))
+        # The daemon applies right after an inspect that found something wrong:
+        # its listing is reused (a change since then notifies the daemon again).
+        main, backstop, wanted, listings = self._state(ruleset, reuse=self._owner is not None)
+        self._last = None  # whatever is written below, the next look lists afresh
+        found = self._compare(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
+
+        def fine(table: str) -> bool:
+            got = found[table]
+            if table not in wanted:
+                return got is None
+            return got is not None and all(
+                i.state in (FamilyState.OK, FamilyState.DISABLED) for i in got.values()
+            )
+
+        changed = False
+        writer = self._owner or self._reader
+        if not fine(BACKSTOP):  # first: it covers the gap if our table must be re-created
+            if backstop is not None:
+                writer.json(backstop.batch()["nftables"], "replace the backstop table")
+            else:
+                writer.json([_delete_table(BACKSTOP)], "delete the backstop table")
+            changed = True
+        if fine(TABLE):
+            return changed
+        if self._owner is None:
+            if listings[TABLE] is not None and not self._expect_main:
+                # Left by an older imdsguard, or by a daemon on a kernel without owned tables.
+                self._reader.json([_delete_table(TABLE)], f"delete table {FAMILY} {TABLE}")
+                changed = True
+            return changed
+        current = listings[TABLE]
+        if self._owns_main and current is not None:
+            self._owner.json(main.replace_in_place(current), "replace our table")
+            return True
+        self._create_owned(self._owner, listings[TABLE] is not None)
+        self._owner.json(main.commands, "fill our table")
         return True
+
+    def _create_owned(self, owner: Context, exists: bool) -> None:
+        """An empty ``inet imdsguard`` owned by ``owner`` (the backstop denies meanwhile)."""
+        delete = f"delete table {FAMILY} {TABLE}\n" if exists else ""
+        try:
+            owner.text(f"{delete}add table {FAMILY} {TABLE} {{ flags owner; }}", "own table")
+            self._owns_main = True
+            self.owner_problem = None
+            return
+        except PermissionDeniedError:
+            raise
+        except FirewallError as exc:
+            if "Operation not permitted" in str(exc) or "owned by another" in str(exc):
+                raise
+            # Kernel < 5.12 (or an nft without the flag): an ordinary table.
+            self.owner_problem = (
+                f"the kernel refused an owned table ({exc}): a `flush ruleset` by another "
+                "process removes our rules until the daemon repairs them (kernel >= 5.12 needed)"
+            )
+        owner.json(
+            [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, _delete_table(TABLE),
+             {"add": {"table": {"family": FAMILY, "name": TABLE}}}],
+            "create our table",
+        )  # fmt: skip
+        self._owns_main = True
+
+    def limits(self) -> list[str]:
+        """What this backend cannot guard against here (for ``status``)."""
+        notes = []
+        if self.owner_problem:
+            notes.append(self.owner_problem)
+        return notes
 
     def remove(self) -> bool:
         """See :meth:`imdsguard.firewall.base.Backend.remove`."""
-        if not self._listing():
-            return False
-        self._run(["delete", "table", FAMILY, TABLE])
-        return True
+        writer = self._owner or self._reader
+        changed = False
+        if self._reader.table(BACKSTOP) is not None:
+            writer.json([_delete_table(BACKSTOP)], "delete the backstop table")
+            changed = True
+        if self._reader.table(TABLE) is not None:
+            try:
+                writer.json([_delete_table(TABLE)], f"delete table {FAMILY} {TABLE}")
+            except PermissionDeniedError:
+                raise
+            except FirewallError as exc:
+                if "owned by another" not in str(exc):
+                    raise
+                raise FirewallError(
+                    f"table {FAMILY} {TABLE} belongs to the running imdsguard daemon and the "
+                    "kernel lets no other process delete it; it goes when the daemon stops "
+                    "(systemctl stop imdsguard)"
+                ) from None
+            self._owns_main = False
+            changed = True
+        return changed
 
     def present(self) -> tuple[str, ...]:
-        """The families our table holds rules for (an ``inet`` table: both, if it exists)."""
-        return FAMILIES if self._listing() else ()
+        """The families our tables hold rules for (``inet`` tables: both, if one exists)."""
+        held = any(self._reader.table(name) is not None for name in (TABLE, BACKSTOP))
+        return FAMILIES if held else ()
 
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""
@@ -490,3 +758,7 @@ class NftablesBackend:
         sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _NFNLGRP_NFTABLES)
         sock.setblocking(False)
         return sock
+
+
+def _delete_table(name: str) -> Cmd:
+    return {"delete": {"table": {"family": FAMILY, "name": name}}}

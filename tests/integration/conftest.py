@@ -204,9 +204,13 @@ class DaemonHandle:
         for argv in (
             ["iptables-legacy-save", "-t", "filter"],
             ["ip6tables-legacy-save", "-t", "filter"],
-            ["nft", "list", "ruleset"],
         ):
             out += self.topo.run(self.topo.host, argv, check=True).stdout
+        listing = self.topo.run(self.topo.host, ["nft", "list", "ruleset"], check=True).stdout
+        # Tables in name order: a table re-created (our backstop, by a repair) is
+        # listed last, and that order means nothing.
+        tables = re.split(r"\n(?=table )", "\n" + listing)
+        out += "\n".join(sorted(t.strip("\n") for t in tables if t.strip())) + "\n"
         out = re.sub(r"\[\d+:\d+\]", "[0:0]", out)  # packet counters move; rules do not
         return "\n".join(ln for ln in out.splitlines() if not ln.startswith("#"))
 

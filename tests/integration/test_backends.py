@@ -88,7 +88,7 @@ def test_thousand_users_apply_in_well_under_a_second(daemon: DaemonHandle) -> No
     assert time.monotonic() - start < 1.0
     listing = daemon.topo.run(
         daemon.topo.host,
-        ["nft", "-j", "list", "set", "inet", "imdsguard", "allow_uids"],
+        ["nft", "-j", "list", "set", "inet", "imdsguard_backstop", "allow_uids"],
         check=True,
     ).stdout
     assert len(json.loads(listing)["nftables"][1]["set"]["elem"]) == 1000
@@ -163,12 +163,13 @@ def test_without_the_fast_check_rules_are_parsed_every_time(topo: Topology) -> N
 #: makes our rules differ (an allowed user lost: stricter, still guarded).
 OPENING = {
     "iptables": ["iptables-legacy", "-I", "OUTPUT", "1", "-j", "ACCEPT"],
-    "nftables": ["nft", "insert", "rule", "inet", "imdsguard", "guard", "accept"],
+    "nftables": ["nft", "insert", "rule", "inet", "imdsguard_backstop", "guard", "accept"],
 }
 STRICTER = {
     "iptables": ["iptables-legacy", "-D", "IMDSGUARD", "-m", "owner", "--uid-owner", "{uid}",
                  "-j", "RETURN"],
-    "nftables": ["nft", "delete", "element", "inet", "imdsguard", "allow_uids", "{{ {uid} }}"],
+    "nftables": ["nft", "delete", "element", "inet", "imdsguard_backstop", "allow_uids",
+                 "{{ {uid} }}"],
 }  # fmt: skip
 
 

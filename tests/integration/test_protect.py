@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from imdsguard.firewall.nftables import BACKSTOP
 from imdsguard_testing.netns import Topology, User, wait_for
 from tests.integration.conftest import DaemonHandle
 
@@ -96,13 +97,22 @@ TAMPERS = {
     "iptables": {
         "flush-output": [["iptables-legacy", "-F", "OUTPUT"]],
         "flush-our-chain": [["iptables-legacy", "-F", "IMDSGUARD"]],
+        # One commit (as three commands, the daemon can put the jump back between them
+        # and -X then fails: our chain is referenced again).
         "delete-our-chain": [
-            ["iptables-legacy", "-D", "OUTPUT", "-d", "169.254.169.254/32", "-j", "IMDSGUARD"],
-            ["iptables-legacy", "-F", "IMDSGUARD"],
-            ["iptables-legacy", "-X", "IMDSGUARD"],
+            [
+                "sh",
+                "-c",
+                "printf '*filter\\n-D OUTPUT -d 169.254.169.254/32 -j IMDSGUARD\\n"
+                "-F IMDSGUARD\\n-X IMDSGUARD\\nCOMMIT\\n' | iptables-legacy-restore --noflush",
+            ]
         ],
         "accept-inserted-first": [["iptables-legacy", "-I", "OUTPUT", "-j", "ACCEPT"]],
-        "whole-table-flush": [["iptables-legacy", "-F"], ["iptables-legacy", "-X"]],
+        # Flush and delete every chain in one step (iptables-restore of an empty
+        # table): as `-F` then `-X`, the daemon can put its jumps back in between.
+        "whole-table-flush": [
+            ["sh", "-c", "printf '*filter\\nCOMMIT\\n' | iptables-legacy-restore"]
+        ],
         "ipv6-flush": [["ip6tables-legacy", "-F"]],
         # Same-size edits: the table's blob keeps its length, only a uid changes
         # (the daemon skips parsing while the blob is unchanged; this must not).
@@ -113,13 +123,15 @@ TAMPERS = {
             ["ip6tables-legacy", "-R", "IMDSGUARD", "1", *SWAP_TO_NOBODY],
         ],
     },
+    # Our own table is owned by the daemon (test_owned_table_refuses_other_processes);
+    # what others can change is the backstop, which the daemon puts back.
     "nftables": {
         "flush-ruleset": [["nft", "flush", "ruleset"]],  # what a firewalld reload does
-        "flush-our-chain": [["nft", "flush", "chain", "inet", "imdsguard", "guard"]],
-        "delete-our-table": [["nft", "delete", "table", "inet", "imdsguard"]],
-        "delete-output-hook": [["nft", "delete", "chain", "inet", "imdsguard", "output"]],
-        "allow-set-edited": [
-            ["nft", "add", "element", "inet", "imdsguard", "allow_uids", "{ 65534 }"]
+        "flush-backstop-chain": [["nft", "flush", "chain", "inet", BACKSTOP, "guard"]],
+        "delete-backstop-table": [["nft", "delete", "table", "inet", BACKSTOP]],
+        "delete-backstop-output-hook": [["nft", "delete", "chain", "inet", BACKSTOP, "output"]],
+        "backstop-allow-set-edited": [
+            ["nft", "add", "element", "inet", BACKSTOP, "allow_uids", "{ 65534 }"]
         ],
     },
 }

@@ -105,6 +105,7 @@ def test_requires(rpm_file: Path) -> None:
         "python3-pyyaml",
         "python3-psutil",
         "nftables",
+        "python3-nftables",
         "libxtables.so.12()(64bit)",
         "libip4tc.so.2()(64bit)",
         "libip6tc.so.2()(64bit)",

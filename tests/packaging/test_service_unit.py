@@ -158,6 +158,13 @@ def test_ordering_and_lifecycle() -> None:
     assert "network-pre.target" in " ".join(d["Unit.Before"]).split()
     assert "network-pre.target" in " ".join(d["Unit.Wants"]).split()
     assert "local-fs.target" in " ".join(d["Unit.After"]).split()
+    # ...after the host's firewall services (we write last at boot), requiring none.
+    after = " ".join(d["Unit.After"]).split()
+    for service in ("nftables", "firewalld", "iptables", "ip6tables"):
+        assert f"{service}.service" in after
+        assert not [
+            v for k in ("Unit.Requires", "Unit.Wants") for v in d.get(k, []) if service in v
+        ]
     # ...and never waiting for the network.
     assert not [v for values in d.values() for v in values if "network-online" in v]
     assert d["Service.Type"] == ["notify"]

@@ -3,7 +3,7 @@
 debootstrap takes about a minute, so the result is kept under
 /var/cache/imdsguard-test/rootfs-<hash of suite, mirror and packages> and
 copied per test run. The packages are what the RPM requires, in their Debian
-names (python3-yaml, nftables, iptables for libxtables,
+names (python3-yaml, nftables, python3-nftables, iptables for libxtables,
 procps for /usr/bin/kill), plus systemd and the tools the test runs inside.
 """
 
@@ -37,6 +37,7 @@ PACKAGES = (
     "nftables",
     "python3",
     "python3-yaml",
+    "python3-nftables",
 )
 TOOLS = ("systemd-nspawn", "debootstrap", "rpm2cpio", "cpio", "nsenter", "rpmbuild")
 

@@ -435,7 +435,9 @@ def test_stop_leaves_the_rules(booted: Container) -> None:
     c.run(["systemctl", "stop", "imdsguard.service"], check=True)
     try:
         assert c.show("imdsguard.service", "ActiveState") == "inactive"
-        assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode == 0
+        # The daemon's own (owned) table went with it; the backstop stays and denies.
+        assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode != 0
+        assert c.run(["nft", "list", "table", "inet", "imdsguard_backstop"]).returncode == 0
         assert c.probe_once() == "refused"
         status = c.run(["imdsguard", "status", "--json"])
         assert status.returncode == 1  # degraded: protected, but nobody watches the rules
@@ -549,6 +551,37 @@ def test_broker_works_in_the_sandbox(booted: Container) -> None:
     assert not any(secret in line for line in c.daemon_lines())
 
 
+def test_firewall_service_reload_leaves_no_gap(booted: Container) -> None:
+    """`systemctl reload nftables` (Debian's nftables.conf starts with `flush ruleset`)."""
+    c = booted
+    after = c.show("imdsguard.service", "After").split()
+    assert {"nftables.service", "firewalld.service", "iptables.service"} <= set(after), after
+    assert "flush ruleset" in c.sh("cat /etc/nftables.conf").stdout
+    c.write_config("firewall:\n  backend: nftables\nallow:\n  users: [root]\n")
+    c.reload()
+    c.run(["systemctl", "start", "nftables.service"], check=True)
+    try:
+        seen = len(c.daemon_events())
+        with c.probe_loop() as counts:
+            for _ in range(5):
+                c.run(["systemctl", "reload", "nftables.service"], check=True)
+                time.sleep(0.3)
+        print(f"denied probe during 5 nftables reloads: {counts}")
+        assert not [k for k in counts if k.endswith(":connected")], counts
+        for family in ("ipv4", "ipv6"):
+            assert sum(n for k, n in counts.items() if k.startswith(family)) >= 50, counts
+
+        def restored() -> list[dict[str, Any]]:
+            return [e for e in c.daemon_events()[seen:] if e.get("event") == "rules_restored"]
+
+        wait_for(lambda: bool(restored()), 10, "rules_restored in the journal")
+        assert all("imdsguard_backstop" in str(e["problems"]) for e in restored()), restored()
+        assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode == 0
+    finally:
+        c.run(["systemctl", "stop", "nftables.service"])  # its ExecStop flushes the ruleset too
+    wait_for(lambda: c.run(["imdsguard", "status"]).returncode == 0, 10, "status protected")
+
+
 def test_erase_takes_the_rules_out(booted: Container) -> None:
     """The package's own %preun ($1 = 0): service stopped and disabled, no rules left.
 
@@ -566,7 +599,7 @@ def test_erase_takes_the_rules_out(booted: Container) -> None:
     c.sh(preun, "preun", "0")
     assert c.show("imdsguard.service", "ActiveState") == "inactive"
     assert c.run(["systemctl", "is-enabled", "imdsguard.service"]).stdout.strip() == "disabled"
-    assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode != 0
+    assert "imdsguard" not in c.run(["nft", "list", "ruleset"], check=True).stdout
     for tool in ("iptables-legacy", "ip6tables-legacy"):
         assert "IMDSGUARD" not in c.run([tool, "-S"], check=True).stdout
     assert c.run(["imdsguard", "status"]).returncode == 2  # unprotected

@@ -94,6 +94,9 @@ class _FakeIptables:
 class _FakeNftables:
     name = "nftables"
 
+    def __init__(self, hold: bool = False, daemon_running: bool = False) -> None:
+        self.hold = hold
+
 
 @pytest.fixture
 def fake_backends(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,18 @@ import pytest
 
 from imdsguard.config import parse_config
 from imdsguard.firewall.base import FamilyState
-from imdsguard.firewall.nftables import FAMILY, TABLE, Plan, compare, render
+from imdsguard.firewall.nftables import (
+    BACKSTOP,
+    BACKSTOP_PRIORITY,
+    FAMILY,
+    PRIORITY,
+    TABLE,
+    Plan,
+    combine,
+    compare,
+    render,
+    render_backstop,
+)
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -204,3 +215,86 @@ def test_ipv6_disabled_by_config_is_reported_disabled() -> None:
     assert result["ipv6"].state == FamilyState.DISABLED
     assert result["ipv4"].state == FamilyState.OK
     assert json.dumps(plan.batch())  # serialisable as sent to nft
+
+
+def test_backstop_matches_golden_file() -> None:
+    """The daemon-less copy: same allow and deny as our table, no queue or log, hooked after it."""
+    ruleset = _ruleset("", QUEUE_NUM)
+    backstop = render_backstop(ruleset, GROUPS)
+    assert backstop is not None
+    got = "\n".join(backstop.lines()) + "\n"
+    golden = GOLDEN / "nftables_backstop.jsonl"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+    assert "queue" not in got and '"log"' not in got
+    main = render(ruleset, GROUPS)
+    assert backstop.sets["allow_uids"] == main.sets["allow_uids"]  # allowed users pass both
+    assert {c["prio"] for c in backstop.chains.values() if c} == {BACKSTOP_PRIORITY}
+    assert BACKSTOP_PRIORITY > PRIORITY  # the capture sees a denied packet first
+    assert render_backstop(_ruleset("mode: audit\n", QUEUE_NUM), GROUPS) is None
+
+
+def test_replace_in_place_keeps_the_owned_table() -> None:
+    plan = render(_ruleset(""), GROUPS)
+    commands = plan.replace_in_place(_listing(plan))
+    table = {"family": FAMILY, "name": TABLE}
+    assert commands[0] == {"flush": {"table": table}}
+    assert not any("table" in next(iter(c.values())) for c in commands[1:])  # never re-added
+    deleted = [next(iter(c["delete"].values()))["name"] for c in commands if "delete" in c]
+    assert sorted(deleted) == sorted([*plan.chains, *plan.sets])
+    assert commands[1 + len(deleted) :] == plan.commands
+
+
+def _found(ruleset: RuleSet, **tables: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, listing in tables.items():
+        plan = render(ruleset, GROUPS) if name == TABLE else render_backstop(ruleset, GROUPS)
+        assert plan is not None
+        out[name] = None if listing is None else compare(listing(plan), plan, ruleset)
+    return out
+
+
+def test_combine_states_of_our_two_tables() -> None:
+    ruleset = _ruleset("")
+    both = [TABLE, BACKSTOP]
+    whole = _found(ruleset, **{TABLE: _listing, BACKSTOP: _listing})
+    assert _states(combine(ruleset, whole, both)) == {FamilyState.OK}
+    # After `flush ruleset`: the owned table still denies, the backstop is gone.
+    flushed = _found(ruleset, **{TABLE: _listing, BACKSTOP: None})
+    result = combine(ruleset, flushed, both)
+    assert _states(result) == {FamilyState.DRIFTED}
+    assert result["ipv4"].problems == (f"table {FAMILY} {BACKSTOP} does not exist",)
+    # The daemon's table gone (it died) while the backstop denies: drifted, still denied.
+    died = _found(ruleset, **{TABLE: None, BACKSTOP: _listing})
+    assert _states(combine(ruleset, died, both)) == {FamilyState.DRIFTED}
+    # Without a daemon only the backstop is wanted.
+    assert _states(combine(ruleset, died, [BACKSTOP])) == {FamilyState.OK}
+    # An un-owned table of an older imdsguard next to it: drift (apply deletes it).
+    assert _states(combine(ruleset, whole, [BACKSTOP])) == {FamilyState.DRIFTED}
+    nothing = _found(ruleset, **{TABLE: None, BACKSTOP: None})
+    assert _states(combine(ruleset, nothing, both)) == {FamilyState.MISSING}
+    assert _states(combine(ruleset, nothing, [BACKSTOP])) == {FamilyState.MISSING}
+    # Audit mode without a daemon: nothing is wanted, nothing there is fine.
+    audit = _ruleset("mode: audit\n")
+    assert _states(combine(audit, {TABLE: None, BACKSTOP: None}, [])) == {FamilyState.OK}
+
+
+def test_combine_one_open_table_is_covered_by_the_other() -> None:
+    # The owned table admits an extra uid (cannot happen: nobody else may edit it),
+    # or the backstop was edited: a reject in the other table still denies.
+    ruleset = _ruleset("")
+
+    def widened(plan: Plan) -> list[dict[str, Any]]:
+        listing = _listing(plan)
+        for obj in listing:
+            if "set" in obj and obj["set"]["name"] == "allow_uids":
+                obj["set"]["elem"].append(65534)
+        return listing
+
+    found = _found(ruleset, **{TABLE: _listing, BACKSTOP: widened})
+    result = combine(ruleset, found, [TABLE, BACKSTOP])
+    assert _states(result) == {FamilyState.DRIFTED}
+    assert any("also admits 65534" in p for p in result["ipv4"].problems)
+    found = _found(ruleset, **{TABLE: widened, BACKSTOP: widened})
+    assert _states(combine(ruleset, found, [TABLE, BACKSTOP])) == {FamilyState.MISSING}

@@ -1,0 +1,178 @@
+"""Denied connections that get through while the host's firewall is reloaded.
+
+What a firewall reload does to our rules, per backend, against the real
+daemon in a throw-away EC2-like topology: a denied user loops ``connect()``
+to IMDS (one attempt a millisecond at most) while the host's firewall is
+reloaded 20 times, 0.3-0.6 s apart, at random:
+
+- nftables: ``nft -f`` of a ruleset file that starts with ``flush ruleset``
+  (what ``nftables.service`` does on reload and stop on RHEL 9 / AL2023 and
+  what most admin configs do);
+- iptables: ``iptables-legacy-restore`` of a filter table without our chain
+  (the whole table is replaced; x_tables tells nobody).
+
+Prints connections through per 20 reloads and the longest window (first
+reload to last connection through it), and README table rows.
+
+    sudo .venv/bin/python benchmarks/flushrace.py [--reloads 20] [--backend nftables]
+
+The test suite (tests/integration/test_flush_race.py) runs the same race.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env
+
+NFT_RULESET = """\
+flush ruleset
+table inet filter {
+    chain input { type filter hook input priority filter; policy accept; }
+    chain output { type filter hook output priority filter; policy accept; }
+}
+"""
+IPTABLES_RESTORE = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+"""
+RELOAD = {
+    "nftables": (["nft", "-f", "-"], NFT_RULESET),
+    "iptables": (["iptables-legacy-restore"], IPTABLES_RESTORE),
+}
+
+CLIENT = r"""
+import json, socket, sys, time
+end = time.monotonic() + float(sys.argv[1])
+attempts, through = 0, []
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect((sys.argv[2], 80))
+        through.append(time.monotonic())
+    except OSError:
+        pass
+    finally:
+        s.close()
+    attempts += 1
+    time.sleep(0.001)
+print(json.dumps({"attempts": attempts, "through": through}))
+"""
+
+
+@dataclass
+class Race:
+    """What the denied client saw."""
+
+    attempts: int
+    through: list[float]
+    reloads: list[float] = field(default_factory=list)  # monotonic start of each reload
+
+    def windows_ms(self) -> list[float]:
+        """Per reload that let something through: its start to the last connection through."""
+        last: dict[float, float] = {}
+        for t in self.through:
+            start = max((r for r in self.reloads if r <= t), default=None)
+            if start is not None:
+                last[start] = t
+        return [(t - start) * 1000 for start, t in sorted(last.items())]
+
+
+def race(
+    topo: Topology,
+    backend: str,
+    denied: User,
+    reloads: int = 20,
+    seed: int = 4242,
+    between: Callable[[int], None] | None = None,
+) -> Race:
+    """Reload the host's firewall ``reloads`` times while ``denied`` loops connect().
+
+    ``between(i)`` runs after reload ``i`` (e.g. kill the daemon, restart it).
+    """
+    rng = random.Random(seed)  # noqa: S311 - reload timing, not secrets
+    argv, text = RELOAD[backend]
+    duration = 0.5 + reloads * 0.7
+    client = topo.popen(
+        topo.host,
+        [sys.executable, "-c", CLIENT, str(duration), IMDS_V4],
+        user=denied,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    starts = []
+    for i in range(reloads):
+        starts.append(time.monotonic())
+        topo.run(topo.host, argv, input=text, check=True)
+        if between is not None:
+            between(i)
+        time.sleep(0.3 + rng.uniform(0, 0.3))
+    out, _ = client.communicate(timeout=duration + 30)
+    doc = json.loads(out)
+    return Race(doc["attempts"], doc["through"], starts)
+
+
+def _bench(backend: str, reloads: int) -> Race:
+    work = tempfile.mkdtemp(prefix="imdsg-bench-")
+    env = guard_env(work)
+    config = os.path.join(work, "config.yaml")
+    with open(config, "w") as fh:
+        fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
+    try:
+        denied = User(65534, 65534)  # nobody: never allowlisted here
+        with Topology(prefix="imdsg-bench") as topo:
+            topo.start_imds(work)
+            daemon = topo.start_guard(config, env)
+            found = race(topo, backend, denied, reloads)
+            daemon.terminate()
+            daemon.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return found
+
+
+def main() -> int:
+    """Run the race per backend; print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reloads", type=int, default=20)
+    parser.add_argument("--backend", choices=sorted(RELOAD), action="append")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    rows = []
+    for backend in args.backend or ["nftables", "iptables"]:
+        found = _bench(backend, args.reloads)
+        windows = found.windows_ms()
+        worst = max(windows, default=0.0)
+        print(f"{backend}: {len(found.through)} of {found.attempts} denied connects through "
+              f"over {args.reloads} reloads; {len(windows)} reloads opened a window, "
+              f"longest {worst:.0f} ms")  # fmt: skip
+        rows.append(
+            f"| {backend} | {args.reloads} | {found.attempts} | {len(found.through)} "
+            f"| {len(windows)} | {worst:.0f} ms |"
+        )
+    print("| backend | reloads | denied connects tried | through | reloads with a window "
+          "| longest window |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""A firewall reload against a looping denied client: what gets through, per backend.
+
+The race itself is benchmarks/flushrace.py's (20 reloads, 0.3-0.6 s apart).
+nftables: our table is owned by the daemon, so ``flush ruleset`` cannot
+touch it: nothing gets through, and a kill -9 leaves the backstop table.
+iptables: x_tables has no notification; a table replace opens a window of
+about one quick-check interval plus a repair (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from benchmarks.flushrace import race
+from imdsguard.firewall.nftables import BACKSTOP, TABLE
+from imdsguard_testing.netns import User
+from tests.integration.conftest import DaemonHandle
+
+#: Timing limits scale by this factor (an emulated VM is 10-20x slower).
+SCALE = float(os.environ.get("IMDSGUARD_TIME_SCALE", "1"))
+#: Longest window an iptables table replace may open: the quick check's 10 ms
+#: interval plus a repair (~20 ms here), with room for a loaded 2-core VM.
+IPTABLES_WINDOW_MS = 150 * SCALE
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_flush_ruleset_reloads_let_nothing_through(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    daemon.start()
+    found = race(daemon.topo, "nftables", test_users["imdsg-denied"], reloads=20)
+    assert found.attempts > 1000, found.attempts  # the client really looped
+    assert found.through == [], f"{len(found.through)} denied connects got through"
+    # The owned table was never touched; only the backstop needed putting back.
+    restored = daemon.wait_log("rules_restored", count=20)
+    assert all(BACKSTOP in " ".join(e["problems"]) for e in restored), restored
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["state"] == "protected", status
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_owned_table_refuses_other_processes(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    """Root in another process cannot edit, flush or delete the daemon's table."""
+    daemon.start()
+    topo = daemon.topo
+    tampers = [
+        ["nft", "delete", "table", "inet", TABLE],
+        ["nft", "flush", "table", "inet", TABLE],
+        ["nft", "flush", "chain", "inet", TABLE, "guard"],
+        ["nft", "insert", "rule", "inet", TABLE, "guard", "accept"],
+        ["nft", "add", "element", "inet", TABLE, "allow_uids", "{ 65534 }"],
+        ["nft", "delete", "chain", "inet", TABLE, "output"],
+    ]
+    before = topo.run(topo.host, ["nft", "list", "table", "inet", TABLE], check=True).stdout
+    assert "flags owner" in before
+    for argv in tampers:
+        proc = topo.run(topo.host, argv)
+        assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, (argv, proc)
+    after = topo.run(topo.host, ["nft", "list", "table", "inet", TABLE], check=True).stdout
+    assert after == before
+    result = topo.imds_get(test_users["imdsg-denied"], "/latest/meta-data/", v2=False)
+    assert result.rc != 0
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_kill_9_while_reloading_stays_closed(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    """kill -9 mid-race: the owned table dies with the daemon, the backstop denies.
+
+    A reload while no daemon runs would flush the backstop too (see README):
+    here the daemon is restarted before the next reload, as systemd does.
+    """
+    daemon.start()
+    killed: list[int] = []
+
+    def kill_and_restart(i: int) -> None:
+        if i != 9:
+            return
+        assert daemon.proc is not None
+        daemon.wait_log("rules_restored", count=i + 1)  # the backstop is back
+        daemon.proc.send_signal(signal.SIGKILL)
+        killed.append(daemon.proc.wait(timeout=10))
+        gone = daemon.topo.run(daemon.topo.host, ["nft", "list", "table", "inet", TABLE])
+        assert gone.returncode != 0  # the owned table died with its socket
+        daemon.start()
+
+    found = race(
+        daemon.topo, "nftables", test_users["imdsg-denied"], reloads=14, between=kill_and_restart
+    )
+    assert killed == [-signal.SIGKILL]
+    assert found.attempts > 500, found.attempts
+    assert found.through == [], f"{len(found.through)} denied connects got through"
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_kill_9_leaves_the_backstop_denying(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    daemon.start()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    topo = daemon.topo
+    assert topo.run(topo.host, ["nft", "list", "table", "inet", TABLE]).returncode != 0
+    denied = test_users["imdsg-denied"]
+    for v6 in (False, True):
+        assert topo.imds_get(denied, "/latest/meta-data/", v2=False, v6=v6).rc != 0
+        assert topo.imds_get(None, "/latest/meta-data/", v2=False, v6=v6).ok
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["rules"] == {"ipv4": "ok", "ipv6": "ok"}, status
+    assert status["state"] == "degraded" and not status["daemon"]["running"], status
+    # `remove` leaves nothing of ours.
+    assert daemon.cli("remove").returncode == 0
+    listing = topo.run(topo.host, ["nft", "list", "ruleset"], check=True).stdout
+    assert "imdsguard" not in listing
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_remove_force_next_to_a_running_daemon_says_what_stays(daemon: DaemonHandle) -> None:
+    daemon.start()
+    proc = daemon.cli("remove", "--force")
+    assert proc.returncode != 0
+    assert "belongs to the running imdsguard daemon" in proc.stderr
+    # Once the daemon stops (as the RPM's erase does first), remove leaves nothing.
+    assert daemon.stop() == 0
+    assert daemon.cli("remove", "--force").returncode == 0
+    listing = daemon.topo.run(daemon.topo.host, ["nft", "list", "ruleset"], check=True).stdout
+    assert "imdsguard" not in listing
+
+
+@pytest.mark.parametrize("backend", ["iptables"])
+def test_iptables_restore_window_is_bounded(
+    daemon: DaemonHandle, test_users: dict[str, User]
+) -> None:
+    """x_tables cannot refuse or announce a replace: the window is what we can bound."""
+    daemon.start()
+    found = race(daemon.topo, "iptables", test_users["imdsg-denied"], reloads=20)
+    assert found.attempts > 1000, found.attempts
+    windows = found.windows_ms()
+    assert max(windows, default=0.0) <= IPTABLES_WINDOW_MS, windows
+    restored = daemon.wait_log("rules_restored", count=20)
+    assert len(restored) >= 20
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert any("x_tables" in limit for limit in status["limits"]), status
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_without_the_binding_apply_says_how_to_fix_it(daemon: DaemonHandle) -> None:
+    env = dict(daemon.env, PYTHONPATH=os.path.join(daemon.workdir, "nobinding"))
+    os.makedirs(env["PYTHONPATH"], exist_ok=True)
+    with open(os.path.join(env["PYTHONPATH"], "nftables.py"), "w") as fh:
+        fh.write("raise ImportError('no binding here')\n")
+    argv = [*daemon.cli_argv("apply"), "-c", daemon.config_path]
+    proc = daemon.topo.run(daemon.topo.host, argv, env=env)
+    assert proc.returncode != 0
+    assert "install python3-nftables" in proc.stderr
+    assert "Traceback" not in proc.stderr
