@@ -482,6 +482,9 @@ class NftablesBackend:
         """The families our table holds rules for (an ``inet`` table: both, if it exists)."""
         return FAMILIES if self._listing() else ()
 
+    def close(self) -> None:
+        """Nothing stays open between ``nft`` runs."""
+
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
