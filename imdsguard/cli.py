@@ -92,6 +92,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         for backend, _ in leftovers(None):
             if backend.remove():
                 removed.append(backend.name)
+            backend.close()
     done = f"rules removed ({', '.join(removed)})" if removed else ""
     print(done or "no imdsguard rules were in place")
     return 0

@@ -248,7 +248,10 @@ class Daemon:
         try:
             with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
                 for other, families in leftovers(self.backend.name):
-                    other.remove()
+                    try:
+                        other.remove()
+                    finally:
+                        other.close()
                     self.log.warning(
                         "old_backend_rules_removed", backend=other.name, families=list(families)
                     )
@@ -395,6 +398,7 @@ class Daemon:
         if backend is not previous[1]:
             try:
                 previous[1].remove()  # only after the new backend's rules are in place
+                previous[1].close()
             except ImdsGuardError as exc:
                 # Harmless for protection (both deny); the warning names what is left.
                 self.log.warning("old_backend_rules_left", backend=previous[1].name, error=str(exc))

@@ -154,6 +154,7 @@ def _check_leftovers(doc: dict[str, Any], current: str) -> None:
         doc["reasons"].append(f"cannot check the other firewall backend for rules of ours: {exc}")
         return
     for other, families in found:
+        other.close()
         doc["leftovers"].append({"backend": other.name, "families": list(families)})
         doc["reasons"].append(
             f"rules of ours are also in the {other.name} backend ({', '.join(families)}), left "

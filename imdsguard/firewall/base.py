@@ -54,3 +54,6 @@ class Backend(Protocol):
 
     def present(self) -> tuple[str, ...]:
         """The families with any rule or chain of ours, found without creating anything."""
+
+    def close(self) -> None:
+        """Release what the backend holds open (it may be used again afterwards)."""

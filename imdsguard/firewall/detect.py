@@ -79,7 +79,8 @@ def leftovers(current: str | None) -> list[tuple[Backend, tuple[str, ...]]]:
     ``/proc/net/ip*_tables_names`` lists them (python-iptables would otherwise
     load ip_tables and create them on an nftables-only host), and nftables is
     only listed. A backend whose tools are not installed holds nothing of ours
-    that we could take out. ``current=None``: every backend.
+    that we could take out. ``current=None``: every backend. The caller
+    closes the backends returned (:meth:`Backend.close`).
     """
     found: list[tuple[Backend, tuple[str, ...]]] = []
     for name in BACKENDS:
@@ -96,7 +97,13 @@ def leftovers(current: str | None) -> list[tuple[Backend, tuple[str, ...]]]:
             backend = make_backend(name)
         except FirewallError:
             continue  # e.g. python-iptables cannot load: nothing we could read or remove
-        families = backend.present()
+        try:
+            families = backend.present()
+        except BaseException:
+            backend.close()
+            raise
         if families:
-            found.append((backend, families))
+            found.append((backend, families))  # the caller closes it
+        else:
+            backend.close()
     return found

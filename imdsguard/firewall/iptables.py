@@ -717,6 +717,17 @@ class IptablesBackend:
                 found.append(family)
         return tuple(found)
 
+    def close(self) -> None:
+        """Free libiptc's handles: python-iptables caches one per table, each with a socket.
+
+        For a backend we only looked at (a leftover check), so that the
+        daemon does not keep them for its whole life. Used again, a table is
+        re-opened.
+        """
+        for cls in (self._iptc.Table, self._iptc.Table6):
+            for table in list(cls._cache.values()):  # python-iptables' own cache
+                table.close()
+
     def _remove_family(self, family: str) -> bool:
         if not legacy_table_exists(family):
             return False  # no table, so nothing of ours; opening it would create it

@@ -750,6 +750,9 @@ class NftablesBackend:
         held = any(self._reader.table(name) is not None for name in (TABLE, BACKSTOP))
         return FAMILIES if held else ()
 
+    def close(self) -> None:
+        """Nothing stays open between ``nft`` runs."""
+
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,

@@ -211,6 +211,9 @@ def test_status_text_says_how_attribution_works() -> None:
 class _Leftover:
     name = "iptables"
 
+    def close(self) -> None:
+        pass
+
 
 def test_status_never_says_ok_over_rules_left_in_the_other_backend(
     monkeypatch: pytest.MonkeyPatch,

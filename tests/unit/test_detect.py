@@ -153,6 +153,9 @@ class FakeBackend:
     def present(self) -> tuple[str, ...]:
         return self.families
 
+    def close(self) -> None:
+        pass
+
 
 def test_leftovers_never_opens_legacy_tables_that_do_not_exist(
     host: Host, monkeypatch: pytest.MonkeyPatch
