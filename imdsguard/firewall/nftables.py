@@ -751,7 +751,11 @@ class NftablesBackend:
         return FAMILIES if held else ()
 
     def close(self) -> None:
-        """Nothing stays open between ``nft`` runs."""
+        """Nothing to release early: the libnftables contexts go with this object.
+
+        The owner context's socket *is* our table's life (the kernel destroys an
+        owned table when it closes), so it is never closed before the daemon exits.
+        """
 
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""
