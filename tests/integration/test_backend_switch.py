@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from imdsguard.firewall.nftables import BACKSTOP
 from imdsguard_testing.netns import User
 from tests.integration.conftest import DaemonHandle
 
@@ -37,8 +38,10 @@ def ours(daemon: DaemonHandle) -> dict[str, bool]:
     if "filter" in names.split():
         for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
             legacy += run(daemon.topo.host, [tool, "-t", "filter"], check=True).stdout
-    nft = run(daemon.topo.host, ["nft", "list", "table", "inet", "imdsguard"])
-    return {"iptables": "IMDSGUARD" in legacy, "nftables": nft.returncode == 0}
+    # The daemon's owned table goes with it; the backstop stays (and is all a one-shot writes).
+    tables = run(daemon.topo.host, ["nft", "list", "tables"], check=True).stdout.split()
+    nft = any(name in tables for name in ("imdsguard", BACKSTOP))
+    return {"iptables": "IMDSGUARD" in legacy, "nftables": nft}
 
 
 def status(daemon: DaemonHandle) -> dict[str, Any]:
