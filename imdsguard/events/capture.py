@@ -66,6 +66,7 @@ BATCH = 512  # packets handled per wake-up before expiring flows
 MAX_PENDING_EVENTS = 10000
 SUMMARY_TOP = 10
 CAPTURE_NICE = -10
+TROUBLE_WINDOW = 60.0  # an error shows in ``status`` (degraded) this long after it
 _STOP = object()
 
 
@@ -182,6 +183,7 @@ class Capture:
         self._failed: str | None = None
         self._failed_config: str | None = None
         self._last_error_log = 0.0
+        self._trouble: tuple[float, str] | None = None  # (when, what) of the last error
         self.counters = {
             "packets": 0,
             "events": 0,
@@ -271,7 +273,18 @@ class Capture:
         )
         if self._failed or self._failed_config:
             out["error"] = self._failed or self._failed_config
+        if self._trouble is not None and time.monotonic() - self._trouble[0] < TROUBLE_WINDOW:
+            out["degraded"] = self._trouble[1]
         return out
+
+    def _error(self, event: str, **fields: Any) -> None:
+        """Count an error; log it at most every 10 s; ``status`` shows it for a minute."""
+        self.counters["errors"] += 1
+        now = time.monotonic()
+        self._trouble = (now, f"{event}: {fields.get('error')}")
+        if now - self._last_error_log > 10:
+            self._last_error_log = now
+            self.log.error(event, **fields)
 
     # -- capture thread
 
@@ -338,11 +351,7 @@ class Capture:
         try:
             events = self._attribute(qp, time.time())
         except Exception as exc:  # noqa: BLE001 - a packet must always get its verdict
-            self.counters["errors"] += 1
-            now = time.monotonic()
-            if now - self._last_error_log > 10:
-                self._last_error_log = now
-                self.log.warning("capture_packet_error", error=f"{type(exc).__name__}: {exc}")
+            self._error("capture_packet_error", error=f"{type(exc).__name__}: {exc}")
         finally:
             # Back through the hook with our bit set (its connection's conntrack mark has
             # it from the queue rule): the rules deny (enforce) or pass (audit).
@@ -437,11 +446,7 @@ class Capture:
         try:
             self.event_log.append(event)
         except OSError as exc:
-            self.counters["errors"] += 1
-            now = time.monotonic()
-            if now - self._last_error_log > 10:
-                self._last_error_log = now
-                self.log.error("event_log_write_failed", path=self.event_log.path, error=str(exc))
+            self._error("event_log_write_failed", path=self.event_log.path, error=str(exc))
 
     def _summary(self) -> None:
         suppressed = self._limiter.take_suppressed()
