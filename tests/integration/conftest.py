@@ -166,10 +166,16 @@ class DaemonHandle:
         (no newline yet) is left for the next call.
         """
         out = []
+        # With journald's priority prefix asked for, every line must carry one.
+        prefixed = self.env.get("IMDSGUARD_LOG_PRIORITY_PREFIX") == "yes"
         with open(self.log_path) as fh:
             for line in fh:
                 if not line.endswith("\n"):
                     break
+                if prefixed:
+                    if not re.match(r"<[0-7]>", line):
+                        raise AssertionError(f"daemon line without a priority prefix: {line!r}")
+                    line = line[3:]  # noqa: PLW2901 - what journald keeps as MESSAGE
                 try:
                     doc = json.loads(line)
                 except ValueError:
