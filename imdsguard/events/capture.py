@@ -24,7 +24,7 @@ socket still exists: the user always, the process when it is still there.
 
 Threads: the capture thread reads the queue, attributes, answers with the
 verdict (milliseconds), and hands finished events to a queue; a writer
-thread rate-limits them per (uid, exe), logs them through structlog
+thread rate-limits them (per (uid, exe), per uid and overall), logs them through structlog
 (stdout, journald) and appends them to the event log. Slow I/O never
 delays a verdict.
 """
@@ -454,6 +454,10 @@ class Capture:
         if not suppressed:
             return
         top = sorted(suppressed.items(), key=lambda kv: -kv[1])[:SUMMARY_TOP]
+        per_uid: dict[Any, int] = {}
+        for (uid, _exe), n in suppressed.items():
+            per_uid[uid] = per_uid.get(uid, 0) + n
+        uids = sorted(per_uid.items(), key=lambda kv: -kv[1])[:SUMMARY_TOP]
         self._output(
             {
                 "event": SUMMARY,
@@ -462,6 +466,9 @@ class Capture:
                 "keys": len(suppressed),
                 "interval_s": self.summary_interval,
                 "top": [{"uid": k[0], "exe": k[1], "count": n} for k, n in top],
+                # A flood from one uid under many exe names shows here as one line.
+                "uids": [{"uid": u, "count": n} for u, n in uids],
+                "budgets": dict(self._limiter.by_budget),
                 "dropped_total": dropped,
             }
         )
