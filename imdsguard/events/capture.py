@@ -45,7 +45,7 @@ from imdsguard import paths
 from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
-from imdsguard.events.log import SUMMARY, EventLog
+from imdsguard.events.log import DEFAULT_MAX_BYTES, SUMMARY, EventLog
 from imdsguard.events.nflog import NfLog
 from imdsguard.events.nfqueue import (
     NF_INET_FORWARD,
@@ -487,6 +487,14 @@ def _raise_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CAPTURE_NICE)
 
 
+def _max_bytes() -> int:
+    """Size of an event log generation: ``$IMDSGUARD_EVENTS_MAX_BYTES`` (small disks, tests)."""
+    try:
+        return max(4096, int(os.environ.get("IMDSGUARD_EVENTS_MAX_BYTES", "")))
+    except ValueError:
+        return DEFAULT_MAX_BYTES
+
+
 def _check(mode: str, action: str) -> None:
     if mode not in MODES or action not in ACTIONS:
         raise CaptureError(f"capture: bad mode/action {mode!r}/{action!r}")
@@ -510,7 +518,7 @@ class CaptureComponent:
             queue_num=QUEUE_NUM,
             mode=config.mode,
             action=config.action,
-            event_log=event_log or EventLog(paths.events_file()),
+            event_log=event_log or EventLog(paths.events_file(), max_bytes=_max_bytes()),
             logger=logger,
             hold=hold,
         )

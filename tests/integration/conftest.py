@@ -118,6 +118,7 @@ class DaemonHandle:
     proc: subprocess.Popen[Any] | None = None
     log_path: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    wrapper: list[str] = field(default_factory=list)  # e.g. prlimit: the daemon's argv follows
 
     def write_config(self, text: str) -> None:
         if "firewall:" not in text:
@@ -135,7 +136,7 @@ class DaemonHandle:
             os.unlink(state)
         self.proc = self.topo.popen(
             self.topo.host,
-            [sys.executable, "-m", "imdsguard", "run", "-c", self.config_path],
+            [*self.wrapper, sys.executable, "-m", "imdsguard", "run", "-c", self.config_path],
             env=self.env,
             stdout=open(self.log_path, "w"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
