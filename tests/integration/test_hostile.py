@@ -34,7 +34,7 @@ import pytest
 
 from imdsguard.broker.client import fetch_health
 from imdsguard.events.log import read_events
-from imdsguard.netns import User, wait_for
+from imdsguard_testing.netns import User, wait_for
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import _client_recipe
 from tests.unit.test_redact import CORPUS, SECRETS
