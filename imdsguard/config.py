@@ -452,6 +452,15 @@ def _listen(doc: _Doc, value: Any) -> tuple[str, int] | None:
         raise doc.error(
             "metrics.listen", f"must be ADDRESS:PORT like 127.0.0.1:9721, got {value!r}"
         )
+    if not ipaddress.ip_address(host).is_loopback:
+        # The endpoint is for a scraper on this host (Prometheus, an agent that
+        # forwards); the unit's IPAddressDeny= drops any other peer anyway, and
+        # every local user can reach it, so it must not face the network too.
+        raise doc.error(
+            "metrics.listen",
+            f"must be a loopback address (127.0.0.0/8 or ::1), got {value!r}; "
+            "scrape remotely through node_exporter's textfile (metrics.textfile) instead",
+        )
     return host, port
 
 

@@ -15,6 +15,7 @@ config on SIGHUP is logged and the old policy stays.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import select
 import signal
@@ -75,6 +76,69 @@ class _Counters:
     last_problems: list[str] = field(default_factory=list)
 
 
+class Trouble:
+    """Failures of the periodic paths: each logged (rate-limited) and published until it passes.
+
+    A local user can make the daemon short of resources (file descriptors,
+    memory) without being root: none of that may stop the loop that keeps
+    the rules in place. A path that fails (``check``, ``reload``,
+    ``publish``) logs its first error at once, then at most one line per
+    ``interval`` with how many it held back, and shows in ``status`` as
+    degraded; the first success after that logs ``periodic_recovered`` and
+    clears it.
+    """
+
+    def __init__(self, logger: Any, interval: float = 30.0) -> None:
+        self.log = logger
+        self.interval = interval
+        self._open: dict[str, dict[str, Any]] = {}
+
+    def failed(self, path: str, event: str, exc: BaseException) -> None:
+        """``path`` failed with ``exc``; ``event`` names its log line."""
+        now = time.monotonic()
+        error = f"{type(exc).__name__}: {exc}"
+        entry = self._open.get(path)
+        if entry is None:
+            entry = self._open[path] = {"since": time.time(), "count": 0, "held": 0, "last": None}
+        entry["count"] += 1
+        entry["error"] = error
+        if entry["last"] is not None and now - entry["last"] < self.interval:
+            entry["held"] += 1
+            return
+        entry["last"] = now
+        self.log.error(event, path=path, error=error, repeated=entry["held"], effect=_EFFECT)
+        entry["held"] = 0
+
+    def failures(self, path: str) -> int:
+        """How many times ``path`` failed since it last succeeded."""
+        entry = self._open.get(path)
+        return 0 if entry is None else int(entry["count"])
+
+    def ok(self, path: str) -> bool:
+        """``path`` succeeded: clear its trouble (logging the recovery once); True if it had one."""
+        entry = self._open.pop(path, None)
+        if entry is None:
+            return False
+        self.log.info(
+            "periodic_recovered",
+            path=path,
+            failures=entry["count"],
+            seconds=round(time.time() - entry["since"], 1),
+        )
+        return True
+
+    def reasons(self) -> list[str]:
+        """For ``status``: one line per path still failing."""
+        return [
+            f"periodic {path} failing ({e['count']} times since "
+            f"{time.strftime('%H:%M:%S', time.gmtime(e['since']))} UTC): {e['error']}"
+            for path, e in sorted(self._open.items())
+        ]
+
+
+_EFFECT = "the rules in the kernel stay; the daemon retries on its next tick"
+
+
 class Daemon:
     """The long-running guard (see module docstring)."""
 
@@ -93,6 +157,8 @@ class Daemon:
         self.degraded: list[str] = []  # reasons protection is in place but something is off
         self.rollback_problem: str | None = None  # until the next good reload
         self.last_states: dict[str, str] = {}
+        self.trouble = Trouble(logger)
+        self._reserve_fd = _reserve()
         self.config: Config
         self.ruleset: RuleSet
         self.backend: Backend
@@ -179,15 +245,21 @@ class Daemon:
                     break
                 if self._reload.is_set():
                     self._reload.clear()
-                    self._do_reload()
-                    watch = self._rewatch(watch)
+                    self._guarded("reload", "config_reload_failed", self._do_reload)
+                    watch = self._guarded("watch", "watch_failed", self._rewatch, watch)
                     next_full = 0.0
                 now = time.monotonic()
-                if quick is None or now >= next_full or self._quick_changed(quick):
-                    self._check()
+                if (
+                    quick is None
+                    or now >= next_full
+                    # None (the quick check itself failed): do the full one
+                    or self._guarded("quick", "rules_check_failed", self._quick_changed, quick)
+                    is not False
+                ):
+                    self._guarded("check", "rules_check_failed", self._check)
                     next_full = time.monotonic() + interval
                 if time.monotonic() >= next_heartbeat:
-                    self._publish()
+                    self._guarded("publish", "state_write_failed", self._publish)
                     next_heartbeat = time.monotonic() + HEARTBEAT
         finally:
             if watch is not None:
@@ -202,6 +274,21 @@ class Daemon:
             return quick()
         except ImdsGuardError:
             return True  # let the full check say what is wrong
+
+    def _guarded(self, path: str, event: str, step: Callable[..., Any], *args: Any) -> Any:
+        """Run one periodic step; no failure of it (EMFILE, ENOMEM, a bug) ends the loop.
+
+        Returns the step's result, or None when it failed (see :class:`Trouble`).
+        """
+        before = self.trouble.failures(path)
+        try:
+            result = step(*args)
+        except Exception as exc:  # noqa: BLE001 - MemoryError too: keep the loop (and rules) alive
+            self.trouble.failed(path, event, exc)
+            return None
+        if self.trouble.failures(path) == before and self.trouble.ok(path) and path != "publish":
+            self._guarded("publish", "state_write_failed", self._publish)  # clear it in status
+        return result
 
     def _watch(self) -> socket.socket | None:
         """The backend's change-notification socket, if it has one."""
@@ -353,7 +440,7 @@ class Daemon:
             self._publish()
         except ImdsGuardError as exc:
             # Keep going: the next tick retries; what is in the kernel stays.
-            self.log.error("rules_check_failed", error=str(exc))
+            self.trouble.failed("check", "rules_check_failed", exc)
 
     # -- reload
 
@@ -482,7 +569,21 @@ class Daemon:
 
     # -- published state
 
+    def _write_state(self, state: dict[str, Any]) -> None:
+        """Write state.json; out of file descriptors, spend the reserved one on it."""
+        try:
+            _state.write_state(state)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or self._reserve_fd is None:
+                raise
+            os.close(self._reserve_fd)  # so that status can still read "degraded"
+            try:
+                _state.write_state(state)
+            finally:
+                self._reserve_fd = _reserve()
+
     def _publish(self) -> None:
+        components = {n: c.health() for n, c in self._components.items()}
         state = {
             "version": __version__,
             "pid": os.getpid(),
@@ -496,18 +597,34 @@ class Daemon:
             "last_problems": self.counters.last_problems,
             "reloads": self.counters.reloads,
             "reload_failures": self.counters.reload_failures,
-            "components": {n: c.health() for n, c in self._components.items()},
-            "degraded": self.degraded + ([self.rollback_problem] if self.rollback_problem else []),
+            "components": components,
+            "degraded": self.degraded
+            + ([self.rollback_problem] if self.rollback_problem else [])
+            + self.trouble.reasons()
+            + _component_problems(components),
             "attribution": self._attribution(),
             "limits": self._limits(),
         }
         try:
-            _state.write_state(state)
+            self._write_state(state)
         except OSError as exc:
-            self.log.error("state_write_failed", error=str(exc))
+            self.trouble.failed("publish", "state_write_failed", exc)
         exporter = self._components.get("metrics")
         if exporter is not None:
             exporter.write_now()  # type: ignore[attr-defined]
+
+
+def _reserve() -> int | None:
+    """A spare file descriptor, given up when the process runs out (see ``_write_state``)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _component_problems(health: dict[str, dict[str, Any]]) -> list[str]:
+    """What components say is wrong (their health's ``degraded`` line), for ``status``."""
+    return [f"{name}: {h['degraded']}" for name, h in sorted(health.items()) if h.get("degraded")]
 
 
 def _drain(fd: int | socket.socket) -> None:

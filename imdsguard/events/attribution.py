@@ -13,18 +13,16 @@ whatever is known (at least the uid).
 from __future__ import annotations
 
 import pwd
-import re
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from imdsguard.events.packet import Packet
 from imdsguard.events.procfs import ProcessInfo, ancestors, find_socket_owner, read_process
+from imdsguard.events.redact import redact_args as redact_args  # noqa: PLC0414 - the broker imports it from here
 from imdsguard.events.sockdiag import SocketInfo
 
 _HINTS = 8
-REDACTED = "[redacted]"
 _USER_CACHE = 1024
 
 
@@ -71,49 +69,6 @@ class Attribution:
             "container": self.container,
             "attributed": self.attributed,
         }
-
-
-_SECRET_NAME = re.compile(
-    r"secret|passw(?:or)?d|token|credential|api[_-]?key|access[_-]?key|auth|cookie", re.I
-)
-_HEADER = re.compile(r"^(\s*[A-Za-z0-9_-]+\s*:)\s*\S")
-_ASSIGN = re.compile(r"^(-{0,2}[A-Za-z0-9_.-]+=)(.)")
-_URL_PASSWORD = re.compile(r"(://[^/@\s:]+:)[^/@\s]+@")
-
-
-def _secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name)) and not name.lower().rstrip(":= ").endswith(
-        "ttl-seconds"
-    )
-
-
-def redact_args(args: Iterable[str]) -> tuple[str, ...]:
-    """``args`` with secret values replaced by ``[redacted]``.
-
-    Secrets must never reach a log, but a command line often carries them:
-    ``curl -H "X-aws-ec2-metadata-token: AQAE..."``, ``--password x``,
-    ``AWS_SECRET_ACCESS_KEY=...``, ``https://user:pass@host``. We redact
-    header values, ``name=value`` pairs and the argument after a ``--flag``
-    whose name says secret, token, password, key, credential or auth.
-    """
-    out: list[str] = []
-    redact_next = False
-    for raw in args:
-        if redact_next:
-            out.append(REDACTED)
-            redact_next = False
-            continue
-        arg = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", raw)
-        header = _HEADER.match(arg)
-        assign = _ASSIGN.match(arg)
-        if header and _secret_name(header.group(1)):
-            arg = f"{header.group(1)} {REDACTED}"
-        elif assign and _secret_name(assign.group(1)):
-            arg = assign.group(1) + REDACTED
-        elif arg.startswith("-") and "=" not in arg and _secret_name(arg.lstrip("-")):
-            redact_next = True
-        out.append(arg)
-    return tuple(out)
 
 
 def _user_name(uid: int) -> str | None:

@@ -24,7 +24,7 @@ socket still exists: the user always, the process when it is still there.
 
 Threads: the capture thread reads the queue, attributes, answers with the
 verdict (milliseconds), and hands finished events to a queue; a writer
-thread rate-limits them per (uid, exe), logs them through structlog
+thread rate-limits them (per (uid, exe), per uid and overall), logs them through structlog
 (stdout, journald) and appends them to the event log. Slow I/O never
 delays a verdict.
 """
@@ -45,7 +45,7 @@ from imdsguard import paths
 from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
-from imdsguard.events.log import SUMMARY, EventLog
+from imdsguard.events.log import DEFAULT_MAX_BYTES, SUMMARY, EventLog
 from imdsguard.events.nflog import NfLog
 from imdsguard.events.nfqueue import (
     NF_INET_FORWARD,
@@ -66,6 +66,7 @@ BATCH = 512  # packets handled per wake-up before expiring flows
 MAX_PENDING_EVENTS = 10000
 SUMMARY_TOP = 10
 CAPTURE_NICE = -10
+TROUBLE_WINDOW = 60.0  # an error shows in ``status`` (degraded) this long after it
 _STOP = object()
 
 
@@ -182,6 +183,7 @@ class Capture:
         self._failed: str | None = None
         self._failed_config: str | None = None
         self._last_error_log = 0.0
+        self._trouble: tuple[float, str] | None = None  # (when, what) of the last error
         self.counters = {
             "packets": 0,
             "events": 0,
@@ -271,7 +273,18 @@ class Capture:
         )
         if self._failed or self._failed_config:
             out["error"] = self._failed or self._failed_config
+        if self._trouble is not None and time.monotonic() - self._trouble[0] < TROUBLE_WINDOW:
+            out["degraded"] = self._trouble[1]
         return out
+
+    def _error(self, event: str, **fields: Any) -> None:
+        """Count an error; log it at most every 10 s; ``status`` shows it for a minute."""
+        self.counters["errors"] += 1
+        now = time.monotonic()
+        self._trouble = (now, f"{event}: {fields.get('error')}")
+        if now - self._last_error_log > 10:
+            self._last_error_log = now
+            self.log.error(event, **fields)
 
     # -- capture thread
 
@@ -338,11 +351,7 @@ class Capture:
         try:
             events = self._attribute(qp, time.time())
         except Exception as exc:  # noqa: BLE001 - a packet must always get its verdict
-            self.counters["errors"] += 1
-            now = time.monotonic()
-            if now - self._last_error_log > 10:
-                self._last_error_log = now
-                self.log.warning("capture_packet_error", error=f"{type(exc).__name__}: {exc}")
+            self._error("capture_packet_error", error=f"{type(exc).__name__}: {exc}")
         finally:
             # Back through the hook with our bit set (its connection's conntrack mark has
             # it from the queue rule): the rules deny (enforce) or pass (audit).
@@ -437,11 +446,7 @@ class Capture:
         try:
             self.event_log.append(event)
         except OSError as exc:
-            self.counters["errors"] += 1
-            now = time.monotonic()
-            if now - self._last_error_log > 10:
-                self._last_error_log = now
-                self.log.error("event_log_write_failed", path=self.event_log.path, error=str(exc))
+            self._error("event_log_write_failed", path=self.event_log.path, error=str(exc))
 
     def _summary(self) -> None:
         suppressed = self._limiter.take_suppressed()
@@ -449,6 +454,10 @@ class Capture:
         if not suppressed:
             return
         top = sorted(suppressed.items(), key=lambda kv: -kv[1])[:SUMMARY_TOP]
+        per_uid: dict[Any, int] = {}
+        for (uid, _exe), n in suppressed.items():
+            per_uid[uid] = per_uid.get(uid, 0) + n
+        uids = sorted(per_uid.items(), key=lambda kv: -kv[1])[:SUMMARY_TOP]
         self._output(
             {
                 "event": SUMMARY,
@@ -457,6 +466,9 @@ class Capture:
                 "keys": len(suppressed),
                 "interval_s": self.summary_interval,
                 "top": [{"uid": k[0], "exe": k[1], "count": n} for k, n in top],
+                # A flood from one uid under many exe names shows here as one line.
+                "uids": [{"uid": u, "count": n} for u, n in uids],
+                "budgets": dict(self._limiter.by_budget),
                 "dropped_total": dropped,
             }
         )
@@ -473,6 +485,14 @@ def _raise_priority() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CAPTURE_NICE)
+
+
+def _max_bytes() -> int:
+    """Size of an event log generation: ``$IMDSGUARD_EVENTS_MAX_BYTES`` (small disks, tests)."""
+    try:
+        return max(4096, int(os.environ.get("IMDSGUARD_EVENTS_MAX_BYTES", "")))
+    except ValueError:
+        return DEFAULT_MAX_BYTES
 
 
 def _check(mode: str, action: str) -> None:
@@ -498,7 +518,7 @@ class CaptureComponent:
             queue_num=QUEUE_NUM,
             mode=config.mode,
             action=config.action,
-            event_log=event_log or EventLog(paths.events_file()),
+            event_log=event_log or EventLog(paths.events_file(), max_bytes=_max_bytes()),
             logger=logger,
             hold=hold,
         )

@@ -11,6 +11,15 @@ lines can be sensitive). When the next line would pass ``max_bytes`` the
 file is renamed to ``<path>.1`` (``keep`` generations) and a new one
 started, so the log never holds more than about ``(keep + 1) * max_bytes``.
 
+History per user: when the oldest generation is dropped, each user's last
+``RETAIN_PER_UID`` events in it (for the ``RETAIN_UIDS`` users seen most
+recently) are carried over to the front of the generation that becomes the
+oldest. One user flooding the log can rotate away only its own history,
+never another user's last attempts; what is carried over is bounded
+(about 1,000 lines). Chosen over per-user files (one file per uid is a
+file-count a local user could grow) and over a separate "retained" file
+(every reader would have to merge it).
+
 Counting (``status``'s ``blocked.total``) must survive rotation: when a
 generation is deleted, the number of events it held is added to a small
 sidecar, ``<path>.rotated``; the total is that number plus the events in
@@ -37,6 +46,8 @@ from imdsguard import paths
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_KEEP = 1
+RETAIN_PER_UID = 10  # events of each user carried over when a generation is dropped
+RETAIN_UIDS = 100  # ... for this many users (the most recently seen)
 EVENT_PREFIX = b'{"event":"imds_access_'
 SUMMARY = "events_suppressed"
 _CHUNK = 65536
@@ -134,6 +145,67 @@ def _write_rotated(path: str, value: int) -> None:
         raise
 
 
+def _owner(line: bytes) -> Any:
+    """Whose event a line is: its uid, or for forwarded traffic its source address."""
+    event = _parse(line)
+    if event is None:
+        return None
+    uid = event.get("uid")
+    return ("uid", uid) if uid is not None else ("src", event.get("src"))
+
+
+def _retained(path: str, per_owner: int, owners: int) -> list[bytes]:
+    """The lines to carry over when ``path`` is dropped: each owner's last events.
+
+    Per owner (uid, or source address for forwarded traffic) the last
+    ``per_owner`` events, for the ``owners`` owners seen most recently, in
+    file order. A flood by one user then costs the others nothing: their
+    last events move on with the log, whatever the flood rotated away.
+    """
+    fd = _open_read(path)
+    if fd is None or per_owner <= 0:
+        if fd is not None:
+            os.close(fd)
+        return []
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            lines = fh.read().split(b"\n")
+    except OSError:
+        return []
+    last: dict[Any, deque[int]] = {}
+    for index, line in enumerate(lines):
+        if not line.startswith(EVENT_PREFIX):
+            continue
+        owner = _owner(line)
+        if owner is None:
+            continue
+        seen = last.pop(owner, None) or deque(maxlen=per_owner)
+        seen.append(index)
+        last[owner] = seen  # re-inserted: dict order is "most recently seen last"
+    chosen = list(last.values())[-owners:]
+    return [lines[i] + b"\n" for i in sorted(i for seen in chosen for i in seen)]
+
+
+def _prepend(path: str, head: bytes) -> None:
+    """Put ``head`` (older lines) before what ``path`` holds, atomically."""
+    directory = os.path.dirname(path) or "."
+    fd = _open_read(path)
+    rest = b""
+    if fd is not None:
+        with os.fdopen(fd, "rb") as fh:
+            rest = fh.read()
+    tmp_fd, tmp = tempfile.mkstemp(prefix=".events.", dir=directory)
+    try:
+        with os.fdopen(tmp_fd, "wb") as out:
+            out.write(head + rest)
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class EventLog:
     """Append-only, size-capped JSON-lines event log (see the module docstring).
 
@@ -147,10 +219,14 @@ class EventLog:
         path: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         keep: int = DEFAULT_KEEP,
+        retain_per_uid: int = RETAIN_PER_UID,
+        retain_uids: int = RETAIN_UIDS,
     ) -> None:
         self.path = path or paths.events_file()
         self.max_bytes = max_bytes
         self.keep = max(1, keep)
+        self.retain_per_uid = retain_per_uid
+        self.retain_uids = retain_uids
         self._fd: int | None = None
         self._size = 0
         self._lock = threading.Lock()
@@ -180,14 +256,17 @@ class EventLog:
             os.close(self._fd)
             self._fd = None
         oldest = f"{self.path}.{self.keep}"
-        dropped = _count_file(oldest)
-        if dropped:
+        kept = _retained(oldest, self.retain_per_uid, self.retain_uids)
+        dropped = _count_file(oldest) - len(kept)
+        if dropped > 0:
             _write_rotated(self.path, _read_rotated(self.path) + dropped)
         for gen in range(self.keep, 1, -1):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.path}.{gen - 1}", f"{self.path}.{gen}")
         with contextlib.suppress(FileNotFoundError):
             os.replace(self.path, f"{self.path}.1")
+        if kept:
+            _prepend(oldest, b"".join(kept))
 
     def close(self) -> None:
         """Close the file (the next append reopens it)."""

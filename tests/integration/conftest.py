@@ -118,6 +118,7 @@ class DaemonHandle:
     proc: subprocess.Popen[Any] | None = None
     log_path: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    wrapper: list[str] = field(default_factory=list)  # e.g. prlimit: the daemon's argv follows
 
     def write_config(self, text: str) -> None:
         if "firewall:" not in text:
@@ -135,7 +136,7 @@ class DaemonHandle:
             os.unlink(state)
         self.proc = self.topo.popen(
             self.topo.host,
-            [sys.executable, "-m", "imdsguard", "run", "-c", self.config_path],
+            [*self.wrapper, sys.executable, "-m", "imdsguard", "run", "-c", self.config_path],
             env=self.env,
             stdout=open(self.log_path, "w"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
@@ -166,10 +167,16 @@ class DaemonHandle:
         (no newline yet) is left for the next call.
         """
         out = []
+        # With journald's priority prefix asked for, every line must carry one.
+        prefixed = self.env.get("IMDSGUARD_LOG_PRIORITY_PREFIX") == "yes"
         with open(self.log_path) as fh:
             for line in fh:
                 if not line.endswith("\n"):
                     break
+                if prefixed:
+                    if not re.match(r"<[0-7]>", line):
+                        raise AssertionError(f"daemon line without a priority prefix: {line!r}")
+                    line = line[3:]  # noqa: PLW2901 - what journald keeps as MESSAGE
                 try:
                     doc = json.loads(line)
                 except ValueError:

@@ -183,3 +183,15 @@ def test_capabilities_are_what_the_daemon_uses() -> None:
     assert d["Service.ProtectProc"] != ["invisible"]
     allowed = " ".join(d["Service.IPAddressAllow"]).split()
     assert {"169.254.169.254", "fd00:ec2::254", "localhost"} <= set(allowed)
+
+
+def test_fd_limit_is_set_above_every_connection_cap() -> None:
+    """systemd's default soft limit (1024) let ~1,000 idle metrics connections kill the daemon."""
+    from imdsguard import metrics
+    from imdsguard.config import BrokerLimits
+
+    (limit,) = _directives()["Service.LimitNOFILE"]
+    soft, _, hard = limit.partition(":")
+    assert int(soft) == int(hard or soft)  # one number: soft and hard alike
+    caps = BrokerLimits().max_connections + metrics.MAX_CONNECTIONS
+    assert int(soft) >= 4 * caps, (limit, caps)

@@ -263,8 +263,8 @@ def test_choice_values(text: str, attr: str, value: str) -> None:
     ("listen", "expected"),
     [
         ("127.0.0.1:9721", ("127.0.0.1", 9721)),
-        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
-        ("'[::]:1'", ("::", 1)),
+        ("127.0.0.2:65535", ("127.0.0.2", 65535)),
+        ("'[::1]:1'", ("::1", 1)),
     ],
 )
 def test_metrics_listen(listen: str, expected: tuple[str, int]) -> None:
@@ -449,6 +449,10 @@ ERRORS = [
     ("metrics:\n  listen: 127.0.0.1:0\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
     ("metrics:\n  listen: 127.0.0.1:65536\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
     ("metrics:\n  listen: 9721\n", 2, "metrics.listen", "must be ADDRESS:PORT"),
+    # every local user can reach the endpoint: it must not face the network too
+    ("metrics:\n  listen: 0.0.0.0:9721\n", 2, "metrics.listen", "must be a loopback address"),
+    ("metrics:\n  listen: '[::]:9721'\n", 2, "metrics.listen", "must be a loopback address"),
+    ("metrics:\n  listen: 10.0.0.5:9721\n", 2, "metrics.listen", "must be a loopback address"),
     # duplicate keys
     ("mode: audit\naction: drop\nmode: enforce\n", 3, "mode", "duplicate key"),
     ("allow:\n  users: [root]\n  users: [0]\n", 3, "allow.users", "duplicate key"),

@@ -171,3 +171,20 @@ def test_rate_limiter_is_bounded() -> None:
         limiter.allow((uid, "/x"), 0.0)
     assert len(limiter.take_suppressed()) == 10
     assert limiter.suppressed_total == 1000
+
+
+def test_renaming_the_exe_does_not_buy_a_fresh_budget() -> None:
+    """The flood measured: one uid, a new exe name per connect, 48,435 events in 80 s."""
+    limiter = RateLimiter(burst=300, rate=1.0, uid_burst=300, uid_rate=1.0)
+    logged = sum(limiter.allow((1001, f"/tmp/py{i}"), now=i / 600) for i in range(48_435))
+    assert logged <= 300 + 81, logged  # burst, then one a second, over ~80 s
+    assert limiter.by_budget["uid"] >= 48_000
+    # Another uid still has its own budget.
+    assert limiter.allow((1002, "/usr/bin/curl"), now=81.0)
+
+
+def test_the_global_budget_bounds_many_uids_together() -> None:
+    limiter = RateLimiter(global_burst=100, global_rate=1.0)
+    logged = sum(limiter.allow((uid, "/bin/x"), now=0.0) for uid in range(1000))
+    assert logged == 100 and limiter.by_budget["global"] == 900
+    assert limiter.allow((5, "/bin/x"), now=1.0)  # refills

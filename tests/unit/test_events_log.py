@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from imdsguard.events.log import (
+    RETAIN_PER_UID,
     SUMMARY,
     EventLog,
     EventLogError,
@@ -97,7 +98,8 @@ def test_rotation_caps_size_and_keeps_one_generation(tmp_path: Path) -> None:
         log.append(ev(i))
     log.close()
     assert path.stat().st_size <= 4096
-    assert (tmp_path / "events.jsonl.1").stat().st_size <= 4096
+    # The oldest generation also carries each user's last events over (bounded).
+    assert (tmp_path / "events.jsonl.1").stat().st_size <= 4096 + RETAIN_PER_UID * 500
     assert not (tmp_path / "events.jsonl.2").exists()
     # Every line in every file is whole.
     for name in ("events.jsonl", "events.jsonl.1"):
@@ -302,3 +304,44 @@ def test_console_processor_in_front_of_structlogs_console_renderer() -> None:
     logger.info("imds_access_blocked", comm=HOSTILE, cmdline=[HOSTILE], exe="/tmp/\x1b[31m")
     text = out.getvalue()
     assert text.count("\n") == 1 and "\x1b" not in text and "\r" not in text
+
+
+def test_one_user_flooding_cannot_rotate_another_users_events_away(tmp_path: Path) -> None:
+    """Measured before: a flood rotated events.jsonl twice and took bob's attempt with it."""
+    path = str(tmp_path / "events.jsonl")
+    log = EventLog(path, max_bytes=8192, keep=1)
+    log.append(ev(0, uid=1002, user="bob", exe="/usr/bin/curl"))
+    log.append(ev(1, uid=1002, user="bob", exe="/usr/bin/wget"))
+    for i in range(3000):  # dozens of rotations
+        log.append(ev(i, exe=f"/tmp/py{i}"))
+        if i % 500 == 0:
+            log.append({"event": SUMMARY, "total": 5, "top": []})
+    log.close()
+    everything = read_events(path, n=100_000)
+    bobs = [e for e in everything if e["uid"] == 1002]
+    assert [e["exe"] for e in bobs] == ["/usr/bin/curl", "/usr/bin/wget"]
+    alices = [e for e in everything if e["uid"] == 1001]
+    assert alices[-1]["exe"] == "/tmp/py2999"  # the flooder's newest are there too
+    # Bounded: the two files, plus what was carried over.
+    size = sum(os.path.getsize(p) for p in (path, path + ".1"))
+    assert size <= 2 * 8192 + 2 * RETAIN_PER_UID * 400
+    assert count_events(path) == 3002  # carried-over lines are counted once
+    # Order in the oldest file is still oldest first.
+    with open(path + ".1") as fh:
+        pids = [json.loads(line).get("pid") for line in fh]
+    assert pids[:2] == [1000, 1001]
+
+
+def test_retention_keeps_each_users_last_events_only(tmp_path: Path) -> None:
+    path = str(tmp_path / "events.jsonl")
+    log = EventLog(path, max_bytes=4096, keep=1, retain_per_uid=3, retain_uids=2)
+    for uid in (2001, 2002, 2003):  # three quiet users, then a flood
+        for i in range(5):
+            log.append(ev(i, uid=uid))
+    for i in range(600):
+        log.append(ev(i, uid=1001))
+    log.close()
+    uids = [e["uid"] for e in read_events(path, n=100_000)]
+    # Only the two most recently seen owners are carried (the flooder and 2003).
+    assert 2001 not in uids and 2002 not in uids
+    assert uids.count(2003) == 3
