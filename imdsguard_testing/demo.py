@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from typing import Any
 
 from imdsguard_testing.netns import Topology, User, ensure_broker_user, guard_env, wait_for
@@ -94,9 +95,14 @@ def run_demo() -> int:
                     _say("   " + line)
             ok &= _show(topo, f"{DEMO_USER} again", nobody, expect_ok=False)
             _say("\n== imdsguard status")
-            status = topo.run(
-                topo.host, [sys.executable, "-m", "imdsguard", "status", "-c", config], env=env
-            )
+            argv = [sys.executable, "-m", "imdsguard", "status", "-c", config]
+            # The daemon publishes its state every 5 s (and on every change): the
+            # broker's health, reported by its own process, may be a heartbeat away.
+            for _ in range(25):
+                status = topo.run(topo.host, argv, env=env)
+                if status.returncode == 0:
+                    break
+                time.sleep(0.25)
             _say(status.stdout.rstrip())
             ok &= status.returncode == 0
             daemon.send_signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import json
 import pwd
+import select
 import socket
 import threading
 import time
@@ -41,9 +42,37 @@ from imdsguard.events.attribution import Attribution, redact_args
 from imdsguard.events.procfs import ancestors
 
 MAX_MESSAGE = 65536
+SEND_TIMEOUT = 2.0  # backpressure: a full channel (net.unix.max_dgram_qlen) waits this long
 _REFUSAL_LOG_INTERVAL = 10.0  # per (uid, exe): one broker_refused line, then a count
 _REFUSAL_LOG_BURST = 20  # and at most this many lines per interval in all
 _MAX_REFUSAL_KEYS = 1024
+
+
+def send_message(
+    channel: socket.socket,
+    data: bytes,
+    fds: tuple[int, ...] = (),
+    timeout: float = SEND_TIMEOUT,
+) -> None:
+    """Send one message on a non-blocking channel, waiting while its queue is full.
+
+    A datagram channel holds only ``net.unix.max_dgram_qlen`` messages (10 by
+    default): a burst of clients must wait for the other side, not fail.
+    Raises ``TimeoutError`` after ``timeout``, ``OSError`` if the channel broke.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if fds:
+                socket.send_fds(channel, [data], list(fds))
+            else:
+                channel.send(data)
+            return
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the channel stayed full") from None
+            select.select([], [channel], [], remaining)
 
 
 @dataclass(frozen=True)
@@ -220,10 +249,13 @@ class ChannelChecker:
         msg = json.dumps({"op": "check", "id": ident, "ticks": ticks, "quiet": quiet}).encode()
         try:
             with self._send_lock:
-                socket.send_fds(self.channel, [msg], [sock.fileno()])
-        except OSError:
+                send_message(self.channel, msg, (sock.fileno(),))
+        except TimeoutError:
+            return Verdict(False, None, "the broker is too busy to check clients now: retry")
+        except OSError as exc:
             self.closed = True
-            return Verdict(False, None, "the broker cannot check clients now (daemon gone)")
+            why = exc.strerror or type(exc).__name__
+            return Verdict(False, None, f"the broker cannot check clients now (daemon gone: {why})")
         return None
 
     def results(self) -> list[tuple[int, Verdict]]:

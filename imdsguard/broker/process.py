@@ -201,6 +201,7 @@ def serve_session(channel: Any, stop: threading.Event, log_format: str) -> None:
     checker = ChannelChecker(channel)
     broker = Broker(config, log, checker=checker, listen=listen)
     broker.start()
+    checker.report(broker.health())  # at once: status need not wait a second to see it
     try:
         while not stop.wait(HEALTH_INTERVAL):
             if checker.closed or not broker.serving:

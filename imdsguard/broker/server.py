@@ -230,11 +230,9 @@ class Broker:
             "broker_started",
             socket=path,
             imds=self.imds.url,
-            clients={
-                "users": [str(p) for p in self.config.broker.clients.users],
-                "groups": [str(p) for p in self.config.broker.clients.groups],
-                "exes": list(self.config.broker.clients.exes),
-            },
+            # In the broker process the daemon holds the client policy (and logs it).
+            clients=_clients_doc(self.config) if isinstance(self.checker, InlineChecker) else None,
+            uid=os.geteuid(),
         )
 
     def stop(self) -> None:
@@ -639,6 +637,15 @@ class Broker:
             if self._given_listen is None:  # a socket bound by the daemon is the daemon's
                 unlink_socket(self._socket_path, self._socket_id)
             self._listen = None
+
+
+def _clients_doc(config: Config) -> dict[str, list[str]]:
+    clients = config.broker.clients
+    return {
+        "users": [str(p) for p in clients.users],
+        "groups": [str(p) for p in clients.groups],
+        "exes": list(clients.exes),
+    }
 
 
 def check_exes(config: Config, logger: Any) -> None:

@@ -59,10 +59,16 @@ from typing import Any
 
 import imdsguard
 from imdsguard import paths
-from imdsguard.broker.checks import MAX_MESSAGE, Decider
+from imdsguard.broker.checks import MAX_MESSAGE, Decider, send_message
 from imdsguard.broker.peer import ClientPolicy
 from imdsguard.broker.process import BOOT, HEALTH_INTERVAL, settings
-from imdsguard.broker.server import _answers, bind_socket, check_exes, unlink_socket
+from imdsguard.broker.server import (
+    _answers,
+    _clients_doc,
+    bind_socket,
+    check_exes,
+    unlink_socket,
+)
 from imdsguard.config import Config
 from imdsguard.errors import BrokerError, ImdsGuardError
 from imdsguard.identity import Account, broker_account
@@ -268,6 +274,7 @@ class BrokerSupervisor:
         self._report, self._report_at = {}, 0.0
         self.log.info(
             "broker_process_started",
+            clients=_clients_doc(self.config),
             pid=self._proc.pid,
             user=self.account.name,
             uid=self.account.uid,
@@ -386,6 +393,7 @@ class BrokerSupervisor:
         self._report, self._report_at = {}, 0.0
         self.log.info(
             "broker_process_started",
+            clients=_clients_doc(self.config),
             pid=pid,
             unit=self.unit,
             uid=uid,
@@ -403,8 +411,13 @@ class BrokerSupervisor:
                 data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 4)
             except BlockingIOError:
                 return True
-            except OSError:
+            except (ConnectionError, EOFError):
                 data, fds = b"", []
+            except OSError as exc:
+                # Anything else (EMFILE receiving a client's socket...) is this
+                # message's problem, not the session's: that request times out (503).
+                self.log.error("broker_channel_error", error=exc.strerror or str(exc))
+                return True
             if not data:
                 for fd in fds:
                     os.close(fd)
@@ -439,8 +452,8 @@ class BrokerSupervisor:
                 quiet = doc.get("quiet") is True
                 verdict = self.decider.decide(client, ticks, self.config.broker.socket, quiet)
                 verdict_doc = verdict.to_message(doc.get("id", 0))
-        with contextlib.suppress(OSError):
-            channel.send(json.dumps(verdict_doc).encode())
+        with contextlib.suppress(OSError):  # TimeoutError included: that request gets a 503
+            send_message(channel, json.dumps(verdict_doc).encode())
 
     def _close_socket(self) -> None:
         if self._listen is not None:

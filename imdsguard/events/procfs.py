@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Callable
 
 #: Bounds on what we copy out of a process (events stay small, memory bounded).
 MAX_ARGS = 64
@@ -257,7 +258,10 @@ def _fd_cloexec(proc_root: str, pid: int, fd: int) -> bool:
 
 
 def socket_holders(
-    inode: int, proc_root: str = "/proc", pids: Iterable[int] | None = None
+    inode: int,
+    proc_root: str = "/proc",
+    pids: Iterable[int] | None = None,
+    skip: Callable[[int], bool] | None = None,
 ) -> list[Holder]:
     """Every process (thread group) holding ``socket:[inode]`` open, one entry per fd.
 
@@ -266,11 +270,14 @@ def socket_holders(
     grows with the number of open files on the host (about 10 ms for 700
     fds on a loaded 2-vCPU VM). What it cannot see: a socket held only in
     flight (inside an ``SCM_RIGHTS`` message not yet received) or as an
-    io_uring registered file.
+    io_uring registered file. ``skip(pid)``: a process not worth scanning
+    (the caller knows it would pass whatever it holds).
     """
     target = f"socket:[{inode}]"
     found: list[Holder] = []
     for pid in _pids(proc_root) if pids is None else pids:
+        if skip is not None and skip(pid):
+            continue
         try:
             fd_dir = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
