@@ -94,3 +94,4 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 -include packaging/rpm.mk
+-include packaging/deb.mk
