@@ -16,6 +16,7 @@ help:
 	@echo "make test-long - the long reliability suite (100 restarts, 100 SIGHUPs, 60 kill -9, long fuzzing)"
 	@echo "make bench  - benchmarks (figures for docs/benchmarks.md)"
 	@echo "make rpm    - build the RPM for Amazon Linux 2023 / RHEL 9 (build/rpm/)"
+	@echo "make deb    - build the .deb for Debian 12 / Ubuntu 22.04+ (build/deb/); make lintian checks it"
 	@echo "make test-system - boot the packaged unit under systemd-nspawn and check it"
 
 os-deps:
