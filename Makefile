@@ -6,7 +6,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables python3-nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev
-TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML botocore hypothesis prometheus-client
+TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML types-psutil botocore hypothesis prometheus-client
 
 .PHONY: help deps os-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
 

@@ -252,6 +252,17 @@ def test_payload_runs_on_python_3_9(payload: Path, tmp_path: Path) -> None:
     if not yaml_dir.is_dir():
         pytest.skip("python3-yaml is not installed")
     (system_site / "yaml").symlink_to(yaml_dir)
+    # The targets' python3-psutil (5.8 on RHEL 9): the same release from PyPI, for 3.9.
+    psutil_dir = rpmpkg.REPO / "build" / "py39-psutil-5.8.0"
+    if not (psutil_dir / "psutil").is_dir():
+        fetched = subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+             "--only-binary=:all:", "--target", str(psutil_dir), "psutil==5.8.0"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        if fetched.returncode != 0:
+            pytest.skip(f"psutil 5.8.0 for Python 3.9 unavailable: {fetched.stderr[-300:]}")
+    (system_site / "psutil").symlink_to(psutil_dir / "psutil")
     site = payload / SITE.lstrip("/")
     code = (
         "import sys, importlib, pkgutil\n"

@@ -41,6 +41,7 @@ PACKAGES = (
     "python3",
     "python3-yaml",
     "python3-nftables",
+    "python3-psutil",
 )
 TOOLS = ("systemd-nspawn", "debootstrap", "rpm2cpio", "cpio", "nsenter", "rpmbuild")
 
