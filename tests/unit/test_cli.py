@@ -300,3 +300,22 @@ def test_status_as_non_root_is_unknown_and_says_what_it_could_not_check(tmp_path
     assert "0 attempts" not in proc.stdout  # before: "blocked:  0 attempts logged"
     assert "blocked:  unknown" in proc.stdout
     assert "blocked attempts not counted" in proc.stdout
+
+
+def test_daemon_lines_and_events_share_one_timestamp_precision(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Milliseconds and Z in every line (the daemon's were microseconds; events ms)."""
+    import json
+    import re
+
+    from imdsguard import _log
+    from imdsguard.events.capture import rfc3339
+
+    _log.configure("json")
+    _log.get_logger().info("daemon_ready")
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    pattern = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(pattern, line["timestamp"]), line["timestamp"]
+    assert re.fullmatch(pattern, rfc3339(1796174521.389))
+    assert rfc3339(1796174521.389) == "2026-12-02T01:22:01.389Z"
