@@ -1,7 +1,7 @@
 """The .deb: control fields, payload, maintainer scripts, lintian.
 
 Built once per session by ``make deb`` (see debpkg.py). Installing it for
-real (apt-get install, upgrade, purge under systemd) is tests/system/test_deb.py.
+real (apt-get install, upgrade, purge under systemd) is tests/system/test_nspawn_deb.py.
 """
 
 from __future__ import annotations
