@@ -42,6 +42,8 @@ def test_control(deb: Path) -> None:
 def test_payload(deb: Path) -> None:
     files = debpkg.contents(deb)
     for path in ("/usr/bin/imdsguard", "/lib/systemd/system/imdsguard.service",
+                 "/lib/systemd/system/imdsguard-broker.service",
+                 "/usr/lib/sysusers.d/imdsguard.conf",
                  "/usr/lib/tmpfiles.d/imdsguard.conf", "/etc/imdsguard/config.yaml",
                  "/usr/share/doc/imdsguard/copyright", "/usr/share/doc/imdsguard/README.md",
                  "/usr/share/doc/imdsguard/changelog.Debian.gz",
@@ -63,7 +65,8 @@ def test_maintainer_scripts(deb: Path) -> None:
     prerm = debpkg.control_file(deb, "prerm")
     postrm = debpkg.control_file(deb, "postrm")
     # Install: enabled and started; upgrade ($2 set): restarted.
-    assert "deb-systemd-helper enable 'imdsguard.service'" in postinst
+    assert "for unit in imdsguard.service imdsguard-broker.service; do" in postinst
+    assert 'deb-systemd-helper enable "$unit"' in postinst
     assert "_dh_action=restart" in postinst and "deb-systemd-invoke $_dh_action" in postinst
     assert "adduser --system" in postinst and "imdsguard-broker" in postinst
     assert "py3compile -p imdsguard" in postinst
