@@ -6,7 +6,7 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables python3-nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev prometheus
-TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML botocore hypothesis prometheus-client
+TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML types-psutil botocore hypothesis prometheus-client
 
 .PHONY: help deps os-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
 
@@ -16,6 +16,7 @@ help:
 	@echo "make test-long - the long reliability suite (100 restarts, 100 SIGHUPs, 60 kill -9, long fuzzing)"
 	@echo "make bench  - benchmarks (figures for docs/benchmarks.md)"
 	@echo "make rpm    - build the RPM for Amazon Linux 2023 / RHEL 9 (build/rpm/)"
+	@echo "make deb    - build the .deb for Debian 12 / Ubuntu 22.04+ (build/deb/); make lintian checks it"
 	@echo "make test-system - boot the packaged unit under systemd-nspawn and check it"
 
 os-deps:
@@ -33,7 +34,7 @@ $(VENV)/.runtime: pyproject.toml | os-deps
 	touch $@
 
 # What the tests add: linters, type checker, test libraries.
-$(VENV)/.installed: $(VENV)/.runtime
+$(VENV)/.installed: $(VENV)/.runtime Makefile  # TEST_DEPS live here
 	$(VPY) -m pip install -q --disable-pip-version-check $(TEST_DEPS)
 	touch $@
 
@@ -43,7 +44,7 @@ $(VENV)/.installed: $(VENV)/.runtime
 # a symlink, not --system-site-packages: the rest of dist-packages (an older
 # structlog, yaml, ...) must not shadow or satisfy what pip installs here.
 NFT_BINDING := /usr/lib/python3/dist-packages/nftables
-$(VENV)/.nftables: $(VENV)/.installed
+$(VENV)/.nftables: $(VENV)/.runtime
 	ln -sfn $(NFT_BINDING) "$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nftables"
 	$(VPY) -c 'import nftables; nftables.Nftables()'
 	touch $@
@@ -53,7 +54,7 @@ venv: os-deps $(VENV)/.installed $(VENV)/.nftables
 deps: venv rpm-os-deps
 
 # Only the runtime: no test or packaging toolchain before the first demo line.
-demo: os-deps $(VENV)/.runtime
+demo: os-deps $(VENV)/.runtime $(VENV)/.nftables
 	$(VPY) -m imdsguard_testing.demo
 
 lint: deps
@@ -94,3 +95,4 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 -include packaging/rpm.mk
+-include packaging/deb.mk

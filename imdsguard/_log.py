@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Callable, TextIO
 
 import structlog
+
+from imdsguard._time import rfc3339
 
 #: Keys whose values are never logged, whatever a caller passes by mistake.
 SECRET_KEYS = frozenset(
@@ -34,15 +37,11 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
-_stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
-
-
-def _timestamp(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    # An event that carries its own time (the attempt's) keeps it.
-    if "timestamp" in event_dict:
-        return event_dict
-    stamped: dict[str, Any] = _stamp(logger, name, event_dict)
-    return stamped
+def _timestamp(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    # The events' precision (ms, imdsguard._time) for every line: one format to
+    # parse. An event that carries its own time (the attempt's) keeps it.
+    event_dict.setdefault("timestamp", rfc3339(time.time()))
+    return event_dict
 
 
 #: structlog level names -> syslog priorities (RFC 5424 severities, as journald stores them).

@@ -55,6 +55,15 @@ _SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+#: Findings that mean "this could not be checked", and what was left unchecked.
+UNCHECKED = {
+    "imds-unreachable": "IMDSv1, user-data secrets, instance role (IMDS did not answer)",
+    "imdsv1-unknown": "whether IMDSv1 is on",
+    "user-data-unreadable": "user-data secrets",
+    "guard-state": "imdsguard's own state",
+}
+
+
 def scan_secrets(data: bytes) -> list[tuple[str, int]]:
     """(kind, line) for each secret-looking value in user-data (gzip is opened)."""
     if data[:2] == b"\x1f\x8b":
@@ -91,6 +100,16 @@ def guard_findings(doc: dict[str, Any]) -> tuple[list[Finding], dict[str, Any]]:
     reasons = "; ".join(doc["reasons"]) or "rules in place, daemon running"
     if doc["state"] == "protected":
         return [Finding("guard-state", "info", "imdsguard protects IMDS", reasons)], guard
+    if doc["state"] == "unknown":
+        return [
+            Finding(
+                "guard-state",
+                "medium",
+                "imdsguard's state could not be checked",
+                reasons,
+                "run the audit as root (sudo imdsguard audit)",
+            )
+        ], guard
     if doc["state"] == "unprotected":
         return [
             Finding(
@@ -151,9 +170,14 @@ def run_audit(
         guard, report["guard"] = guard_findings(gather(config_path))
         findings += guard
     except ImdsGuardError as exc:
-        findings.append(Finding("guard-state", "info", "guard state unknown", str(exc)))
+        findings.append(Finding("guard-state", "medium", "guard state unknown", str(exc)))
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.id))
     report["findings"] = [asdict(f) for f in findings]
+    report["unchecked"] = [
+        f"{UNCHECKED[f.id]}: {f.detail}"
+        for f in findings
+        if f.id in UNCHECKED and (f.id != "guard-state" or f.severity == "medium")
+    ]
     return report
 
 
@@ -326,9 +350,15 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"       {f['detail']}")
         if f["remediation"]:
             lines.append(f"       fix: {f['remediation']}")
+    for what in report.get("unchecked", []):
+        lines.append(f"NOT CHECKED  {what}")
+    if report.get("unchecked"):
+        lines.append("result: unknown (exit 3): the checks above did not all run")
     return "\n".join(lines)
 
 
 def exit_code(report: dict[str, Any]) -> int:
-    """1 when any finding is high, else 0."""
-    return 1 if any(f["severity"] == "high" for f in report["findings"]) else 0
+    """1 when any finding is high; else 3 (unknown) when a check could not run; else 0."""
+    if any(f["severity"] == "high" for f in report["findings"]):
+        return 1
+    return 3 if report.get("unchecked") else 0

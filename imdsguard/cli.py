@@ -169,7 +169,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate and print the effective policy."""
     config = load_config(args.config, trust=os.geteuid() == 0)
-    print(f"# {config.path}: OK")
+    if os.path.exists(config.path):
+        print(f"# {config.path}: OK")
+    else:  # only the default path may be missing (an explicit -c must exist)
+        print(f"# {config.path}: no such file; the defaults (what the daemon uses without it):")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
     if args.rules:
         from imdsguard.firewall.iptables import render  # noqa: PLC0415

@@ -110,6 +110,8 @@ class Config:
     mode: str = "enforce"
     action: str = "reject"
     endpoints: tuple[IPAddress, ...] = tuple(ipaddress.ip_address(e) for e in DEFAULT_ENDPOINTS)
+    #: The admin said that ``endpoints`` leaving out EC2's IMDS addresses is intended.
+    endpoints_acknowledged: bool = False
     backend: str = "auto"
     allow: AllowConfig = field(default_factory=lambda: AllowConfig(users=(Principal("root", 0),)))
     containers: str = "deny"
@@ -128,6 +130,7 @@ class Config:
             "mode": self.mode,
             "action": self.action,
             "endpoints": [str(e) for e in self.endpoints],
+            **({"endpoints_acknowledged": True} if self.endpoints_acknowledged else {}),
             "firewall": {"backend": self.backend},
             "allow": {
                 "users": principals(self.allow.users),
@@ -397,7 +400,7 @@ def _groups(doc: _Doc, key: str, value: Any) -> tuple[Principal, ...]:
     )
 
 
-def _endpoints(doc: _Doc, value: Any) -> tuple[IPAddress, ...]:
+def _endpoints(doc: _Doc, value: Any, acknowledged: Any) -> tuple[IPAddress, ...]:
     if value is None:
         return Config.endpoints
     items = _list(doc, "endpoints", value, "IP addresses")
@@ -415,6 +418,16 @@ def _endpoints(doc: _Doc, value: Any) -> tuple[IPAddress, ...]:
             raise doc.error(f"endpoints[{i}]", f"{addr} cannot be an IMDS endpoint")
         if addr not in result:
             result.append(addr)
+    # A typo (169.254.169.253) must not leave IMDS unguarded in silence.
+    left_out = [a for a in Config.endpoints if a not in result]
+    if left_out and acknowledged is not True:
+        names = " and ".join(str(a) for a in left_out)
+        raise doc.error(
+            "endpoints",
+            f"leaves out {names}, EC2's IMDS address{'es' if len(left_out) > 1 else ''}: "
+            "that IMDS traffic would not be guarded; add it, or set "
+            "endpoints_acknowledged: true if leaving it out is intended",
+        )
     return tuple(result)
 
 
@@ -473,6 +486,7 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
             "mode",
             "action",
             "endpoints",
+            "endpoints_acknowledged",
             "firewall",
             "allow",
             "containers",
@@ -511,7 +525,10 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
         path=doc.path,
         mode=_choice(doc, "mode", top.get("mode"), ("enforce", "audit"), "enforce"),
         action=_choice(doc, "action", top.get("action"), ("reject", "drop"), "reject"),
-        endpoints=_endpoints(doc, top.get("endpoints")),
+        endpoints=_endpoints(doc, top.get("endpoints"), top.get("endpoints_acknowledged")),
+        endpoints_acknowledged=_bool(
+            doc, "endpoints_acknowledged", top.get("endpoints_acknowledged"), False
+        ),
         backend=_choice(
             doc,
             "firewall.backend",

@@ -31,8 +31,12 @@ def _blocked(limit: int = RECENT) -> dict[str, Any]:
     path = paths.events_file()
     try:
         return {"total": count_events(path), "recent": read_events(path, limit)}
-    except OSError:
-        return {"total": 0, "recent": []}
+    except FileNotFoundError:
+        return {"total": 0, "recent": []}  # nothing was ever logged
+    except OSError as exc:
+        # Not "0 attempts": we could not look (the log is root's alone).
+        why = "readable by root only" if isinstance(exc, PermissionError) else exc.strerror
+        return {"total": None, "recent": [], "error": f"cannot read {path}: {why}"}
 
 
 def gather(config_path: str | None) -> dict[str, Any]:
@@ -89,6 +93,8 @@ def gather(config_path: str | None) -> dict[str, Any]:
         # What the running daemon's backend cannot guard against on this host.
         "limits": list((state or {}).get("limits", [])),
     }
+    if doc["blocked"]["total"] is None:
+        reasons.append(f"blocked attempts not counted: {doc['blocked']['error']} (run as root)")
     if ruleset is None:
         reasons.append("no valid configuration and no running daemon: cannot tell what to check")
         return doc
@@ -179,7 +185,10 @@ def render_text(doc: dict[str, Any]) -> str:
     if doc["broker"]["enabled"]:
         healthy = "healthy" if doc["broker"]["healthy"] else "NOT healthy"
         lines.append(f"  broker:   {healthy}")
-    lines.append(f"  blocked:  {doc['blocked']['total']} attempts logged")
+    if doc["blocked"]["total"] is None:
+        lines.append("  blocked:  unknown (the event log could not be read)")
+    else:
+        lines.append(f"  blocked:  {doc['blocked']['total']} attempts logged")
     recent = doc["blocked"].get("recent") or []
     if recent:
         from imdsguard.events.log import format_console  # noqa: PLC0415 - text output only

@@ -38,10 +38,10 @@ import select
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from imdsguard import paths
+from imdsguard._time import rfc3339
 from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
@@ -68,15 +68,6 @@ SUMMARY_TOP = 10
 CAPTURE_NICE = -10
 TROUBLE_WINDOW = 60.0  # an error shows in ``status`` (degraded) this long after it
 _STOP = object()
-
-
-def rfc3339(ts: float) -> str:
-    """``ts`` (epoch seconds) as RFC 3339 UTC with milliseconds."""
-    return (
-        datetime.fromtimestamp(ts, tz=timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 def _ifname(index: int | None) -> str | None:

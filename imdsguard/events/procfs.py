@@ -1,12 +1,34 @@
-"""Read processes from ``/proc``: the one place imdsguard looks at another process.
+"""Read processes: the one place imdsguard looks at another process.
+
+Process identity comes from psutil (the field's library, packaged as
+python3-psutil on AL2023, RHEL 9, Debian and Ubuntu): the process itself,
+its parent, effective uid and gid, and its create time, which tells a
+reused pid apart (an "ancestor" created after its child is not its parent).
+Our own bounded readers stay only where psutil has no answer, or none we
+can use on the event path, where the client's packet is held meanwhile:
+
+- supplementary groups (``Groups:`` of ``/proc/<pid>/status``; psutil has
+  real/effective/saved gids only);
+- ``comm``: psutil's ``name()`` replaces a 15-character comm by a name taken
+  from the command line, which is not the kernel's comm;
+- ``exe``: psutil strips a `` (deleted)`` suffix, which the events and the
+  broker's "replaced since it started" check rely on (a plain readlink);
+- ``cmdline``: psutil reads the whole argument area (up to ARG_MAX, megabytes
+  that the process itself controls) per call; ours reads at most 16 KiB and
+  bounds count and size;
+- the start time in clock ticks (``stat`` field 22), compared by the broker's
+  peer checks with its own reading;
+- cgroup → systemd unit and container, sockets held in ``fd/``, and a
+  network namespace's addresses: nothing in psutil.
 
 Everything takes ``proc_root`` so unit tests run against a recorded fake
-``/proc`` tree. Every string read here is controlled by the process it
-describes (a program can set its own argv, comm and, through the file name,
-exe): callers treat them as untrusted, and decoding never fails (invalid
-UTF-8 shows up as ``\\xNN``).
+``/proc`` tree (psutil is pointed at it through ``psutil.PROCFS_PATH``).
+Every string read here is controlled by the process it describes (a program
+can set its own argv, comm and, through the file name, exe): callers treat
+them as untrusted, and decoding never fails (invalid UTF-8 shows up as
+``\\xNN``).
 
-- :func:`read_process`: status, comm, exe, cmdline and cgroup of one pid.
+- :func:`read_process`: identity, comm, exe, cmdline and cgroup of one pid.
 - :func:`ancestors`: the parent chain up to PID 1.
 - :func:`find_socket_owner`: which process holds ``socket:[inode]``.
 - :func:`parse_cgroup`: systemd unit and container id from ``/proc/<pid>/cgroup``.
@@ -17,9 +39,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
+
+import psutil
 
 #: Bounds on what we copy out of a process (events stay small, memory bounded).
 MAX_ARGS = 64
@@ -43,6 +69,7 @@ class ProcessInfo:
     cmdline: tuple[str, ...] = ()
     cgroup: str = ""
     start_time: int | None = None  # clock ticks after boot: tells a reused pid apart
+    create_time: float | None = None  # psutil's (seconds since the epoch), same purpose
     unit: str | None = field(default=None)
     container: str | None = field(default=None)
 
@@ -84,25 +111,28 @@ def split_cmdline(raw: bytes) -> tuple[str, ...]:
     return tuple(args)
 
 
-_STATUS_KEYS = frozenset({b"Name", b"PPid", b"Uid", b"Gid", b"Groups"})
+_PROCFS_LOCK = threading.Lock()
 
 
-def _status_fields(raw: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in raw.split(b"\n"):
-        key, sep, value = line.partition(b":")
-        if sep and key in _STATUS_KEYS:
-            out[key.decode("ascii")] = value.strip().decode("utf-8", "replace")
-            if len(out) == len(_STATUS_KEYS):
-                break  # the rest (memory, signals, capabilities) is not ours to read
-    return out
+@contextmanager
+def _procfs(proc_root: str) -> Iterator[None]:
+    """psutil reading ``proc_root`` (a recorded tree in tests; ``/proc`` is psutil's own)."""
+    if proc_root == psutil.PROCFS_PATH:
+        yield
+        return
+    with _PROCFS_LOCK:
+        saved, psutil.PROCFS_PATH = psutil.PROCFS_PATH, proc_root
+        try:
+            yield
+        finally:
+            psutil.PROCFS_PATH = saved
 
 
-def _int_field(fields: dict[str, str], key: str, index: int = 0) -> int | None:
-    try:
-        return int(fields[key].split()[index])
-    except (KeyError, IndexError, ValueError):
-        return None
+def _groups(raw: bytes | None) -> tuple[int, ...]:
+    for line in (raw or b"").split(b"\n"):
+        if line.startswith(b"Groups:"):
+            return tuple(int(g) for g in line[7:].split() if g.isdigit())
+    return ()
 
 
 def _start_time(raw: bytes | None) -> int | None:
@@ -119,60 +149,75 @@ def _start_time(raw: bytes | None) -> int | None:
 def read_process(pid: int, proc_root: str = "/proc", brief: bool = False) -> ProcessInfo | None:
     """Everything we record about ``pid``; None when it does not exist (any more).
 
-    ``brief``: only status, comm and exe (what an ancestor entry needs);
-    cmdline, cgroup and start time stay empty. Saves half the reads per
-    ancestor while the client's packet is held.
+    ``brief``: only pid, parent, create time, comm and exe (what an ancestor
+    entry needs); ids, groups, cmdline, cgroup and start ticks stay empty. Saves half the reads
+    per ancestor while the client's packet is held.
     """
     base = f"{proc_root}/{pid}"
-    status = _read(f"{base}/status", 4096)
-    if status is None:
-        return None
-    fields = _status_fields(status)
+    with _procfs(proc_root):
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                ppid = proc.ppid()
+                create_time = proc.create_time()
+                # an ancestor entry shows no ids: spare it the status read
+                uid = None if brief else proc.uids().effective
+                gid = None if brief else proc.gids().effective
+        except (psutil.Error, OSError, ValueError, IndexError):
+            return None  # gone (or never there), or /proc unreadable
     comm_raw = _read(f"{base}/comm", 64)
+    comm = _text(comm_raw).rstrip("\n") if comm_raw is not None else None
     try:
         exe: str | None = os.readlink(f"{base}/exe")
     except OSError:
         exe = None  # kernel thread, or the process is gone
     if brief:
         return ProcessInfo(
-            pid=pid,
-            ppid=_int_field(fields, "PPid"),
-            uid=_int_field(fields, "Uid", 1),
-            gid=_int_field(fields, "Gid", 1),
-            comm=_text(comm_raw).rstrip("\n") if comm_raw is not None else fields.get("Name"),
-            exe=exe,
+            pid=pid, ppid=ppid, uid=uid, gid=gid, comm=comm, exe=exe, create_time=create_time
         )
     cgroup = _text(_read(f"{base}/cgroup") or b"")
     unit, container = parse_cgroup(cgroup)
-    groups = tuple(int(g) for g in fields.get("Groups", "").split() if g.isdigit())
     return ProcessInfo(
         pid=pid,
-        ppid=_int_field(fields, "PPid"),
-        uid=_int_field(fields, "Uid", 1),
-        gid=_int_field(fields, "Gid", 1),
-        groups=groups,
-        comm=_text(comm_raw).rstrip("\n") if comm_raw is not None else fields.get("Name"),
+        ppid=ppid,
+        uid=uid,
+        gid=gid,
+        groups=_groups(_read(f"{base}/status", 4096)),
+        comm=comm,
         exe=exe,
         cmdline=split_cmdline(_read(f"{base}/cmdline", MAX_CMDLINE_CHARS * 4) or b""),
         cgroup=cgroup,
         start_time=_start_time(_read(f"{base}/stat")),
+        create_time=create_time,
         unit=unit,
         container=container,
     )
 
 
 def ancestors(info: ProcessInfo, proc_root: str = "/proc") -> list[ProcessInfo]:
-    """The parent, grandparent, ... up to and including PID 1 (bounded, loop-safe)."""
+    """The parent, grandparent, ... up to and including PID 1 (bounded, loop-safe).
+
+    A "parent" created after its child is a reused pid (the real parent
+    died and the number came round again): the chain stops there.
+    """
     chain: list[ProcessInfo] = []
     seen = {info.pid}
     ppid = info.ppid
+    child_created = info.create_time
     while ppid and ppid not in seen and len(chain) < MAX_ANCESTORS:
         parent = read_process(ppid, proc_root, brief=True)
         if parent is None:
             break
+        if (
+            child_created is not None
+            and parent.create_time is not None
+            and parent.create_time > child_created
+        ):
+            break
         chain.append(parent)
         seen.add(ppid)
         ppid = parent.ppid
+        child_created = parent.create_time
     return chain
 
 

@@ -442,8 +442,13 @@ class IptablesBackend:
 
     def __init__(self) -> None:
         try:
-            with _without_distutils():
-                import iptc  # noqa: PLC0415 - libxtables is loaded on import; keep it lazy
+            try:
+                with _without_distutils():
+                    import iptc  # noqa: PLC0415 - libxtables is loaded on import; keep it lazy
+            except ImportError:
+                # python-iptables before 1.1 (Debian 12's python3-iptables 1.0.1) imports
+                # distutils unconditionally: there the distribution's distutils is used.
+                import iptc  # noqa: PLC0415
         except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"
             raise FirewallError(
                 f"python-iptables cannot be loaded ({exc}); install iptables (libxtables)"

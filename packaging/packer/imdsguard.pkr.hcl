@@ -1,8 +1,10 @@
 # Packer example: bake imdsguard into an Amazon Linux 2023 golden AMI.
 #
-#   make rpm
+#   make rpm            (once per architecture: on x86_64 and on aarch64)
 #   packer init packaging/packer && packer build \
-#     -var rpm=build/rpm/RPMS/x86_64/imdsguard-0.1.0-1.x86_64.rpm packaging/packer
+#     -var rpm_x86_64=build/rpm/RPMS/x86_64/imdsguard-0.1.0-1.x86_64.rpm \
+#     -var rpm_aarch64=build/rpm/RPMS/aarch64/imdsguard-0.1.0-1.aarch64.rpm packaging/packer
+#   (one architecture only: packer build -only='*.al2023-arm64' ...)
 #
 # The provisioners are the part to copy into an existing template. They
 # install and enable imdsguard but do not start it: it starts on the image's
@@ -18,9 +20,16 @@ packer {
   }
 }
 
-variable "rpm" {
+variable "rpm_x86_64" {
   type        = string
-  description = "Path to the imdsguard RPM built by `make rpm` (same architecture as the AMI)."
+  default     = ""
+  description = "Path to the x86_64 imdsguard RPM built by `make rpm`."
+}
+
+variable "rpm_aarch64" {
+  type        = string
+  default     = ""
+  description = "Path to the aarch64 (Graviton) imdsguard RPM built by `make rpm`."
 }
 
 variable "allow_users" {
@@ -34,11 +43,16 @@ variable "region" {
   default = "us-east-1"
 }
 
+locals {
+  # A sortable UTC stamp for AMI names (Packer's timestamp(), without separators).
+  timestamp = regex_replace(timestamp(), "[- TZ:]", "")
+}
+
 source "amazon-ebs" "al2023" {
   region        = var.region
   instance_type = "t3.small"
   ssh_username  = "ec2-user"
-  ami_name      = "golden-al2023-imdsguard-{{timestamp}}"
+  ami_name      = "golden-al2023-x86_64-imdsguard-${local.timestamp}"
 
   source_ami_filter {
     filters = {
@@ -58,11 +72,35 @@ source "amazon-ebs" "al2023" {
   imds_support = "v2.0"
 }
 
+# Graviton: the same image for aarch64 (the RPM is per architecture).
+source "amazon-ebs" "al2023-arm64" {
+  region        = var.region
+  instance_type = "t4g.small"
+  ssh_username  = "ec2-user"
+  ami_name      = "golden-al2023-arm64-imdsguard-${local.timestamp}"
+
+  source_ami_filter {
+    filters = {
+      name                = "al2023-ami-2023.*-arm64"
+      virtualization-type = "hvm"
+    }
+    owners      = ["amazon"]
+    most_recent = true
+  }
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+  }
+  imds_support = "v2.0"
+}
+
 build {
-  sources = ["source.amazon-ebs.al2023"]
+  sources = ["source.amazon-ebs.al2023", "source.amazon-ebs.al2023-arm64"]
 
   provisioner "file" {
-    source      = var.rpm
+    source      = source.name == "al2023-arm64" ? var.rpm_aarch64 : var.rpm_x86_64
     destination = "/tmp/imdsguard.rpm"
   }
 

@@ -115,7 +115,8 @@ def test_ipv6_guarded_or_not(sim: Any, workdir: str) -> None:
     topo = sim("--http-tokens", "required")
     _, report, _ = _audit(topo, workdir)
     assert report["ipv6"] is True and _ids(report)["imds-ipv6"] == "info"
-    rc, report, _ = _audit(topo, workdir, "endpoints: [169.254.169.254]\n")
+    ipv4_only = "endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n"
+    rc, report, _ = _audit(topo, workdir, ipv4_only)
     assert rc == 1 and _ids(report)["imds-ipv6-unguarded"] == "high"
 
 

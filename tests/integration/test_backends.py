@@ -178,7 +178,10 @@ def test_status_tells_a_hole_from_a_harmless_difference(
 ) -> None:
     """With nothing repairing (daemon stopped), status judges the kernel's rules as they are."""
     app, denied = test_users["imdsg-app"], test_users["imdsg-denied"]
-    daemon.write_config(f"endpoints: [169.254.169.254]\nallow:\n  users: [root, {app.uid}]\n")
+    daemon.write_config(
+        "endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n"
+        f"allow:\n  users: [root, {app.uid}]\n"
+    )
     daemon.start()
     assert daemon.stop() == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import rpmpkg
@@ -11,7 +12,7 @@ import yaml
 COMPONENT = rpmpkg.REPO / "packaging" / "image-builder" / "imdsguard.yml"
 PACKER = rpmpkg.REPO / "packaging" / "packer" / "imdsguard.pkr.hcl"
 #: AWSTOE action modules this component may use.
-ACTIONS = {"ExecuteBash", "S3Download"}
+ACTIONS = {"ExecuteBash", "S3Download", "CreateFile"}
 
 
 def _component() -> dict[str, Any]:
@@ -74,6 +75,78 @@ def test_packer_example() -> None:
         "rm -rf /var/lib/imdsguard /var/log/imdsguard /run/imdsguard",
     ):
         assert needed in text
-    assert 'http_tokens                 = "required"' in text
+    assert text.count('http_tokens                 = "required"') == 2  # both sources
+    # Both architectures (Graviton too), each with its own RPM.
+    assert '"al2023-ami-2023.*-x86_64"' in text and '"al2023-ami-2023.*-arm64"' in text
+    assert 'instance_type = "t4g.small"' in text and "var.rpm_aarch64" in text
+    # Packer's HCL2 timestamp, not the legacy {{timestamp}} template function.
+    assert "{{timestamp}}" not in text and "${local.timestamp}" in text
     # Balanced braces: a cheap guard against a broken HCL edit.
     assert text.count("{") - text.count("{{") * 2 == text.count("}") - text.count("}}") * 2
+
+
+def _run_build_steps(tmp_path: Path, **params: str) -> tuple[int, str, Path]:
+    """The build phase's steps up to WriteConfig, as AWSTOE runs them: parameters pasted in
+    as text, CreateFile writes its content, ExecuteBash runs its commands."""
+    import subprocess
+
+    values = {"RpmS3Uri": "s3://my-bucket/imdsguard/imdsguard-0.1.0-1.x86_64.rpm",
+              "AllowUsers": "root", "AllowGroups": "", **params}  # fmt: skip
+    text = COMPONENT.read_text()
+    for key, value in values.items():
+        text = re.sub(r"\{\{\s*" + key + r"\s*\}\}", lambda _m, v=value: v, text)
+    text = text.replace("/tmp/imdsguard-params", str(tmp_path / "params"))
+    config = tmp_path / "config.yaml"
+    text = text.replace("/etc/imdsguard/config.yaml", str(config))
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        return 1, f"the document no longer parses: {exc}", config  # AWSTOE refuses it
+    build = next(p for p in doc["phases"] if p["name"] == "build")
+    for step in build["steps"]:
+        if step["name"] in ("DownloadRpm", "InstallRpm"):
+            continue  # the package itself is not what is tested here
+        if step["action"] == "CreateFile":
+            for item in step["inputs"]:
+                Path(item["path"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(item["path"]).write_text(item["content"])
+            continue
+        script = "\n".join(step["inputs"]["commands"]).replace("chown root:root", "true")
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            return proc.returncode, proc.stdout + proc.stderr, config
+        if step["name"] == "WriteConfig":
+            return 0, proc.stdout, config
+    raise AssertionError("no WriteConfig step")
+
+
+def test_component_quotes_validated_parameters(tmp_path: Any) -> None:
+    code, out, config = _run_build_steps(tmp_path, AllowUsers="root,ec2-instance-connect,1001")
+    assert code == 0, out
+    doc = yaml.safe_load(config.read_text())
+    users = ["root", "ec2-instance-connect", "1001"]
+    assert doc == {"mode": "enforce", "allow": {"users": users, "groups": []}}
+
+
+def test_component_refuses_hostile_parameters(tmp_path: Any) -> None:
+    """Before, AllowUsers went into the YAML raw: 'root]\\nmode: audit' turned enforcement off."""
+    canary = tmp_path / "pwned"
+    for i, params in enumerate([
+        {"AllowUsers": "root]\nmode: audit"},
+        {"AllowUsers": f"root'; touch {canary}; '"},
+        {"AllowUsers": f"root\ntouch {canary}"},
+        {"AllowUsers": 'root", "mode: audit'},
+        {"AllowGroups": "wheel, docker"},
+        {"RpmS3Uri": "https://example.com/imdsguard.rpm"},
+    ]):  # fmt: skip
+        work = tmp_path / str(i)
+        work.mkdir()
+        code, out, config = _run_build_steps(work, **params)
+        assert code != 0, (params, out)
+        assert not config.exists(), params
+    assert not canary.exists()
+
+
+def test_component_documents_its_iam_needs() -> None:
+    assert "s3:GetObject" in COMPONENT.read_text()
+    assert "s3:GetObject" in (rpmpkg.REPO / "docs" / "ami.md").read_text()

@@ -5,6 +5,9 @@ debootstrap takes about a minute, so the result is kept under
 copied per test run. The packages are what the RPM requires, in their Debian
 names (python3-yaml, nftables, python3-nftables, iptables for libxtables,
 procps for /usr/bin/kill), plus systemd and the tools the test runs inside.
+The .deb's system test boots a second cached rootfs that also holds the
+deb's own Depends (read from packaging/deb/control), so that
+``apt-get install ./imdsguard_*.deb`` resolves them there without a network.
 """
 
 from __future__ import annotations
@@ -38,13 +41,21 @@ PACKAGES = (
     "python3",
     "python3-yaml",
     "python3-nftables",
+    "python3-psutil",
 )
 TOOLS = ("systemd-nspawn", "debootstrap", "rpm2cpio", "cpio", "nsenter", "rpmbuild")
 
 
-def _key() -> str:
-    text = "\n".join([SUITE, MIRROR, *sorted(PACKAGES)])
+def _key(packages: tuple[str, ...]) -> str:
+    text = "\n".join([SUITE, MIRROR, *sorted(packages)])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def deb_depends() -> tuple[str, ...]:
+    """The package names in the .deb's Depends: (versions dropped)."""
+    control = (Path(__file__).resolve().parents[2] / "packaging/deb/control").read_text()
+    line = next(x for x in control.splitlines() if x.startswith("Depends:"))
+    return tuple(d.split()[0] for d in line.split(":", 1)[1].split(","))
 
 
 @contextlib.contextmanager
@@ -54,7 +65,7 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, packages: tuple[str, ...]) -> None:
     # Under the lock: whatever a crashed build left behind can go.
     for stale in target.parent.glob(f"{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -63,7 +74,7 @@ def _build(target: Path) -> None:
         [
             "debootstrap",
             "--variant=minbase",
-            f"--include={','.join(PACKAGES)}",
+            f"--include={','.join(packages)}",
             SUITE,
             str(work),
             MIRROR,
@@ -83,17 +94,27 @@ def _build(target: Path) -> None:
     work.rename(target)
 
 
-@pytest.fixture(scope="session")
-def rootfs_cache() -> Path:
-    """The cached Debian 12 rootfs (built on first use); copy it, never boot it."""
+def _cached(packages: tuple[str, ...]) -> Path:
     if os.geteuid() != 0:
         pytest.skip("booting a container needs root")
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"missing {', '.join(missing)}: run 'make test-system', which installs them")
     CACHE.mkdir(parents=True, exist_ok=True)
-    target = CACHE / f"rootfs-{_key()}"
+    target = CACHE / f"rootfs-{_key(packages)}"
     with _locked(CACHE / ".lock"):
         if not target.is_dir():
-            _build(target)
+            _build(target, packages)
     return target
+
+
+@pytest.fixture(scope="session")
+def rootfs_cache() -> Path:
+    """The cached Debian 12 rootfs (built on first use); copy it, never boot it."""
+    return _cached(PACKAGES)
+
+
+@pytest.fixture(scope="session")
+def deb_rootfs_cache() -> Path:
+    """The same with the .deb's dependencies installed (apt resolves them locally)."""
+    return _cached(tuple(sorted({*PACKAGES, *deb_depends()})))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pytest
 
-from imdsguard.audit import exit_code, guard_findings, run_audit, scan_secrets
+from imdsguard.audit import exit_code, guard_findings, render_text, run_audit, scan_secrets
 from imdsguard.config import Config
 from imdsguard.imds import TOKEN_PATH
 from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
@@ -139,7 +139,9 @@ def test_token_refused_and_tokens_required_is_unreachable(make_sim: Any, closed_
     assert ids["imds-unreachable"] == "info" and "imdsv1-enabled" not in ids
     (found,) = [f for f in report["findings"] if f["id"] == "imds-unreachable"]
     assert "HTTP 500" in found["detail"] and "refused with 401" in found["detail"]
-    assert exit_code(report) == 0
+    # Nothing about IMDS itself was checked: unknown, not a clean bill of health.
+    assert report["unchecked"] and report["unchecked"][0].startswith("IMDSv1, user-data")
+    assert exit_code(report) == 3
 
 
 def test_no_imds_at_all_is_unreachable(closed_url: str) -> None:
@@ -147,7 +149,7 @@ def test_no_imds_at_all_is_unreachable(closed_url: str) -> None:
     ids = _ids(report)
     assert ids["imds-unreachable"] == "info"
     assert not {"imdsv1-enabled", "imdsv1-disabled", "imdsv2-token-failed"} & set(ids)
-    assert exit_code(report) == 0
+    assert exit_code(report) == 3
 
 
 def test_ipv6_not_reachable(make_sim: Any, closed_url: str) -> None:
@@ -195,6 +197,29 @@ def test_guard_audit_mode_is_medium() -> None:
 def test_guard_degraded_enforcing_is_low_not_audit_mode() -> None:
     (finding,), _ = guard_findings(_status("degraded", reasons=["daemon not running"]))
     assert (finding.id, finding.severity) == ("guard-state", "low")
+
+
+def test_guard_unknown_says_so_and_the_audit_exits_3(make_sim: Any, closed_url: str) -> None:
+    """As a non-root user: the firewall and the event log cannot be read."""
+    doc = _status("unknown", reasons=["cannot read the firewall: needs root (run as root)"])
+    (finding,), _ = guard_findings(doc)
+    assert (finding.id, finding.severity) == ("guard-state", "medium")
+    assert "could not be checked" in finding.title and "sudo" in finding.remediation
+    _, url = make_sim(http_tokens="required")
+    report = _audit(url, closed_url, doc)
+    assert not [f for f in report["findings"] if f["severity"] == "high"]
+    assert report["unchecked"] == [
+        "imdsguard's own state: cannot read the firewall: needs root (run as root)"
+    ]
+    assert exit_code(report) == 3  # before: 0, as if all was well
+    assert "NOT CHECKED  imdsguard's own state" in render_text(report)
+    assert "result: unknown (exit 3)" in render_text(report)
+
+
+def test_a_clean_audit_checked_everything(make_sim: Any, closed_url: str) -> None:
+    _, url = make_sim(http_tokens="required")
+    report = _audit(url, closed_url)
+    assert report["unchecked"] == [] and exit_code(report) == 0
 
 
 def test_guard_unprotected_is_high() -> None:

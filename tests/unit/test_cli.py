@@ -244,3 +244,78 @@ def _doc_for_text(extra: dict[str, Any]) -> dict[str, Any]:
         "attribution": {},
         **extra,
     }
+
+
+def test_check_config_without_a_file_says_defaults_are_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "etc" / "config.yaml"  # the default path, absent
+    monkeypatch.setattr("imdsguard.config.DEFAULT_PATH", str(missing))
+    assert cli.main(["check-config"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"# {missing}: no such file; the defaults (what the daemon uses without it):"
+    assert "OK" not in first  # before: "# <path>: OK" for a file that does not exist
+
+
+def test_status_of_an_unreadable_event_log_is_unknown_not_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a non-root user: the log is root's (0600). "0 attempts" would be a lie."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "events.jsonl").write_text("{}\n")
+    monkeypatch.setenv("IMDSGUARD_LOG_DIR", str(log_dir))
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("imdsguard.events.log.count_events", refuse)
+    blocked = status._blocked()
+    assert blocked["total"] is None and "readable by root only" in blocked["error"]
+    doc = _status_doc([], total=0)
+    doc["blocked"] = blocked
+    text = status.render_text(doc)
+    assert "blocked:  unknown (the event log could not be read)" in text
+    assert "0 attempts" not in text
+
+
+def test_status_as_non_root_is_unknown_and_says_what_it_could_not_check(tmp_path: Path) -> None:
+    """The real command as nobody: it reads nothing it may not (only reads, no packet)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to nobody")
+    import subprocess
+    import sys
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir(mode=0o700)
+    (log_dir / "events.jsonl").write_text("{}\n")
+    config = _config(tmp_path, "mode: enforce\n")
+    tmp_path.chmod(0o755)
+    env = {**os.environ, "IMDSGUARD_LOG_DIR": str(log_dir), "IMDSGUARD_RUN_DIR": str(tmp_path)}
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            sys.executable, "-m", "imdsguard", "status", "-c", config]  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # unknown
+    assert "imdsguard: UNKNOWN" in proc.stdout
+    assert "0 attempts" not in proc.stdout  # before: "blocked:  0 attempts logged"
+    assert "blocked:  unknown" in proc.stdout
+    assert "blocked attempts not counted" in proc.stdout
+
+
+def test_daemon_lines_and_events_share_one_timestamp_precision(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Milliseconds and Z in every line (the daemon's were microseconds; events ms)."""
+    import json
+    import re
+
+    from imdsguard import _log
+    from imdsguard.events.capture import rfc3339
+
+    _log.configure("json")
+    _log.get_logger().info("daemon_ready")
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    pattern = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(pattern, line["timestamp"]), line["timestamp"]
+    assert re.fullmatch(pattern, rfc3339(1796174521.389))
+    assert rfc3339(1796174521.389) == "2026-12-02T01:22:01.389Z"

@@ -273,7 +273,7 @@ def test_metrics_listen(listen: str, expected: tuple[str, int]) -> None:
 
 
 def test_ipv6_only_endpoint() -> None:
-    cfg = parse_config("endpoints: ['fd00:ec2::254']\n", "cfg.yaml")
+    cfg = parse_config("endpoints: ['fd00:ec2::254']\nendpoints_acknowledged: true\n", "cfg.yaml")
     assert cfg.endpoints == (ipaddress.ip_address("fd00:ec2::254"),)
 
 
@@ -747,3 +747,23 @@ def test_trust_is_not_checked_when_not_root(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     check_trust(path)
     assert load_config(path).mode == "audit"
+
+
+def test_endpoints_that_leave_out_imds_are_an_error_unless_acknowledged() -> None:
+    """A typo (169.254.169.253) used to be accepted and left IMDS unguarded."""
+    with pytest.raises(ConfigError) as info:
+        parse_config('endpoints: ["169.254.169.253", "fd00:ec2::254"]\n', "cfg.yaml")
+    message = str(info.value)
+    assert message.startswith("cfg.yaml:1: endpoints: leaves out 169.254.169.254")
+    assert "endpoints_acknowledged: true" in message
+    with pytest.raises(ConfigError, match=r"leaves out 169\.254\.169\.254 and fd00:ec2::254"):
+        parse_config("endpoints: [169.254.170.2]\n", "cfg.yaml")
+    cfg = parse_config("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n", "cfg.yaml")
+    assert [str(e) for e in cfg.endpoints] == ["169.254.169.254"]
+    assert cfg.endpoints_acknowledged is True
+    assert cfg.to_dict()["endpoints_acknowledged"] is True
+    with pytest.raises(ConfigError, match="endpoints_acknowledged: must be true or false"):
+        parse_config("endpoints_acknowledged: yes please\n", "cfg.yaml")
+    # Both addresses (the default) need no acknowledgement, extra ones neither.
+    extra = parse_config('endpoints: ["169.254.169.254", "fd00:ec2::254", "169.254.170.2"]\n', "c")
+    assert extra.endpoints_acknowledged is False and "endpoints_acknowledged" not in extra.to_dict()

@@ -133,6 +133,7 @@ class FakeProc:
     cgroup: str = "0::/user.slice/user-1001.slice/session-2.scope\n"
     fds: tuple[str, ...] = ()
     groups: str = ""
+    start: int | None = None  # clock ticks after boot (default 4242 + pid: parents are older)
 
 
 def make_proc(root: Path, procs: list[FakeProc]) -> str:
@@ -147,7 +148,10 @@ def make_proc(root: Path, procs: list[FakeProc]) -> str:
         (d / "comm").write_text(p.comm + "\n")
         (d / "cmdline").write_bytes(b"".join(a + b"\0" for a in p.argv))
         (d / "cgroup").write_text(p.cgroup)
-        (d / "stat").write_text(f"{p.pid} ({p.comm}) S {p.ppid} 1 1 0 -1 0 " + "0 " * 12 + "4242 0")
+        # All 52 fields (psutil parses up to field 40); field 22, the start time, is 4242 + pid.
+        start = str(p.start or 4242 + p.pid)
+        stat = [str(p.ppid), "1", "1", "0", "-1", "0", *["0"] * 12, start, *["0"] * 32]
+        (d / "stat").write_text(f"{p.pid} ({p.comm}) S " + " ".join(stat) + "\n")
         if p.exe is not None:
             os.symlink(p.exe, d / "exe")
         for i, target in enumerate(p.fds):
@@ -155,6 +159,7 @@ def make_proc(root: Path, procs: list[FakeProc]) -> str:
         if os.geteuid() == 0:
             os.chown(d, p.uid, p.gid)  # find_socket_owner looks at the owner first
     (root / "self").mkdir()  # non-numeric entries are skipped
+    (root / "stat").write_text("cpu  0 0 0 0 0 0 0 0 0 0\nbtime 1796000000\n")  # psutil's boot time
     return str(root)
 
 
@@ -201,7 +206,9 @@ def test_read_process(proc_root: str) -> None:
     assert (info.comm, info.exe) == ("curl", "/usr/bin/curl")
     assert info.cmdline == ("curl", "-s", "http://169.254.169.254/latest/meta-data/")
     assert (info.unit, info.container) == ("session-2.scope", None)
-    assert info.start_time == 4242
+    assert info.start_time == 4242 + 4242
+    # psutil's create time: boot time (the tree's /proc/stat btime) + start ticks / CLK_TCK
+    assert info.create_time == pytest.approx(1796000000 + 8484 / os.sysconf("SC_CLK_TCK"))
     assert read_process(9999, proc_root) is None
 
 
@@ -219,8 +226,9 @@ def test_ancestors_stop_at_a_vanished_parent_and_at_loops(tmp_path: Path) -> Non
     root = make_proc(
         tmp_path / "p",
         [
-            FakeProc(10, 11, 0, 0, "a", None, [b"a"]),
-            FakeProc(11, 10, 0, 0, "b", None, [b"b"]),  # a loop (cannot happen, must not hang)
+            FakeProc(10, 11, 0, 0, "a", None, [b"a"], start=100),
+            # a loop (cannot happen, must not hang)
+            FakeProc(11, 10, 0, 0, "b", None, [b"b"], start=100),
             FakeProc(20, 77, 0, 0, "orphan", None, [b"o"]),
         ],
     )
@@ -230,6 +238,24 @@ def test_ancestors_stop_at_a_vanished_parent_and_at_loops(tmp_path: Path) -> Non
     orphan = read_process(20, root)
     assert orphan is not None
     assert ancestors(orphan, root) == []
+
+
+def test_ancestors_stop_at_a_reused_parent_pid(tmp_path: Path) -> None:
+    """A "parent" created after its child is another process that got the dead parent's pid."""
+    root = make_proc(
+        tmp_path / "p",
+        [
+            FakeProc(1, 0, 0, 0, "init", None, [b"init"], start=1),
+            FakeProc(30, 31, 1001, 1001, "child", None, [b"child"], start=500),
+            FakeProc(31, 1, 0, 0, "newcomer", None, [b"newcomer"], start=900),
+        ],
+    )
+    child = read_process(30, root)
+    assert child is not None and child.ppid == 31
+    assert ancestors(child, root) == []
+    newcomer = read_process(31, root)
+    assert newcomer is not None
+    assert [p.pid for p in ancestors(newcomer, root)] == [1]
 
 
 def test_find_socket_owner(proc_root: str) -> None:

@@ -120,7 +120,7 @@ def test_daemon_owns_its_table_and_writes_the_backstop_first(kernel: FakeKernel)
     assert not backend.apply(ruleset)
     # A reload replaces the owned table in place: never deleted, never re-added.
     kernel.sent.clear()
-    assert backend.apply(_ruleset("endpoints: [169.254.169.254]\n"))
+    assert backend.apply(_ruleset("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n"))
     for _kind, commands in kernel.sent:
         assert not any(
             "table" in next(iter(c.values()))

@@ -41,7 +41,7 @@ CASES: dict[str, tuple[str, int | None]] = {
     "audit_queue": ("mode: audit\n", QUEUE_NUM),
     "groups_expanded": ("allow: {users: [4242], groups: [4343]}\ncontainers: allow\n", None),
     "broker_uid": ("broker: {enabled: true}\n", None),
-    "ipv4_only": ("endpoints: [169.254.169.254]\n", None),
+    "ipv4_only": ("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n", None),
 }
 #: Capture on, but the kernel cannot queue from nftables: log group, then deny at once.
 LOG_CASES: dict[str, str] = {
@@ -209,7 +209,7 @@ def test_compare_detects_each_kind_of_drift() -> None:
 
 
 def test_ipv6_disabled_by_config_is_reported_disabled() -> None:
-    ruleset = _ruleset("endpoints: [169.254.169.254]\n")
+    ruleset = _ruleset("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n")
     plan = render(ruleset, GROUPS)
     result = compare(_listing(plan), plan, ruleset)
     assert result["ipv6"].state == FamilyState.DISABLED

@@ -101,7 +101,7 @@ def test_service_uids_is_the_brokers_account_when_enabled(monkeypatch: pytest.Mo
     ],
 )
 def test_families(endpoints: str, families: tuple[str, ...]) -> None:
-    assert _ruleset(f"endpoints: {endpoints}").families() == families
+    assert _ruleset(f"endpoints: {endpoints}\nendpoints_acknowledged: true").families() == families
 
 
 @pytest.mark.parametrize(
@@ -109,7 +109,8 @@ def test_families(endpoints: str, families: tuple[str, ...]) -> None:
     [
         "",
         "mode: audit\naction: drop\ncontainers: allow\nbroker: {enabled: true}\n",
-        "endpoints: ['fd00:ec2::254']\nallow: {users: [], groups: [4, 5]}\n",
+        "endpoints: ['fd00:ec2::254']\nendpoints_acknowledged: true\n"
+        "allow: {users: [], groups: [4, 5]}\n",
     ],
 )
 @pytest.mark.parametrize("queue_num", [QUEUE_NUM, None])
