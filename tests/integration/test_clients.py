@@ -54,9 +54,14 @@ SIM = {
     "mac": "0e:12:34:56:78:9a",
     "local_ipv4": "172.31.16.5",
 }
-# cloud-init waits this long for IMDS (its datasource's max_wait), each try up to TIMEOUT.
+# cloud-init waits this long for IMDS (its datasource's max_wait), each try up to
+# TIMEOUT. TIMEOUT is longer than MAX_WAIT on purpose: cloud-init 22.4's
+# wait_for_url shortens each later try to int(time left) "or None", so a try
+# started with less than a second left has no timeout at all, and an
+# unanswered token request (hop limit 1 from a container) then waits forever.
+# One try longer than max_wait gives up after TIMEOUT instead.
 CLOUDINIT_MAX_WAIT = 3
-CLOUDINIT_TIMEOUT = 1
+CLOUDINIT_TIMEOUT = 4
 # Longest a client may hang on an unanswered token request before the test stops it.
 HANG = 4
 
@@ -116,8 +121,9 @@ class Clients:
             return self._aws(user, ns, env)
         else:
             raise AssertionError(client)
-        # ec2metadata probes with 6 connects 1 s apart before it gives up: let it.
-        hang = 10 if client == "ec2metadata" else HANG
+        # ec2metadata probes with 6 connects 1 s apart before it gives up, and
+        # cloud-init waits up to its max_wait: let them.
+        hang = {"ec2metadata": 10, "cloud-init": 10, "cloud-init-v1": 10}.get(client, HANG)
         result = self._run(argv, user, ns, env, hang)
         if client.startswith("cloud-init") or client == "botocore":
             with_json(result)
@@ -334,8 +340,12 @@ class Guarded:
     clients: Clients
     request_log: str
     container: str | None = None
+    containers: str = "deny"  # the guard's containers: setting
+    hop_limit: int = 1  # the simulated IMDS's http-put-response-hop-limit
 
     def records(self) -> list[dict[str, Any]]:
+        if not os.path.exists(self.request_log):  # nothing reached IMDS yet
+            return []
         with open(self.request_log) as fh:
             return [json.loads(line) for line in fh if line.strip()]
 
@@ -465,3 +475,82 @@ def test_cloud_init_imdsv1_platform_allowed_and_denied(
     refused = clients.run("cloud-init-v1", denied)
     assert_refused("cloud-init-v1", refused, REJECT_BOUND["cloud-init-v1"])
     wait_event(host_guard, denied.uid, os.path.realpath(SYSTEM_PYTHON))
+
+
+# -- the containers path ----------------------------------------------------------
+
+
+@pytest.fixture
+def container_guard(
+    workdir: str, backend: str, request: pytest.FixtureRequest
+) -> Iterator[Guarded]:
+    mode, hops = request.param
+    config = f"action: reject\ncontainers: {mode}\nallow:\n  users: [root]\n"
+    hop_limit = ("--http-put-response-hop-limit", str(hops))
+    for setup in guarded(workdir, backend, config, *hop_limit, container=True):
+        setup.containers, setup.hop_limit = mode, hops
+        assert setup.container is not None
+        # A resolver inside the container, as Docker gives one, answering nothing:
+        # ip netns exec binds /etc/netns/NS/resolv.conf over /etc/resolv.conf.
+        # Without it cloud-init's DNS-redirection probe waits on the host's
+        # nameserver, unreachable from here, for 5 s a name.
+        etc = f"/etc/netns/{setup.container}"
+        os.makedirs(etc, exist_ok=True)
+        with open(os.path.join(etc, "resolv.conf"), "w") as fh:
+            fh.write("nameserver 127.0.0.1\n")
+        try:
+            yield setup
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
+
+
+def _killed(run: Run) -> bool:
+    """Still waiting when timeout(1) killed it (the client has no timeout of its own)."""
+    return run.rc in (-9, 124, 137) and run.elapsed >= HANG - 0.5
+
+
+@pytest.mark.parametrize(
+    "container_guard",
+    [("deny", 1), ("deny", 2), ("allow", 1), ("allow", 2)],
+    ids=["deny-hop1", "deny-hop2", "allow-hop1", "allow-hop2"],
+    indirect=True,
+)
+def test_clients_in_a_container_behind_the_bridge(
+    container_guard: Guarded, test_users: dict[str, User]
+) -> None:
+    setup, clients = container_guard, container_guard.clients
+    ctr = setup.container
+    assert ctr is not None
+    mode = setup.containers
+    records_before = 0
+    for client in (*CLIENTS, "cloud-init-v1"):
+        run = clients.run(client, None, ns=ctr)
+        new = setup.records()[records_before:]
+        records_before += len(new)
+        if mode == "deny":
+            bound = REJECT_BOUND.get(client) or clients.aws_baseline(None) + 1.5
+            assert_refused(client, run, bound)
+            assert not new, new  # nothing reached IMDS
+            continue
+        if setup.hop_limit >= 2:  # one forwarding hop: the token reply arrives
+            assert_served(client, run, imdsv2=client != "cloud-init-v1")
+            continue
+        # Hop limit 1: IMDS answered each token request, HOST's forwarding dropped the
+        # answer (TTL exceeded), as on EC2. What each client makes of that:
+        puts = [r for r in new if r["method"] == "PUT"]
+        if client != "cloud-init-v1":
+            assert puts and all(r["status"] == 200 for r in puts), new
+        if client == "cloud-init":  # waits for a token for max_wait, then gives up
+            assert run.data["found"] is False and run.data["imdsv2"] is False, run
+            assert run.data["elapsed"] >= CLOUDINIT_TIMEOUT - 0.5, run
+        elif client in ("ec2-metadata", "ec2metadata"):  # no timeout: waits forever
+            assert _killed(run), run
+        else:  # the SDKs wait 1 s for the token, then fall back to IMDSv1
+            assert_served(client, run)
+            if client == "botocore":
+                assert run.data["imds_seconds"] >= 1.0, run
+    if mode == "deny":
+        events = setup.blocked_events()
+        assert events, "forwarded attempts are logged"
+        assert all(e["src"] == "198.51.100.2" and e["iface"] == "docker0" for e in events)
+        assert all(e["uid"] is None for e in events), events
