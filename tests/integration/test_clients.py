@@ -123,7 +123,9 @@ class Clients:
             raise AssertionError(client)
         # ec2metadata probes with 6 connects 1 s apart before it gives up, and
         # cloud-init waits up to its max_wait: let them.
-        hang = {"ec2metadata": 10, "cloud-init": 10, "cloud-init-v1": 10}.get(client, HANG)
+        hang = {"ec2metadata": 10, "cloud-init": 10, "cloud-init-v1": 10, "botocore": 15}.get(
+            client, HANG
+        )
         result = self._run(argv, user, ns, env, hang)
         if client.startswith("cloud-init") or client == "botocore":
             with_json(result)
@@ -554,3 +556,76 @@ def test_clients_in_a_container_behind_the_bridge(
         assert events, "forwarded attempts are logged"
         assert all(e["src"] == "198.51.100.2" and e["iface"] == "docker0" for e in events)
         assert all(e["uid"] is None for e in events), events
+
+
+# -- the simulator alone: IMDSv2 required, endpoint disabled ------------------------
+
+
+@pytest.fixture
+def bare_imds(workdir: str, request: pytest.FixtureRequest) -> Iterator[Guarded]:
+    """The simulated IMDS with ``request.param`` options, no guard; clients as imdsg-app."""
+    request_log = os.path.join(workdir, "imds-requests.log")
+    with Topology() as topo:
+        topo.start_imds(workdir, "--request-log", request_log, *request.param)
+        app = pwd.getpwnam("imdsg-app")
+        config = os.path.join(workdir, "config.yaml")  # credential_process's; unused here
+        clients = make_clients(topo, workdir, config, User(app.pw_uid, app.pw_gid))
+        yield Guarded(topo, None, clients, request_log)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bare_imds", [("--http-tokens", "required")], indirect=True)
+def test_clients_with_imdsv2_required(bare_imds: Guarded, test_users: dict[str, User]) -> None:
+    app = test_users["imdsg-app"]
+    for client in CLIENTS:
+        assert_served(client, bare_imds.clients.run(client, app))
+    served = bare_imds.records()
+    gets = [r for r in served if r["method"] == "GET"]
+    assert gets and all(r["token"] and r["status"] in (200, 404) for r in gets), gets
+    # cloud-init on a platform it does not know as AWS asks with IMDSv1 only: 401.
+    refused = bare_imds.clients.run("cloud-init-v1", app)
+    assert refused.data["found"] is False, refused
+    assert {r["status"] for r in bare_imds.records()[len(served) :]} == {401}
+
+
+@pytest.mark.parametrize("bare_imds", [("--http-endpoint", "disabled")], indirect=True)
+def test_clients_with_the_endpoint_disabled(
+    bare_imds: Guarded, test_users: dict[str, User]
+) -> None:
+    app = test_users["imdsg-app"]
+    clients = bare_imds.clients
+    # cloud-init takes a 403 to its token request as "disabled" and stops at once.
+    run = clients.run("cloud-init", app)
+    assert run.data["found"] is False and run.data["elapsed"] < 1.0, run
+    run = clients.run("ec2-metadata", app)
+    assert run.rc == 1 and "Could not get IMDSv2 token" in run.stdout, run
+    run = clients.run("ec2metadata", app)
+    assert run.rc != 0 and "403" in run.stderr, run
+    run = clients.run("botocore", app)
+    assert run.data["imds_access_key"] is None and run.data["region"] is None, run
+    assert {r["status"] for r in bare_imds.records()} == {403}
+
+
+# -- action: drop -----------------------------------------------------------------
+
+
+@pytest.fixture
+def drop_guard(workdir: str, backend: str) -> Iterator[Guarded]:
+    yield from guarded(workdir, backend, "action: drop\nallow:\n  users: [imdsg-app]\n")
+
+
+@pytest.mark.parametrize("backend", ["iptables"])
+def test_drop_keeps_clients_waiting(drop_guard: Guarded, test_users: dict[str, User]) -> None:
+    """What README says next to ``action``: with drop, clients wait out their own timeouts."""
+    denied, clients = test_users["imdsg-denied"], drop_guard.clients
+    run = clients.run("botocore", denied)
+    # Token PUT and IMDSv1 fallback each wait botocore's 1 s timeout.
+    assert run.data["imds_access_key"] is None, run
+    assert 1.0 <= run.data["imds_seconds"] < 5.0, run
+    assert 1.0 <= run.data["region_seconds"] < 5.0, run
+    print(
+        f"\n[drop] botocore credentials {run.data['imds_seconds']:.2f}s, "
+        f"region {run.data['region_seconds']:.2f}s"
+    )
+    run = clients.run("ec2-metadata", denied)
+    assert _killed(run), run  # curl without a timeout: still waiting when stopped
+    assert wait_event(drop_guard, denied.uid, "/usr/bin/curl")["attributed"] is True
