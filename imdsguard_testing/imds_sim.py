@@ -1,12 +1,65 @@
 """A simulated EC2 instance metadata service (IMDS) for tests and demos.
 
-It answers the way AWS documents IMDS: IMDSv2 session tokens from
-``PUT /latest/api/token``, IMDSv1 GETs unless tokens are required, the
-``meta-data`` tree (including rotating role credentials under
-``iam/security-credentials/``), ``user-data`` and the instance identity
-document. Faults can be injected through a control file or in process, and
-every request can be appended as one JSON line to a request log so harnesses
-can count what reached IMDS. The log never holds a token value.
+It answers the way AWS documents IMDS, closely enough that real clients
+(cloud-init's EC2 datasource, amazon-ec2-utils' ``ec2-metadata``,
+cloud-guest-utils' ``ec2metadata``, botocore and the AWS CLI) work against it
+unmodified (tests/integration/test_clients.py). Faults can be injected through
+a control file or in process, and every request can be appended as one JSON
+line to a request log so harnesses can count what reached IMDS. The log never
+holds a token value.
+
+From AWS's documentation (EC2 User Guide, "Instance metadata" pages and the
+``InstanceMetadataOptions`` API reference):
+
+- IMDSv2 session tokens from ``PUT /latest/api/token`` with
+  ``X-aws-ec2-metadata-token-ttl-seconds`` 1..21600 (400 otherwise, 403 when
+  the PUT carries ``X-Forwarded-For``); tokened GETs with an invalid or
+  expired token are 401; with ``http-tokens required`` a GET without a token
+  is 401; ``http-endpoint disabled`` refuses access (403 here, see below).
+- ``http-put-response-hop-limit`` (1..64, default 1): the IP TTL / IPv6 hop
+  limit of token responses, so a client one forwarding hop away (a container
+  behind the host's bridge) gets no token with 1 and does with 2.
+- ``GET /`` lists the API versions, then ``latest``; the categories of
+  ``meta-data/`` (ami-id, block-device-mapping/, events/maintenance/{history,
+  scheduled}, hostname, iam/{info, security-credentials/ROLE},
+  identity-credentials/ec2/{info, security-credentials/ec2-instance},
+  instance-action, instance-id, instance-life-cycle, instance-type, ipv6,
+  local-hostname, local-ipv4, mac, metrics/vhostmd, network/interfaces/macs/
+  MAC/{device-number, interface-id, ipv4-associations/, ipv6s, local-hostname,
+  local-ipv4s, mac, network-card-index, owner-id, public-hostname,
+  public-ipv4s, security-group-ids, security-groups, subnet-id,
+  subnet-ipv4-cidr-block, subnet-ipv6-cidr-blocks, vpc-id,
+  vpc-ipv4-cidr-block(s), vpc-ipv6-cidr-blocks}, placement/{availability-zone,
+  availability-zone-id, region}, public-hostname, public-ipv4,
+  public-keys/0=NAME, reservation-id, security-groups, services/{domain,
+  partition}) and ``dynamic/instance-identity/{document, pkcs7, signature,
+  rsa2048}`` with the document's fields, and the first API version of each
+  category (the "Version when category was released" column).
+- Listings: one name a line, subdirectories with a trailing ``/``;
+  multi-valued leaves one value a line; JSON documents pretty-printed.
+
+Inferred (from what clients rely on and from captured EC2 output, not from a
+specification):
+
+- Which dated versions ``GET /`` lists (1.0 .. 2022-09-24 here; EC2 may list
+  later ones) and that a dated tree hides the categories released after its
+  version (2009-04-04 has no ``iam/``, ``mac`` or ``network/``; ``placement/``
+  there holds only ``availability-zone``). Releases between listed versions
+  (2018-05-23, 2020-08-24, 2020-11-01) appear from the next listed version.
+- Empty path segments and a trailing slash are ignored, on leaves as on
+  directories (botocore asks ``placement/availability-zone/``, ec2-metadata
+  ``/latest//meta-data/reservation-id``, and both work on EC2).
+- Status 403 for every request while ``http-endpoint`` is disabled; the error
+  bodies (the XHTML page below) and ``Server: EC2ws``; 405 for other methods;
+  ``GET /latest/`` listing ``dynamic``, ``meta-data`` and ``user-data`` (only
+  when there is user data).
+- That the hop limit covers every packet of the connection after a token
+  response (so its retransmissions die as the reply did), not the handshake.
+- Values: the zone id (``use1-az1``) follows the zone letter (EC2 maps letters
+  to ids per account); ``profile`` is ``default-hvm``; no kernel, ramdisk,
+  product codes, ancestor AMIs or tags; maintenance events ``[]``.
+  ``pkcs7``, ``signature`` and ``rsa2048`` have the shape of AWS's (base64,
+  64 columns) but are random bytes that no AWS certificate verifies.
 
 Standard library only. Run it as::
 
