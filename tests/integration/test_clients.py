@@ -64,6 +64,7 @@ CLOUDINIT_MAX_WAIT = 3
 CLOUDINIT_TIMEOUT = 4
 # Longest a client may hang on an unanswered token request before the test stops it.
 HANG = 4
+CLI_HANG = 30
 
 
 def _missing() -> str | None:
@@ -149,9 +150,14 @@ class Clients:
         return Run(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
 
     def _aws(self, user: User | None, ns: str | None, env: dict[str, str]) -> Run:
-        listing = self._run([AWS, "configure", "list"], user, ns, env)
+        # The CLI takes seconds just to start on a loaded machine; it has its own timeouts.
+        listing = self._run([AWS, "configure", "list"], user, ns, env, CLI_HANG)
         export = self._run(
-            [AWS, "configure", "export-credentials", "--format", "process"], user, ns, env
+            [AWS, "configure", "export-credentials", "--format", "process"],
+            user,
+            ns,
+            env,
+            CLI_HANG,
         )
         data: dict[str, Any] = {"list": parse_configure_list(listing.stdout)}
         if export.rc == 0:
@@ -164,7 +170,8 @@ class Clients:
     def aws_baseline(self, user: User | None) -> float:
         """Wall time of an AWS CLI run that never asks IMDS (its start-up cost here)."""
         env = {**self.env, "AWS_EC2_METADATA_DISABLED": "true"}
-        return self._run([AWS, "configure", "export-credentials"], user, None, env).elapsed
+        argv = [AWS, "configure", "export-credentials"]
+        return self._run(argv, user, None, env, CLI_HANG).elapsed
 
 
 def with_json(result: Run) -> None:
