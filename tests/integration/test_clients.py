@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from imdsguard.errors import ImdsGuardError
-from imdsguard_testing.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, ensure_broker_user, guard_env, wait_for
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import _client_recipe, broker_config
 
@@ -373,11 +373,10 @@ def guarded(
     with Topology() as topo:
         ctr = topo.add_container() if container else None
         topo.start_imds(workdir, "--request-log", request_log, *imds_args)
-        env = dict(os.environ)
+        ensure_broker_user()
+        env = guard_env(workdir)
         for key in ("run", "state", "log"):
-            path = os.path.join(workdir, key)
-            os.makedirs(path, exist_ok=True)
-            env[f"IMDSGUARD_{key.upper()}_DIR"] = path
+            os.makedirs(env[f"IMDSGUARD_{key.upper()}_DIR"], exist_ok=True)
         daemon = DaemonHandle(topo, workdir, os.path.join(workdir, "config.yaml"), env, backend)
         daemon.write_config(config)
         app = pwd.getpwnam("imdsg-app")
