@@ -6,9 +6,13 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables python3-nftables iproute2 curl util-linux passwd gcc python3-venv python3-dev prometheus
+# Real EC2 clients for tests/integration/test_clients.py. cloud-init must never run
+# on this host: cloud-init.disabled is in place before it is installed, and no
+# recommends come with it (its postinst only links units, starts nothing).
+CLIENT_PACKAGES := cloud-init amazon-ec2-utils cloud-guest-utils awscli
 TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML types-psutil botocore hypothesis prometheus-client
 
-.PHONY: help deps os-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
+.PHONY: help deps os-deps client-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
 
 help:
 	@echo "make demo   - run the guard end to end in throw-away network namespaces (root)"
@@ -24,6 +28,16 @@ os-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing OS packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The tests' real EC2 clients (not needed by the demo).
+client-deps: os-deps
+	@missing=""; for p in $(CLIENT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test clients:$$missing"; \
+	  mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; \
 	fi
 
 # What the demo needs: the package and its runtime dependencies.
@@ -49,7 +63,7 @@ $(VENV)/.nftables: $(VENV)/.runtime
 	$(VPY) -c 'import nftables; nftables.Nftables()'
 	touch $@
 
-venv: os-deps $(VENV)/.installed $(VENV)/.nftables
+venv: os-deps client-deps $(VENV)/.installed $(VENV)/.nftables
 
 deps: venv rpm-os-deps
 

@@ -1,12 +1,65 @@
 """A simulated EC2 instance metadata service (IMDS) for tests and demos.
 
-It answers the way AWS documents IMDS: IMDSv2 session tokens from
-``PUT /latest/api/token``, IMDSv1 GETs unless tokens are required, the
-``meta-data`` tree (including rotating role credentials under
-``iam/security-credentials/``), ``user-data`` and the instance identity
-document. Faults can be injected through a control file or in process, and
-every request can be appended as one JSON line to a request log so harnesses
-can count what reached IMDS. The log never holds a token value.
+It answers the way AWS documents IMDS, closely enough that real clients
+(cloud-init's EC2 datasource, amazon-ec2-utils' ``ec2-metadata``,
+cloud-guest-utils' ``ec2metadata``, botocore and the AWS CLI) work against it
+unmodified (tests/integration/test_clients.py). Faults can be injected through
+a control file or in process, and every request can be appended as one JSON
+line to a request log so harnesses can count what reached IMDS. The log never
+holds a token value.
+
+From AWS's documentation (EC2 User Guide, "Instance metadata" pages and the
+``InstanceMetadataOptions`` API reference):
+
+- IMDSv2 session tokens from ``PUT /latest/api/token`` with
+  ``X-aws-ec2-metadata-token-ttl-seconds`` 1..21600 (400 otherwise, 403 when
+  the PUT carries ``X-Forwarded-For``); tokened GETs with an invalid or
+  expired token are 401; with ``http-tokens required`` a GET without a token
+  is 401; ``http-endpoint disabled`` refuses access (403 here, see below).
+- ``http-put-response-hop-limit`` (1..64, default 1): the IP TTL / IPv6 hop
+  limit of token responses, so a client one forwarding hop away (a container
+  behind the host's bridge) gets no token with 1 and does with 2.
+- ``GET /`` lists the API versions, then ``latest``; the categories of
+  ``meta-data/`` (ami-id, block-device-mapping/, events/maintenance/{history,
+  scheduled}, hostname, iam/{info, security-credentials/ROLE},
+  identity-credentials/ec2/{info, security-credentials/ec2-instance},
+  instance-action, instance-id, instance-life-cycle, instance-type, ipv6,
+  local-hostname, local-ipv4, mac, metrics/vhostmd, network/interfaces/macs/
+  MAC/{device-number, interface-id, ipv4-associations/, ipv6s, local-hostname,
+  local-ipv4s, mac, network-card-index, owner-id, public-hostname,
+  public-ipv4s, security-group-ids, security-groups, subnet-id,
+  subnet-ipv4-cidr-block, subnet-ipv6-cidr-blocks, vpc-id,
+  vpc-ipv4-cidr-block(s), vpc-ipv6-cidr-blocks}, placement/{availability-zone,
+  availability-zone-id, region}, public-hostname, public-ipv4,
+  public-keys/0=NAME, reservation-id, security-groups, services/{domain,
+  partition}) and ``dynamic/instance-identity/{document, pkcs7, signature,
+  rsa2048}`` with the document's fields, and the first API version of each
+  category (the "Version when category was released" column).
+- Listings: one name a line, subdirectories with a trailing ``/``;
+  multi-valued leaves one value a line; JSON documents pretty-printed.
+
+Inferred (from what clients rely on and from captured EC2 output, not from a
+specification):
+
+- Which dated versions ``GET /`` lists (1.0 .. 2022-09-24 here; EC2 may list
+  later ones) and that a dated tree hides the categories released after its
+  version (2009-04-04 has no ``iam/``, ``mac`` or ``network/``; ``placement/``
+  there holds only ``availability-zone``). Releases between listed versions
+  (2018-05-23, 2020-08-24, 2020-11-01) appear from the next listed version.
+- Empty path segments and a trailing slash are ignored, on leaves as on
+  directories (botocore asks ``placement/availability-zone/``, ec2-metadata
+  ``/latest//meta-data/reservation-id``, and both work on EC2).
+- Status 403 for every request while ``http-endpoint`` is disabled; the error
+  bodies (the XHTML page below) and ``Server: EC2ws``; 405 for other methods;
+  ``GET /latest/`` listing ``dynamic``, ``meta-data`` and ``user-data`` (only
+  when there is user data).
+- That the hop limit covers every packet of the connection after a token
+  response (so its retransmissions die as the reply did), not the handshake.
+- Values: the zone id (``use1-az1``) follows the zone letter (EC2 maps letters
+  to ids per account); ``profile`` is ``default-hvm``; no kernel, ramdisk,
+  product codes, ancestor AMIs or tags; maintenance events ``[]``.
+  ``pkcs7``, ``signature`` and ``rsa2048`` have the shape of AWS's (base64,
+  64 columns) but are random bytes that no AWS certificate verifies.
 
 Standard library only. Run it as::
 
@@ -49,6 +102,7 @@ from typing import Any, Union, cast
 from urllib.parse import urlsplit
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
+TOKEN_SEGMENTS = ["latest", "api", "token"]
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 MAX_TOKEN_TTL = 21600
@@ -57,9 +111,24 @@ DEFAULT_INSTANCE_ID = "i-0123456789abcdef0"
 #: Fault kinds understood by :meth:`ImdsSimulator.set_fault` and the control file.
 FAULT_KINDS = frozenset({"500", "timeout", "truncate", "reset", "expire-tokens"})
 DEFAULT_TIMEOUT_DELAY = 10.0
+#: The dated API versions ``GET /`` lists before ``latest`` (as EC2 lists them).
+API_VERSIONS = (
+    "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15",
+    "2008-02-01", "2008-09-01", "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12",
+    "2014-02-25", "2014-11-05", "2015-10-20", "2016-04-19", "2016-06-30", "2016-09-02",
+    "2018-03-28", "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03",
+    "2021-03-23", "2021-07-15", "2022-09-24",
+)  # fmt: skip
+#: EC2's default ``http-put-response-hop-limit``.
+DEFAULT_HOP_LIMIT = 1
+MAX_HOP_LIMIT = 64
 #: New credentials are issued this long before the current ones expire.
 ROTATION_MARGIN = 300.0
 
+_DIRECTION_ABBREV = {
+    "east": "e", "west": "w", "north": "n", "south": "s", "central": "c",
+    "northeast": "ne", "northwest": "nw", "southeast": "se", "southwest": "sw",
+}  # fmt: skip
 _MAX_REQUEST_BODY = 1 << 20
 _MAX_TOKENS = 4096
 _MAX_RECORDS = 10000
@@ -107,6 +176,22 @@ class SimConfig:
     account_id: str = "123456789012"
     role: str | None = DEFAULT_ROLE  # None: no instance profile attached
     http_tokens: str = "optional"  # "optional" (IMDSv1 allowed) or "required"
+    http_endpoint: str = "enabled"  # "disabled": every request is 403
+    #: IP TTL / IPv6 hop limit of token (PUT) responses: 1 stops them one
+    #: forwarding hop away (a container behind the host's bridge), as on EC2.
+    hop_limit: int = DEFAULT_HOP_LIMIT
+    public_ipv4: str | None = "203.0.113.25"  # None: no public address
+    ipv6: str | None = "2600:1f18:4b2:b300:5c1d:2e3f:4a5b:6c7d"  # None: no IPv6 address
+    subnet_ipv4_cidr: str = "172.31.16.0/20"
+    vpc_ipv4_cidr: str = "172.31.0.0/16"
+    subnet_ipv6_cidr: str = "2600:1f18:4b2:b300::/64"
+    vpc_ipv6_cidr: str = "2600:1f18:4b2:b300::/56"
+    vpc_id: str = "vpc-0a1b2c3d4e5f67890"
+    subnet_id: str = "subnet-0a1b2c3d4e5f67890"
+    interface_id: str = "eni-0a1b2c3d4e5f67890"
+    security_groups: tuple[tuple[str, str], ...] = (("default", "sg-0a1b2c3d4e5f67890"),)
+    key_name: str | None = "imdsguard-demo-key"  # None: launched without a key pair
+    availability_zone_id: str | None = None  # default: derived from the zone's name
     user_data: bytes | None = None  # None: /latest/user-data is 404
     credential_lifetime: float = 3600.0
     request_log: str | None = None
@@ -122,11 +207,42 @@ class SimConfig:
             raise ValueError("credential_lifetime must be a positive number of seconds")
         if self.role is not None and (not self.role or "/" in self.role):
             raise ValueError(f"invalid role name {self.role!r}")
+        if self.http_endpoint not in ("enabled", "disabled"):
+            raise ValueError(
+                f"http_endpoint must be 'enabled' or 'disabled', not {self.http_endpoint!r}"
+            )
+        if isinstance(self.hop_limit, bool) or not 1 <= self.hop_limit <= MAX_HOP_LIMIT:
+            raise ValueError(f"hop_limit must be 1..{MAX_HOP_LIMIT}, not {self.hop_limit!r}")
 
     @property
     def effective_availability_zone(self) -> str:
         """The availability zone, defaulting to the region's first zone."""
         return self.availability_zone or self.region + "a"
+
+    @property
+    def effective_availability_zone_id(self) -> str:
+        """The zone id (``use1-az1``): region initials plus the zone letter's number.
+
+        EC2 maps zone letters to zone ids per account; this fixed mapping
+        (a -> az1, b -> az2, ...) only keeps the two consistent.
+        """
+        if self.availability_zone_id:
+            return self.availability_zone_id
+        zone = self.effective_availability_zone
+        parts = self.region.split("-")
+        middle = "".join(_DIRECTION_ABBREV.get(p, p[:1]) for p in parts[1:-1])
+        letter = zone[len(self.region) :] or "a"
+        return f"{parts[0]}{middle}{parts[-1]}-az{ord(letter[0]) - ord('a') + 1}"
+
+    @property
+    def public_hostname(self) -> str | None:
+        """The public DNS name EC2 derives from the public address, if any."""
+        if self.public_ipv4 is None:
+            return None
+        stem = "ec2-" + self.public_ipv4.replace(".", "-")
+        if self.region == "us-east-1":
+            return stem + ".compute-1.amazonaws.com"
+        return f"{stem}.{self.region}.compute.amazonaws.com"
 
     @property
     def effective_hostname(self) -> str:
@@ -208,6 +324,8 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain"
     headers: tuple[tuple[str, str], ...] = ()
+    #: IP TTL / IPv6 hop limit for the reply's packets (None: the kernel's default).
+    hop_limit: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,19 +338,48 @@ class _Credentials:
 
 
 class _Dir:
-    """A directory of the metadata tree; ``slash`` marks subdirectories in listings."""
+    """A directory of the metadata tree.
 
-    __slots__ = ("entries", "slash")
+    ``slash`` marks subdirectories with a trailing ``/`` in listings (AWS does
+    so below the version level); ``since`` holds, per entry, the first API
+    version that has it (entries without one exist since 1.0); ``labels``
+    replaces an entry's name in listings (``public-keys/`` lists ``0=name``
+    for the directory ``0``).
+    """
 
-    def __init__(self, entries: dict[str, _Node], slash: bool = True) -> None:
-        self.entries = entries
+    __slots__ = ("entries", "labels", "since", "slash")
+
+    def __init__(self, entries: Mapping[str, _Node] | None = None, slash: bool = True) -> None:
+        self.entries: dict[str, _Node] = dict(entries or {})
+        self.since: dict[str, str] = {}
+        self.labels: dict[str, str] = {}
         self.slash = slash
 
-    def listing(self) -> bytes:
-        names = [
-            name + "/" if self.slash and isinstance(node, _Dir) else name
-            for name, node in self.entries.items()
-        ]
+    def add(
+        self, name: str, node: _Node, since: str | None = None, label: str | None = None
+    ) -> _Dir:
+        """Add an entry (first present in API version ``since``); returns self."""
+        self.entries[name] = node
+        if since is not None:
+            self.since[name] = since
+        if label is not None:
+            self.labels[name] = label
+        return self
+
+    def visible(self, name: str, version: str | None) -> bool:
+        """Whether ``name`` exists in API ``version`` (``None``: latest)."""
+        # Dated versions compare as strings: "1.0" sorts before every "YYYY-MM-DD".
+        return name in self.entries and (version is None or self.since.get(name, "1.0") <= version)
+
+    def listing(self, version: str | None = None) -> bytes:
+        names = []
+        for name, node in self.entries.items():
+            if not self.visible(name, version):
+                continue
+            if name in self.labels:
+                names.append(self.labels[name])
+            else:
+                names.append(name + "/" if self.slash and isinstance(node, _Dir) else name)
         return "\n".join(names).encode()
 
 
@@ -251,6 +398,11 @@ def _rfc3339(wall: float) -> str:
 def _text(value: str) -> Callable[[], bytes]:
     data = value.encode()
     return lambda: data
+
+
+def _wrapped_b64(data: bytes) -> str:
+    text = base64.b64encode(data).decode()
+    return "\n".join(text[i : i + 64] for i in range(0, len(text), 64))
 
 
 def _json_leaf(build: Callable[[], Mapping[str, object]]) -> Callable[[], bytes]:
@@ -282,7 +434,7 @@ class ImdsSimulator:
         self._control_lock = threading.Lock()
         self._stop = threading.Event()
         self._tokens: dict[str, float] = {}
-        self._credentials: _Credentials | None = None
+        self._credentials: dict[str, _Credentials] = {}
         self._fault: Fault | None = None
         self._control_sig: tuple[int, int, int] | None = None
         self._request_count = 0
@@ -515,18 +667,21 @@ class ImdsSimulator:
     def _random_id(length: int) -> str:
         return "".join(secrets.choice(_ACCESS_KEY_ALPHABET) for _ in range(length))
 
-    def current_credentials(self) -> dict[str, str]:
+    def current_credentials(self, which: str = "role") -> dict[str, str]:
         """The role credentials document IMDS would serve now, rotating if due.
 
         A new set is issued when the current one expires within
         :data:`ROTATION_MARGIN` seconds (capped at half the lifetime, so short
-        test lifetimes still give each set a useful life).
+        test lifetimes still give each set a useful life). ``which`` names an
+        independent set: ``"role"`` (the instance profile's, under
+        ``iam/security-credentials/``) or ``"ec2-instance"`` (the instance
+        identity's, under ``identity-credentials/ec2/``).
         """
         lifetime = float(self.config.credential_lifetime)
         margin = min(ROTATION_MARGIN, lifetime / 2)
         now = self._now()
         with self._lock:
-            creds = self._credentials
+            creds = self._credentials.get(which)
             if creds is None or now >= creds.expires - margin:
                 creds = _Credentials(
                     access_key_id="ASIA" + self._random_id(16),
@@ -535,7 +690,7 @@ class ImdsSimulator:
                     issued=now,
                     expires=now + lifetime,
                 )
-                self._credentials = creds
+                self._credentials[which] = creds
         return {
             "Code": "Success",
             "LastUpdated": _rfc3339(self._wall(creds.issued)),
@@ -549,15 +704,21 @@ class ImdsSimulator:
     # -- the service ---------------------------------------------------------
 
     def _build_tree(self) -> _Dir:
+        """The tree under each version; ``since`` versions follow AWS's category table."""
         cfg = self.config
         started = _rfc3339(self._wall_base)
-        meta: dict[str, _Node] = {
-            "ami-id": _text(cfg.ami_id),
-            "ami-launch-index": _text("0"),
-            "ami-manifest-path": _text("(unknown)"),
-            "block-device-mapping": _Dir({"ami": _text("/dev/xvda"), "root": _text("/dev/xvda")}),
-            "hostname": _text(cfg.effective_hostname),
-        }
+        meta = _Dir()
+        meta.add("ami-id", _text(cfg.ami_id))
+        meta.add("ami-launch-index", _text("0"))
+        meta.add("ami-manifest-path", _text("(unknown)"))
+        meta.add(
+            "block-device-mapping",
+            _Dir({"ami": _text("/dev/xvda"), "root": _text("/dev/xvda")}),
+            since="2007-12-15",
+        )
+        maintenance = _Dir({"history": _text("[]"), "scheduled": _text("[]")})
+        meta.add("events", _Dir({"maintenance": maintenance}), since="2018-08-17")
+        meta.add("hostname", _text(cfg.effective_hostname))
         if cfg.role is not None:
             role = cfg.role
             info = {
@@ -566,32 +727,49 @@ class ImdsSimulator:
                 "InstanceProfileArn": f"arn:aws:iam::{cfg.account_id}:instance-profile/{role}",
                 "InstanceProfileId": self._profile_id,
             }
-            meta["iam"] = _Dir(
-                {
-                    "info": _json_leaf(lambda: info),
-                    "security-credentials": _Dir({role: _json_leaf(self.current_credentials)}),
-                }
-            )
-        meta.update(
-            {
-                "instance-action": _text("none"),
-                "instance-id": _text(cfg.instance_id),
-                "instance-life-cycle": _text("on-demand"),
-                "instance-type": _text(cfg.instance_type),
-                "local-hostname": _text(cfg.effective_hostname),
-                "local-ipv4": _text(cfg.local_ipv4),
-                "mac": _text(cfg.mac),
-                "placement": _Dir(
-                    {
-                        "availability-zone": _text(cfg.effective_availability_zone),
-                        "region": _text(cfg.region),
-                    }
-                ),
-                "reservation-id": _text("r-0fedcba9876543210"),
-                "security-groups": _text("default"),
-                "services": _Dir({"domain": _text("amazonaws.com"), "partition": _text("aws")}),
-            }
+            iam = _Dir({"info": _json_leaf(lambda: info)})
+            iam.add("security-credentials", _Dir({role: _json_leaf(self.current_credentials)}))
+            meta.add("iam", iam, since="2012-01-12")
+        identity_info = {"Code": "Success", "LastUpdated": started, "AccountId": cfg.account_id}
+        ec2_creds = _json_leaf(lambda: self.current_credentials("ec2-instance"))
+        ec2 = _Dir({"info": _json_leaf(lambda: identity_info)})
+        ec2.add("security-credentials", _Dir({"ec2-instance": ec2_creds}))
+        meta.add("identity-credentials", _Dir({"ec2": ec2}), since="2018-05-23")
+        meta.add("instance-action", _text("none"), since="2008-09-01")
+        meta.add("instance-id", _text(cfg.instance_id))
+        meta.add("instance-life-cycle", _text("on-demand"), since="2019-10-01")
+        meta.add("instance-type", _text(cfg.instance_type), since="2007-08-29")
+        if cfg.ipv6 is not None:
+            meta.add("ipv6", _text(cfg.ipv6), since="2021-01-03")
+        meta.add("local-hostname", _text(cfg.effective_hostname), since="2007-01-19")
+        meta.add("local-ipv4", _text(cfg.local_ipv4))
+        meta.add("mac", _text(cfg.mac), since="2011-01-01")
+        meta.add(
+            "metrics",
+            _Dir({"vhostmd": _text('<?xml version="1.0" encoding="UTF-8"?>')}),
+            since="2011-05-01",
         )
+        macs = _Dir({cfg.mac: self._interface()})
+        meta.add("network", _Dir({"interfaces": _Dir({"macs": macs})}), since="2011-01-01")
+        placement = _Dir()
+        placement.add("availability-zone", _text(cfg.effective_availability_zone))
+        placement.add(
+            "availability-zone-id", _text(cfg.effective_availability_zone_id), since="2019-10-01"
+        )
+        placement.add("region", _text(cfg.region), since="2020-08-24")
+        meta.add("placement", placement, since="2008-02-01")
+        meta.add("profile", _text("default-hvm"), since="2011-05-01")
+        if cfg.public_ipv4 is not None and cfg.public_hostname is not None:
+            meta.add("public-hostname", _text(cfg.public_hostname), since="2007-01-19")
+            meta.add("public-ipv4", _text(cfg.public_ipv4), since="2007-01-19")
+        if cfg.key_name is not None:
+            key = _Dir({"openssh-key": _text(self._openssh_key(cfg.key_name))})
+            meta.add("public-keys", _Dir().add("0", key, label=f"0={cfg.key_name}"))
+        meta.add("reservation-id", _text("r-0fedcba9876543210"))
+        meta.add("security-groups", _text("\n".join(name for name, _ in cfg.security_groups)))
+        services = _Dir({"domain": _text("amazonaws.com")})
+        services.add("partition", _text("aws"), since="2015-10-20")
+        meta.add("services", services, since="2014-02-25")
         document = {
             "accountId": cfg.account_id,
             "architecture": "x86_64",
@@ -609,16 +787,57 @@ class ImdsSimulator:
             "region": cfg.region,
             "version": "2017-09-30",
         }
-        latest: dict[str, _Node] = {
-            "dynamic": _Dir(
-                {"instance-identity": _Dir({"document": _json_leaf(lambda: document)})}
-            ),
-            "meta-data": _Dir(meta),
-        }
+        identity = _Dir({"document": _json_leaf(lambda: document)})
+        # Shaped like AWS's (base64, 64 columns) but not signed by any key.
+        identity.add("pkcs7", _text(_wrapped_b64(secrets.token_bytes(1100))))
+        identity.add("signature", _text(_wrapped_b64(secrets.token_bytes(128))))
+        identity.add("rsa2048", _text(_wrapped_b64(secrets.token_bytes(1500))))
+        tree = _Dir(slash=False)  # AWS lists the version level without trailing slashes
+        tree.add("dynamic", _Dir({"instance-identity": identity}), since="2009-04-04")
+        tree.add("meta-data", meta)
         if cfg.user_data is not None:
-            latest["user-data"] = self._bytes(cfg.user_data)
-        # AWS lists the top two levels without trailing slashes.
-        return _Dir({"latest": _Dir(latest, slash=False)}, slash=False)
+            tree.add("user-data", self._bytes(cfg.user_data))
+        return tree
+
+    def _interface(self) -> _Dir:
+        """``network/interfaces/macs/<mac>/``: the primary interface, agreeing with the rest."""
+        cfg = self.config
+        nic = _Dir()
+        nic.add("device-number", _text("0"))
+        nic.add("interface-id", _text(cfg.interface_id))
+        if cfg.public_ipv4 is not None and cfg.public_hostname is not None:
+            nic.add("ipv4-associations", _Dir({cfg.public_ipv4: _text(cfg.local_ipv4)}))
+        if cfg.ipv6 is not None:
+            nic.add("ipv6s", _text(cfg.ipv6), since="2016-06-30")
+        nic.add("local-hostname", _text(cfg.effective_hostname))
+        nic.add("local-ipv4s", _text(cfg.local_ipv4))
+        nic.add("mac", _text(cfg.mac))
+        nic.add("network-card-index", _text("0"), since="2020-11-01")
+        nic.add("owner-id", _text(cfg.account_id))
+        if cfg.public_ipv4 is not None and cfg.public_hostname is not None:
+            nic.add("public-hostname", _text(cfg.public_hostname))
+            nic.add("public-ipv4s", _text(cfg.public_ipv4))
+        nic.add("security-group-ids", _text("\n".join(gid for _, gid in cfg.security_groups)))
+        nic.add("security-groups", _text("\n".join(name for name, _ in cfg.security_groups)))
+        nic.add("subnet-id", _text(cfg.subnet_id))
+        nic.add("subnet-ipv4-cidr-block", _text(cfg.subnet_ipv4_cidr))
+        if cfg.ipv6 is not None:
+            nic.add("subnet-ipv6-cidr-blocks", _text(cfg.subnet_ipv6_cidr), since="2016-06-30")
+        nic.add("vpc-id", _text(cfg.vpc_id))
+        nic.add("vpc-ipv4-cidr-block", _text(cfg.vpc_ipv4_cidr))
+        nic.add("vpc-ipv4-cidr-blocks", _text(cfg.vpc_ipv4_cidr), since="2016-06-30")
+        if cfg.ipv6 is not None:
+            nic.add("vpc-ipv6-cidr-blocks", _text(cfg.vpc_ipv6_cidr), since="2016-06-30")
+        return nic
+
+    @staticmethod
+    def _openssh_key(name: str) -> str:
+        # A well-formed ssh-ed25519 public key blob around a random point.
+        blob = b"".join(
+            struct.pack(">I", len(part)) + part
+            for part in (b"ssh-ed25519", secrets.token_bytes(32))
+        )
+        return f"ssh-ed25519 {base64.b64encode(blob).decode()} {name}"
 
     @staticmethod
     def _bytes(data: bytes) -> Callable[[], bytes]:
@@ -628,12 +847,18 @@ class ImdsSimulator:
         """Answer one request; ``headers`` keys must be lower-case.
 
         This is the whole IMDS logic without sockets or faults, so it can be
-        called directly from tests.
+        called directly from tests. Empty path segments and a trailing slash
+        are ignored, on directories and leaves alike, as EC2 does.
         """
-        if path == TOKEN_PATH:
+        if self.config.http_endpoint == "disabled":
+            return _error(403)
+        segments = [segment for segment in path.split("/") if segment]
+        if not path.startswith("/"):
+            return _error(404)
+        if segments == TOKEN_SEGMENTS:
             if method != "PUT":
                 return _error(405, (("Allow", "PUT"),))
-            return self._put_token(headers)
+            return dataclasses.replace(self._put_token(headers), hop_limit=self.config.hop_limit)
         if method not in ("GET", "HEAD"):
             return _error(405, (("Allow", "GET, HEAD"),))
         token = headers.get(TOKEN_HEADER.lower())
@@ -642,7 +867,7 @@ class ImdsSimulator:
                 return _error(401)
         elif self.config.http_tokens == "required":
             return _error(401)
-        return self._lookup(path)
+        return self._lookup(segments)
 
     def _put_token(self, headers: Mapping[str, str]) -> Response:
         # IMDS refuses token requests that went through a proxy.
@@ -657,23 +882,21 @@ class ImdsSimulator:
         token = self.issue_token(ttl)
         return Response(200, token.encode(), "text/plain", ((TTL_HEADER, str(ttl)),))
 
-    def _lookup(self, path: str) -> Response:
-        if not path.startswith("/"):
+    def _lookup(self, segments: list[str]) -> Response:
+        if not segments:
+            return Response(200, "\n".join((*API_VERSIONS, "latest")).encode())
+        head, rest = segments[0], segments[1:]
+        if head != "latest" and head not in API_VERSIONS:
             return _error(404)
-        trailing = path.endswith("/")
-        segments = path[1:].split("/")
-        if trailing:
-            segments.pop()
+        version = None if head == "latest" else head
         node: _Node = self._tree
-        for segment in segments:
-            if not isinstance(node, _Dir) or segment not in node.entries:
+        for segment in rest:
+            if not isinstance(node, _Dir) or not node.visible(segment, version):
                 return _error(404)
             node = node.entries[segment]
         if isinstance(node, _Dir):
-            return Response(200, node.listing())
-        if trailing:
-            return _error(404)
-        content_type = "application/octet-stream" if path == "/latest/user-data" else "text/plain"
+            return Response(200, node.listing(version))
+        content_type = "application/octet-stream" if rest == ["user-data"] else "text/plain"
         return Response(200, node(), content_type)
 
 
@@ -777,6 +1000,8 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _send(self, response: Response, truncate: bool = False, close: bool = False) -> None:
+        if response.hop_limit is not None:
+            self._set_hop_limit(response.hop_limit)
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -792,6 +1017,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         if body:
             self.wfile.write(body)
+
+    def _set_hop_limit(self, hops: int) -> None:
+        # Kept for the rest of the connection, so that retransmissions of the
+        # reply are as short-lived as the reply.
+        conn = self.connection
+        with contextlib.suppress(OSError):
+            if conn.family == socket.AF_INET6:
+                conn.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+            else:
+                conn.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
 
     def _reset(self) -> None:
         self._record(None)
@@ -881,6 +1116,12 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _hop_limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_HOP_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a hop limit 1..{MAX_HOP_LIMIT}, not {value!r}")
+    return int(value)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m imdsguard_testing.imds_sim",
@@ -895,6 +1136,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="address to serve on, e.g. 169.254.169.254:80 or '[fd00:ec2::254]:80' (repeatable)",
     )
     parser.add_argument("--http-tokens", choices=("optional", "required"), default="optional")
+    parser.add_argument(
+        "--http-endpoint",
+        choices=("enabled", "disabled"),
+        default="enabled",
+        help="disabled: every request is refused with 403",
+    )
+    parser.add_argument(
+        "--http-put-response-hop-limit",
+        dest="hop_limit",
+        type=_hop_limit,
+        default=DEFAULT_HOP_LIMIT,
+        metavar="N",
+        help=f"IP TTL of token responses, 1..{MAX_HOP_LIMIT} (default {DEFAULT_HOP_LIMIT}, as EC2)",
+    )
     roles = parser.add_mutually_exclusive_group()
     roles.add_argument("--role", default=DEFAULT_ROLE, help="instance profile role name")
     roles.add_argument("--no-role", action="store_true", help="no instance profile attached")
@@ -945,6 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
             region=args.region,
             role=None if args.no_role else args.role,
             http_tokens=args.http_tokens,
+            http_endpoint=args.http_endpoint,
+            hop_limit=args.hop_limit,
             user_data=user_data,
             credential_lifetime=args.credential_lifetime,
             request_log=args.request_log,

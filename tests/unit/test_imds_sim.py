@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -183,7 +184,11 @@ def test_token_expires_after_ttl(port: int, clock: FakeClock) -> None:
 
 def test_listings(make_sim: Factory) -> None:
     _, port = make_sim(instance_id="i-0aaaabbbbccccdddd", region="eu-west-1")
-    assert call(port, "GET", "/").body == b"latest"
+    versions = call(port, "GET", "/").body.split(b"\n")
+    assert versions[0] == b"1.0" and versions[-1] == b"latest"
+    for dated in (b"2007-01-19", b"2009-04-04", b"2016-09-02", b"2018-09-24", b"2021-03-23"):
+        assert dated in versions
+    assert versions[:-1] == sorted(versions[:-1])
     for path in ("/latest", "/latest/"):
         assert call(port, "GET", path).body.split(b"\n") == [b"dynamic", b"meta-data"]
     for path in ("/latest/meta-data", "/latest/meta-data/"):
@@ -198,7 +203,8 @@ def test_listings(make_sim: Factory) -> None:
         b"security-credentials/",
     ]
     placement = call(port, "GET", "/latest/meta-data/placement").body.split(b"\n")
-    assert placement == [b"availability-zone", b"region"]
+    assert placement == [b"availability-zone", b"availability-zone-id", b"region"]
+    assert call(port, "GET", "/latest/meta-data/placement/availability-zone-id").body == b"euw1-az1"
     assert call(port, "GET", "/latest/meta-data/placement/region").body == b"eu-west-1"
     assert call(port, "GET", "/latest/meta-data/placement/availability-zone").body == b"eu-west-1a"
     assert call(port, "GET", "/latest/meta-data/instance-id").body == b"i-0aaaabbbbccccdddd"
@@ -215,10 +221,11 @@ def test_listings(make_sim: Factory) -> None:
     [
         "/nope",
         "/latest/meta-data/nope",
-        "/latest/meta-data/instance-id/",
-        "/latest//meta-data/",
         "/latest/meta-data/iam/security-credentials/other-role",
-        "/latest/api/token/",
+        "/2009-04-05/meta-data/instance-id",
+        "/2009-04-04/meta-data/iam/info",  # iam/ appeared in 2012-01-12
+        "/2016-09-02/meta-data/placement/availability-zone-id",  # 2019-10-01
+        "/latest/meta-data/instance-id/x",
     ],
 )
 def test_unknown_paths_are_404(port: int, path: str) -> None:
@@ -226,6 +233,138 @@ def test_unknown_paths_are_404(port: int, path: str) -> None:
     assert reply.status == 404
     assert reply.headers["content-type"] == "text/html"
     assert b"404 - Not Found" in reply.body
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/latest/meta-data/placement/availability-zone/",  # botocore's region fetcher
+        "/latest//meta-data/placement/availability-zone",  # amazon-ec2-utils' ec2-metadata
+        "//latest/meta-data//placement//availability-zone//",
+        "/2009-04-04/meta-data/placement/availability-zone/",
+    ],
+)
+def test_trailing_slash_and_empty_segments_are_tolerated(port: int, path: str) -> None:
+    reply = call(port, "GET", path)
+    assert (reply.status, reply.body) == (200, b"us-east-1a")
+
+
+def test_dated_versions_show_what_existed_then(port: int) -> None:
+    for version in ("1.0", "2009-04-04", "2016-09-02", "2021-03-23", "latest"):
+        assert call(port, "GET", f"/{version}/meta-data/instance-id").body == b"i-0123456789abcdef0"
+
+    def entries(version: str) -> list[str]:
+        return call(port, "GET", f"/{version}/meta-data/").body.decode().split("\n")
+
+    old, mid, latest = entries("2009-04-04"), entries("2016-09-02"), entries("latest")
+    assert "iam/" not in old and "network/" not in old and "mac" not in old
+    assert {"iam/", "network/", "mac", "services/", "metrics/", "profile"} <= set(mid)
+    assert "events/" not in mid and "identity-credentials/" not in mid
+    assert {"events/", "identity-credentials/", "instance-life-cycle", "ipv6"} <= set(latest)
+    assert set(old) < set(mid) < set(latest)
+    assert call(port, "GET", "/1.0/").body.split(b"\n") == [b"meta-data"]
+    assert call(port, "GET", "/2009-04-04").body.split(b"\n") == [b"dynamic", b"meta-data"]
+    placement = call(port, "GET", "/2016-09-02/meta-data/placement/").body
+    assert placement == b"availability-zone"
+
+
+def test_network_interfaces_agree_with_the_rest(port: int) -> None:
+    def get(path: str) -> str:
+        reply = call(port, "GET", "/latest/meta-data/" + path)
+        assert reply.status == 200, path
+        return reply.body.decode()
+
+    mac = get("mac")
+    assert get("network/interfaces/macs/").split("\n") == [mac + "/"]
+    nic = f"network/interfaces/macs/{mac}/"
+    names = get(nic).split("\n")
+    for name in (
+        "device-number", "interface-id", "local-ipv4s", "mac", "owner-id", "subnet-id",
+        "vpc-id", "vpc-ipv4-cidr-block", "vpc-ipv4-cidr-blocks", "security-group-ids",
+        "security-groups", "ipv6s", "subnet-ipv4-cidr-block", "public-ipv4s",
+    ):  # fmt: skip
+        assert name in names
+    assert get(nic + "mac") == mac
+    assert get(nic + "device-number") == "0"
+    assert get(nic + "local-ipv4s") == get("local-ipv4")
+    assert get(nic + "ipv6s") == get("ipv6")
+    assert get(nic + "public-ipv4s") == get("public-ipv4")
+    assert get(nic + "local-hostname") == get("local-hostname")
+    assert get(nic + "security-groups") == get("security-groups")
+    assert get(nic + "interface-id").startswith("eni-")
+    assert get(nic + "subnet-id").startswith("subnet-")
+    assert get(nic + "vpc-id").startswith("vpc-")
+    assert get(nic + "security-group-ids").startswith("sg-")
+    doc = call(port, "GET", "/latest/dynamic/instance-identity/document").json()
+    assert get(nic + "owner-id") == doc["accountId"]
+    subnet = ipaddress.ip_network(get(nic + "subnet-ipv4-cidr-block"))
+    vpc = ipaddress.ip_network(get(nic + "vpc-ipv4-cidr-block"))
+    assert ipaddress.ip_address(get("local-ipv4")) in subnet and subnet.subnet_of(vpc)
+    v6subnet = ipaddress.ip_network(get(nic + "subnet-ipv6-cidr-blocks"))
+    assert ipaddress.ip_address(get("ipv6")) in v6subnet
+    assert get(nic + f"ipv4-associations/{get('public-ipv4')}") == get("local-ipv4")
+    assert get("public-hostname") == "ec2-203-0-113-25.compute-1.amazonaws.com"
+
+
+def test_identity_credentials_events_keys_and_dynamic(port: int) -> None:
+    base = "/latest/meta-data/"
+    info = call(port, "GET", base + "identity-credentials/ec2/info").json()
+    assert info["Code"] == "Success" and info["AccountId"] == "123456789012"
+    listing = call(port, "GET", base + "identity-credentials/ec2/security-credentials/").body
+    assert listing == b"ec2-instance"
+    ec2 = call(port, "GET", base + "identity-credentials/ec2/security-credentials/ec2-instance")
+    role = call(port, "GET", CREDS_PATH).json()
+    assert ec2.json()["AccessKeyId"].startswith("ASIA")
+    assert ec2.json()["AccessKeyId"] != role["AccessKeyId"]  # a set of its own
+    assert call(port, "GET", base + "events/maintenance/").body == b"history\nscheduled"
+    for leaf in ("history", "scheduled"):
+        assert call(port, "GET", base + f"events/maintenance/{leaf}").json() == []
+    keys = call(port, "GET", base + "public-keys/").body
+    assert keys == b"0=imdsguard-demo-key"
+    assert call(port, "GET", base + "public-keys/0/").body == b"openssh-key"
+    key = call(port, "GET", base + "public-keys/0/openssh-key").body.decode()
+    assert re.fullmatch(
+        r"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI[A-Za-z0-9+/=]+ imdsguard-demo-key", key
+    )
+    identity = call(port, "GET", "/latest/dynamic/instance-identity/").body.split(b"\n")
+    assert identity == [b"document", b"pkcs7", b"signature", b"rsa2048"]
+    for leaf in ("pkcs7", "signature", "rsa2048"):
+        body = call(port, "GET", f"/latest/dynamic/instance-identity/{leaf}").body.decode()
+        assert all(len(line) <= 64 for line in body.split("\n"))
+    assert call(port, "GET", base + "profile").body == b"default-hvm"
+    assert call(port, "GET", base + "metrics/").body == b"vhostmd"
+
+
+def test_optional_parts_can_be_absent(make_sim: Factory) -> None:
+    _, port = make_sim(public_ipv4=None, ipv6=None, key_name=None, role=None)
+    entries = call(port, "GET", "/latest/meta-data/").body.decode().split("\n")
+    for name in ("public-ipv4", "public-hostname", "ipv6", "public-keys/", "iam/"):
+        assert name not in entries
+    assert "identity-credentials/" in entries  # present with or without a role
+    nic = call(port, "GET", "/latest/meta-data/network/interfaces/macs/0e:12:34:56:78:9a/")
+    for name in ("ipv6s", "public-ipv4s", "ipv4-associations/", "vpc-ipv6-cidr-blocks"):
+        assert name not in nic.body.decode().split("\n")
+
+
+def test_http_endpoint_disabled_is_403_for_everything(make_sim: Factory) -> None:
+    _, port = make_sim(http_endpoint="disabled")
+    for method, path in (("PUT", "/latest/api/token"), ("GET", "/"), ("GET", CREDS_PATH)):
+        reply = call(port, method, path, {TTL_HEADER: "60"})
+        assert reply.status == 403 and b"403 - Forbidden" in reply.body
+
+
+def test_token_responses_carry_the_hop_limit() -> None:
+    sim = ImdsSimulator(SimConfig(hop_limit=2))
+    put = sim.respond("PUT", "/latest/api/token", {TTL_HEADER.lower(): "5"})
+    assert (put.status, put.hop_limit) == (200, 2)
+    assert sim.respond("PUT", "/latest/api/token", {}).hop_limit == 2  # its 400 too
+    assert sim.respond("GET", "/latest/meta-data/ami-id", {}).hop_limit is None
+
+
+def test_token_path_tolerates_slashes_like_the_rest(port: int) -> None:
+    reply = call(port, "PUT", "/latest/api/token/", {TTL_HEADER: "60"})
+    assert reply.status == 200
+    assert call(port, "GET", "/latest/api/token").status == 405
 
 
 def test_query_string_ignored_and_head_has_no_body(port: int) -> None:
@@ -339,6 +478,11 @@ def test_config_validation() -> None:
         SimConfig(http_tokens="sometimes")
     with pytest.raises(ValueError, match="credential_lifetime"):
         SimConfig(credential_lifetime=0)
+    with pytest.raises(ValueError, match="http_endpoint"):
+        SimConfig(http_endpoint="off")
+    for hops in (0, 65, True):
+        with pytest.raises(ValueError, match="hop_limit"):
+            SimConfig(hop_limit=hops)
     with pytest.raises(ValueError, match="fault"):
         Fault("explode")
     with pytest.raises(ValueError):
@@ -518,6 +662,8 @@ def test_main_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--listen", "nowhere"]) == 2
     assert main(["--listen", "127.0.0.1:0", "--credential-lifetime", "0"]) == 2
     assert main(["--listen", "127.0.0.1:0", "--user-data-file", "/nonexistent/x"]) == 2
+    assert main(["--listen", "127.0.0.1:0", "--http-put-response-hop-limit", "0"]) == 2
+    assert main(["--listen", "127.0.0.1:0", "--http-endpoint", "off"]) == 2
     capsys.readouterr()
 
 
