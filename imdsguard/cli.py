@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from imdsguard import __version__, _locks, paths
+from imdsguard import __version__, _locks, cgroups, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.detect import choose, leftovers, make_backend
@@ -69,7 +69,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     supports_queue = getattr(backend, "supports_queue", lambda: True)
     queue = QUEUE_NUM if running and supports_queue() else None
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-        ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=queue)
+        units = cgroups.resolve(config.allow.units)
+        ruleset = build_ruleset(
+            config, extra_uids=service_uids(config), queue_num=queue, unit_cgroups=units
+        )
         changed = backend.apply(ruleset)
     print(f"rules {'applied' if changed else 'already in place'} ({backend.name} backend)")
     return 0
@@ -179,7 +182,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         from imdsguard.firewall.nftables import expand_groups  # noqa: PLC0415
         from imdsguard.firewall.nftables import render as nft_render  # noqa: PLC0415
 
-        ruleset = build_ruleset(config, extra_uids=service_uids(config), queue_num=None)
+        units = cgroups.resolve(config.allow.units)
+        ruleset = build_ruleset(
+            config, extra_uids=service_uids(config), queue_num=None, unit_cgroups=units
+        )
         backend = choose(config.backend)
         if backend == "nftables":
             print("# nftables batch (nft -j), groups expanded with this host's /etc/group")

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from imdsguard import cgroups
 from imdsguard.errors import ConfigError
 
 DEFAULT_PATH = "/etc/imdsguard/config.yaml"
@@ -45,6 +46,7 @@ class AllowConfig:
 
     users: tuple[Principal, ...] = ()
     groups: tuple[Principal, ...] = ()
+    units: tuple[str, ...] = ()  # systemd units (cgroup v2), e.g. amazon-ssm-agent.service
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class BrokerClients:
     users: tuple[Principal, ...] = ()
     groups: tuple[Principal, ...] = ()
     exes: tuple[str, ...] = ()
+    units: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class Config:
             "allow": {
                 "users": principals(self.allow.users),
                 "groups": principals(self.allow.groups),
+                "units": list(self.allow.units),
             },
             "containers": self.containers,
             "broker": {
@@ -144,6 +148,7 @@ class Config:
                     "users": principals(self.broker.clients.users),
                     "groups": principals(self.broker.clients.groups),
                     "exes": list(self.broker.clients.exes),
+                    "units": list(self.broker.clients.units),
                 },
                 "limits": {k: getattr(self.broker.limits, k) for k in LIMIT_RANGES},
             },
@@ -400,6 +405,25 @@ def _groups(doc: _Doc, key: str, value: Any) -> tuple[Principal, ...]:
     )
 
 
+def _units(doc: _Doc, key: str, value: Any) -> tuple[str, ...]:
+    """systemd unit names (``foo.service``), checked for syntax; the host must be cgroup v2."""
+    result: list[str] = []
+    for i, item in enumerate(_list(doc, key, value, "systemd unit names")):
+        ikey = f"{key}[{i}]"
+        if not isinstance(item, str):
+            raise doc.error(ikey, f"must be a systemd unit name like foo.service, got {item!r}")
+        problem = cgroups.unit_name_problem(item)
+        if problem:
+            raise doc.error(ikey, f"{_printable(item)!r} {problem}")
+        if item not in result:
+            result.append(item)
+    if result:
+        problem = cgroups.unified_problem()
+        if problem:
+            raise doc.error(key, problem)
+    return tuple(result)
+
+
 def _endpoints(doc: _Doc, value: Any, acknowledged: Any) -> tuple[IPAddress, ...]:
     if value is None:
         return Config.endpoints
@@ -497,13 +521,13 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
         ),
     )
     firewall = _check_keys(doc, "firewall", top.get("firewall"), ("backend",))
-    allow_raw = _check_keys(doc, "allow", top.get("allow"), ("users", "groups"))
+    allow_raw = _check_keys(doc, "allow", top.get("allow"), ("users", "groups", "units"))
     broker_raw = _check_keys(
         doc, "broker", top.get("broker"), ("enabled", "socket", "clients", "limits")
     )
     limits_raw = _check_keys(doc, "broker.limits", broker_raw.get("limits"), tuple(LIMIT_RANGES))
     clients_raw = _check_keys(
-        doc, "broker.clients", broker_raw.get("clients"), ("users", "groups", "exes")
+        doc, "broker.clients", broker_raw.get("clients"), ("users", "groups", "exes", "units")
     )
     imds = _check_keys(doc, "imds", top.get("imds"), ("url",))
     logging_raw = _check_keys(doc, "logging", top.get("logging"), ("format",))
@@ -537,7 +561,9 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
             "auto",
         ),
         allow=AllowConfig(
-            users=allow_users, groups=_groups(doc, "allow.groups", allow_raw.get("groups"))
+            users=allow_users,
+            groups=_groups(doc, "allow.groups", allow_raw.get("groups")),
+            units=_units(doc, "allow.units", allow_raw.get("units")),
         ),
         containers=_choice(doc, "containers", top.get("containers"), ("deny", "allow"), "deny"),
         broker=BrokerConfig(
@@ -548,6 +574,7 @@ def _validate(data: dict[str, Any], doc: _Doc) -> Config:
                 users=_users(doc, "broker.clients.users", clients_raw.get("users")),
                 groups=_groups(doc, "broker.clients.groups", clients_raw.get("groups")),
                 exes=tuple(exes),
+                units=_units(doc, "broker.clients.units", clients_raw.get("units")),
             ),
             limits=_limits(doc, limits_raw),
         ),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Protocol
 
-from imdsguard import __version__, _locks, _state, paths
+from imdsguard import __version__, _locks, _state, cgroups, paths
 from imdsguard.config import Config, load_config
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
@@ -159,6 +159,8 @@ class Daemon:
         self.last_states: dict[str, str] = {}
         self.trouble = Trouble(logger)
         self._reserve_fd = _reserve()
+        self._unit_cgroups: dict[str, cgroups.UnitCgroup | None] = {}
+        self._units_searched = 0.0  # monotonic time of the last full search for units
         self.config: Config
         self.ruleset: RuleSet
         self.backend: Backend
@@ -195,6 +197,7 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w)  # a signal wakes the select() in the loop
         self.config = load_config(self.config_path)
         self.backend = make_backend(self.config.backend, hold=True)
+        self._unit_cgroups = self._resolve_units(self.config)
         self.ruleset = self._ruleset(self.config)
         self.log.info(
             "daemon_starting",
@@ -207,7 +210,7 @@ class Daemon:
         try:
             self._start_components(self.config, before=True)
             self.ruleset = self._ruleset(self.config)
-            self._apply("startup")
+            self._apply_resolving("startup")
             self._remove_leftovers()
             self._start_components(self.config, before=False)
             self.last_states = self._rule_states()
@@ -226,6 +229,7 @@ class Daemon:
 
     def _loop(self) -> None:
         watch = self._watch()
+        units = self._watch_units()
         next_heartbeat = time.monotonic() + HEARTBEAT
         next_full = 0.0
         try:
@@ -234,19 +238,30 @@ class Daemon:
                 # A polling backend with a cheap change test is asked often and
                 # checked in full only when it says so (or every interval).
                 quick = self._quick_check() if watch is None else None
-                fds: list[int | socket.socket] = [self._wake_r]
+                fds: list[Any] = [self._wake_r]
                 if watch is not None:
                     fds.append(watch)
+                if units is not None:
+                    fds.append(units)
                 timeout = QUICK_INTERVAL if quick is not None else interval
                 ready, _, _ = select.select(fds, [], [], timeout)
+                search = False
                 for fd in ready:
-                    _drain(fd)
+                    if fd is units:
+                        search = units.changed()
+                    else:
+                        _drain(fd)
                 if self._stop.is_set():
                     break
                 if self._reload.is_set():
                     self._reload.clear()
                     self._guarded("reload", "config_reload_failed", self._do_reload)
                     watch = self._guarded("watch", "watch_failed", self._rewatch, watch)
+                    next_full = 0.0
+                    if units is not None:
+                        units.close()
+                    units = self._watch_units()
+                if self._refresh_units(search):
                     next_full = 0.0
                 now = time.monotonic()
                 if (
@@ -264,6 +279,64 @@ class Daemon:
         finally:
             if watch is not None:
                 watch.close()
+            if units is not None:
+                units.close()
+
+    # -- units (allow.units)
+
+    def _watch_units(self) -> cgroups.Watcher | None:
+        """Notification of cgroups appearing and going, when the config names units."""
+        if not self.config.allow.units:
+            return None
+        try:
+            return cgroups.Watcher(self.config.allow.units)
+        except OSError as exc:
+            self.log.warning("units_watch_unavailable", error=str(exc), fallback="polling")
+            return None
+
+    def _resolve_units(self, config: Config, search: bool = True) -> dict[str, Any]:
+        if not config.allow.units:
+            return {}
+        if search:
+            self._units_searched = time.monotonic()
+        return cgroups.resolve(config.allow.units, known=self._unit_cgroups, search=search)
+
+    def _refresh_units(self, search: bool) -> bool:
+        """Follow units starting, stopping and restarting (each start is a new cgroup).
+
+        Every check stats the known cgroups (a restart keeps the path, not
+        the inode); a full search of the slices runs when the watcher saw a
+        unit or slice appear or go, and every HEARTBEAT seconds regardless.
+        True when the rule set changed.
+        """
+        if not self.config.allow.units:
+            return False
+        search = search or time.monotonic() - self._units_searched >= HEARTBEAT
+        found = self._resolve_units(self.config, search)
+        if found == self._unit_cgroups:
+            return False
+        before = set(self.ruleset.units_not_running())
+        self._unit_cgroups = found
+        self.ruleset = self._ruleset(self.config)
+        start = time.monotonic()
+        try:
+            self._apply("units_changed")
+        except ImdsGuardError as exc:
+            # A cgroup went between the lookup and the load: look again next tick.
+            self._unit_cgroups = {}
+            self.log.error("units_apply_failed", error=str(exc))
+            return True
+        now_stopped = set(self.ruleset.units_not_running())
+        self.log.info(
+            "units_changed",
+            running=sorted(u for u, cg in found.items() if cg is not None),
+            not_running=sorted(now_stopped),
+            started=sorted(before - now_stopped),
+            apply_ms=round((time.monotonic() - start) * 1000, 2),
+        )
+        self.last_states = self._rule_states()
+        self._publish()
+        return True
 
     def _quick_check(self) -> Callable[[], bool] | None:
         check: Callable[[], bool] | None = getattr(self.backend, "quick_check", None)
@@ -308,6 +381,17 @@ class Daemon:
         return self._watch()
 
     # -- firewall
+
+    def _apply_resolving(self, why: str) -> None:
+        """:meth:`_apply`; when a unit's cgroup went meanwhile, look again and retry once."""
+        try:
+            self._apply(why)
+        except ImdsGuardError:
+            if not self.ruleset.allow_cgroups:
+                raise
+            self._unit_cgroups = self._resolve_units(self.config)
+            self.ruleset = self._ruleset(self.config)
+            self._apply(why)
 
     def _apply(self, why: str) -> None:
         with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
@@ -354,7 +438,12 @@ class Daemon:
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.
         queue = QUEUE_NUM if "capture" in self._components else None
-        return build_ruleset(config, extra_uids=service_uids(config), queue_num=queue)
+        return build_ruleset(
+            config,
+            extra_uids=service_uids(config),
+            queue_num=queue,
+            unit_cgroups=self._unit_cgroups,
+        )
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
@@ -472,9 +561,10 @@ class Daemon:
         try:
             self.config, self.backend = config, backend
             self._reconfigure_components(config, before=True)
+            self._unit_cgroups = self._resolve_units(config)
             self.ruleset = self._ruleset(config)
             stage, applied = "apply", True
-            self._apply("reload")
+            self._apply_resolving("reload")
             stage = "components"
             self._reconfigure_components(config, before=False)
         except ImdsGuardError as exc:
@@ -502,6 +592,7 @@ class Daemon:
         """Put back the config, components and (if a new apply was tried) rules of before."""
         tried = self.backend
         self.config, self.backend, self.ruleset = previous
+        self._unit_cgroups = {}  # the next check looks the previous config's units up again
         try:
             self._reconfigure_components(self.config)
         except ImdsGuardError as exc:
@@ -602,6 +693,7 @@ class Daemon:
             + ([self.rollback_problem] if self.rollback_problem else [])
             + self.trouble.reasons()
             + _component_problems(components),
+            "units": {u: None if cg is None else cg.path for u, cg in self._unit_cgroups.items()},
             "attribution": self._attribution(),
             "limits": self._limits(),
         }

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from imdsguard.cgroups import UnitCgroup
 from imdsguard.config import Config
 
 FAMILIES = ("ipv4", "ipv6")
@@ -43,7 +45,11 @@ class RuleSet:
 
     ``allow_uids``/``allow_gids`` pass (the broker is one of ``allow_uids``:
     its own system user; no packet mark grants access, since any process
-    with CAP_NET_RAW can set one).
+    with CAP_NET_RAW can set one), and so do sockets created in the cgroup
+    of a running unit of ``allow_units``: ``allow_cgroups`` holds (unit,
+    cgroup path, cgroup inode) of each one found running when the rule set
+    was built (see :mod:`imdsguard.cgroups`: the inode tells a restarted
+    unit's new cgroup from the old one). A unit without a cgroup gets no rule.
     Everything else to ``endpoints`` is denied with ``action`` in enforce
     mode; in audit mode nothing is denied. With ``queue_num`` set (only while
     a daemon listens on that queue) packets go through NFQUEUE first so the
@@ -61,6 +67,8 @@ class RuleSet:
     mode: str = "enforce"
     queue_num: int | None = None
     containers: str = "allow"
+    allow_units: tuple[str, ...] = ()
+    allow_cgroups: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def enforcing(self) -> bool:
@@ -74,6 +82,11 @@ class RuleSet:
     def families(self) -> tuple[str, ...]:
         """The families that have at least one endpoint, in a fixed order."""
         return tuple(f for f in FAMILIES if self.endpoints(f))
+
+    def units_not_running(self) -> tuple[str, ...]:
+        """The configured units that had no cgroup (so no rule) when this was built."""
+        running = {unit for unit, _, _ in self.allow_cgroups}
+        return tuple(u for u in self.allow_units if u not in running)
 
     def to_json(self) -> str:
         """A stable serialisation, used to record what the daemon applied."""
@@ -92,18 +105,34 @@ class RuleSet:
             mode=data["mode"],
             queue_num=data.get("queue_num"),
             containers=data.get("containers", "allow"),
+            allow_units=tuple(data.get("allow_units", ())),
+            allow_cgroups=tuple(
+                (str(u), str(p), int(i)) for u, p, i in data.get("allow_cgroups", ())
+            ),
         )
 
 
 def build_ruleset(
-    config: Config, *, extra_uids: tuple[int, ...] = (), queue_num: int | None = QUEUE_NUM
+    config: Config,
+    *,
+    extra_uids: tuple[int, ...] = (),
+    queue_num: int | None = QUEUE_NUM,
+    unit_cgroups: Mapping[str, UnitCgroup | None] | None = None,
 ) -> RuleSet:
     """The rule set for ``config``.
 
     ``extra_uids`` are identities the daemon itself needs (the broker's
     system user, :func:`imdsguard.identity.service_uids`) and are allowed in
-    addition to the configured users.
+    addition to the configured users. ``unit_cgroups`` is where each of ``allow.units`` runs now
+    (:func:`imdsguard.cgroups.resolve`); a unit missing from it or None
+    there is not running and gets no rule.
     """
+    found = unit_cgroups or {}
+    cgroups = tuple(
+        (unit, cg.path, cg.inode)
+        for unit in config.allow.units
+        if (cg := found.get(unit)) is not None
+    )
     v4 = [str(e) for e in config.endpoints if isinstance(e, ipaddress.IPv4Address)]
     v6 = [str(e) for e in config.endpoints if isinstance(e, ipaddress.IPv6Address)]
     uids = sorted({p.id for p in config.allow.users} | set(extra_uids))
@@ -117,4 +146,6 @@ def build_ruleset(
         mode=config.mode,
         queue_num=queue_num,
         containers=config.containers,
+        allow_units=config.allow.units,
+        allow_cgroups=cgroups,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from imdsguard import _locks, _state, paths
+from imdsguard import _locks, _state, cgroups, paths
 from imdsguard.config import load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState
@@ -39,6 +39,17 @@ def _blocked(limit: int = RECENT) -> dict[str, Any]:
         return {"total": None, "recent": [], "error": f"cannot read {path}: {why}"}
 
 
+def _units(ruleset: RuleSet) -> dict[str, str]:
+    """Each of ``allow.units``: ``running`` (its rule is in the rule set) or ``not running``.
+
+    A unit that is not running has no processes, so nobody is denied who
+    should not be: this is reported, and does not make the host degraded.
+    Its rule goes in as soon as its cgroup appears.
+    """
+    running = {unit for unit, _, _ in ruleset.allow_cgroups}
+    return {u: "running" if u in running else "not running" for u in ruleset.allow_units}
+
+
 def gather(config_path: str | None) -> dict[str, Any]:
     """The status document (see the contract for its keys)."""
     reasons: list[str] = []
@@ -61,8 +72,10 @@ def gather(config_path: str | None) -> dict[str, Any]:
         except ImdsGuardError as exc:
             reasons.append(str(exc))
             extra = ()
+        units = cgroups.resolve(config.allow.units)
         candidates += [
-            build_ruleset(config, extra_uids=extra, queue_num=q) for q in (None, QUEUE_NUM)
+            build_ruleset(config, extra_uids=extra, queue_num=q, unit_cgroups=units)
+            for q in (None, QUEUE_NUM)
         ]
     ruleset = candidates[0] if candidates else None
     mode = (state or {}).get("mode") or (config.mode if config else None)
@@ -84,6 +97,7 @@ def gather(config_path: str | None) -> dict[str, Any]:
             "rules_restored_total": (state or {}).get("rules_restored_total", 0),
         },
         "rules": {"ipv4": "unknown", "ipv6": "unknown"},
+        "units": {},
         "problems": [],
         "leftovers": [],  # {backend, families}: rules of ours in the backend not in use
         "broker": {"enabled": broker_enabled, "healthy": None},
@@ -111,6 +125,7 @@ def gather(config_path: str | None) -> dict[str, Any]:
         reasons.append(f"cannot read the firewall: {exc}")
         return doc
 
+    doc["units"] = _units(ruleset)
     doc["rules"] = {family: found[family].state for family in ("ipv4", "ipv6")}
     doc["problems"] = [f"{f}: {p}" for f, i in found.items() for p in i.problems]
     _check_leftovers(doc, backend.name)
@@ -195,6 +210,13 @@ def render_text(doc: dict[str, Any]) -> str:
 
         lines.append(f"  recent:   (last {min(len(recent), RECENT)}, newest last)")
         lines.extend(f"    {format_console(event)}" for event in recent[-RECENT:])
+    units = doc.get("units") or {}
+    stopped = [u for u, state in units.items() if state != "running"]
+    if units:
+        lines.append(f"  units:    {len(units) - len(stopped)} of {len(units)} running")
+    if stopped:
+        names = ", ".join(stopped)
+        lines.append(f"  note:     not running (no cgroup, no rule until they start): {names}")
     if doc["attribution"].get("available") is False:
         lines.append(f"  note:     attribution unavailable: {doc['attribution']['reason']}")
     elif doc["attribution"].get("held") is False:

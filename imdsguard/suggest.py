@@ -13,6 +13,12 @@ pasting it must not take anyone's access away. Everything taken from events
 a program cannot add lines to the proposal or hide them on a terminal by
 its name.
 
+Root seen from a system service is proposed as that unit (``allow.units``)
+rather than as the user root: allowing root lets every root process
+through, allowing the unit only that service's processes (cgroup v2 hosts).
+Root seen outside any service (a login session, cron) is still proposed as
+a user, with that said in its comment.
+
 A group is proposed only when every member of it was seen using IMDS:
 allowing a group lets all its members through, and a suggestion must not
 quietly widen access beyond what was observed.
@@ -64,6 +70,16 @@ class _Seen:
         units = ", ".join(escape(u) for u in sorted(self.units)[:3])
         where = f" [{units}]" if units else ""
         return f"{self.count} accesses, last {escape(self.last) or '?'}: {what}{where}"
+
+
+def _service(event: dict[str, Any]) -> str | None:
+    """The system service a root event came from (``allow.units`` material), or None."""
+    unit = event.get("unit")
+    if event.get("uid") != 0 or not isinstance(unit, str) or not unit.endswith(".service"):
+        return None
+    if unit.startswith("user@"):  # a user's own manager: not one service
+        return None
+    return unit
 
 
 def _user_name(uid: int) -> str:
@@ -138,6 +154,7 @@ def suggest(
     read, and the output says that it is left out.
     """
     by_uid: dict[int, _Seen] = {}
+    by_unit: dict[str, _Seen] = {}
     v1: dict[tuple[str, str, str], _Seen] = {}
     forwarded = _Seen()
     total = 0
@@ -150,8 +167,11 @@ def suggest(
         first = min(first, stamp) if first else stamp
         last = max(last, stamp)
         uid = event.get("uid")
+        service = _service(event)
         if uid is None:
             forwarded.add(event)
+        elif service is not None:
+            by_unit.setdefault(service, _Seen()).add(event)
         else:
             by_uid.setdefault(int(uid), _Seen()).add(event)
         if event.get("imds_version") == "v1":
@@ -201,11 +221,29 @@ def suggest(
         names = ", ".join(escape(_user_name(u)) for u in sorted(members))
         group_entries.append((group.gr_name, f"members {names}: {seen.describe()}"))
 
+    old_units: tuple[str, ...] = allowed.units if allowed else ()
+    unit_entries = [
+        (u, "already allowed" + (f"; {by_unit[u].describe()}" if u in by_unit else ""))
+        for u in old_units
+    ]
+    for unit in sorted(set(by_unit) - set(old_units)):
+        unit_entries.append((unit, f"root service: {by_unit[unit].describe()}"))
+    if 0 in new_uids - in_groups and by_unit:
+        users = [
+            (n, note + "; outside any service" if n == _user_name(0) else note) for n, note in users
+        ]
+
     lines.append("allow:")
     lines += _section("users", users)
     if group_entries:
         lines += _section("groups", group_entries)
-    if not new_uids:
+    if unit_entries:
+        lines += _section("units", unit_entries)
+        lines.append(
+            "# units: their processes pass whoever they run as (needs the unified cgroup v2"
+        )
+        lines.append("# hierarchy); root need not be allowed for them.")
+    if not new_uids and not set(by_unit) - set(old_units):
         lines.append("# nothing new to allow: no local process outside the allowlist used IMDS")
     if forwarded.count:
         lines.append(

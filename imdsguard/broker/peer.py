@@ -488,6 +488,11 @@ class ClientPolicy:
         for gid in (peer.gid, *peer.groups):
             if gid in self._groups:
                 return Decision(True, f"group:{self._groups[gid]}")
+        # broker.clients.units: the unit named by the peer's cgroup (/proc/<pid>/cgroup),
+        # only from a read verified to be of the connecting process (pid reuse).
+        unit = peer.process.unit if peer.verified and peer.process is not None else None
+        if unit is not None and unit in self.clients.units:
+            return Decision(True, f"unit:{unit}")
         problems: list[str] = []
         if self.clients.exes:
             if not peer.verified or peer.exe_id is None:

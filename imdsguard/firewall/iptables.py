@@ -7,6 +7,9 @@ Layout, per family (``filter`` table of iptables and ip6tables)::
                                                          first in DOCKER-USER)
     -A IMDSGUARD -m owner --uid-owner 0 -j RETURN
     -A IMDSGUARD -m owner --gid-owner 1001 --suppl-groups -j RETURN
+    -A IMDSGUARD -m cgroup --path system.slice/amazon-ssm-agent.service
+                 -m comment --comment "imdsguard unit amazon-ssm-agent.service cgroup 8812"
+                 -j RETURN                               (allow.units, running ones only)
     -A IMDSGUARD -m owner ! --uid-owner 0-4294967294 -m conntrack --ctstate RELATED,ESTABLISHED
                  -j RETURN                               (TEARDOWN: owner-less packets
                                                           of allowed connections)
@@ -163,6 +166,7 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
         )
         for gid in ruleset.allow_gids
     ]
+    rules += [_unit_rule(unit, path, inode) for unit, path, inode in ruleset.allow_cgroups]
     rules.append(TEARDOWN)
     rules += _deny_rules(ruleset, family)
     chains = {CHAIN: rules}
@@ -173,6 +177,23 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
         jumps += [XtRule("FORWARD", FORWARDED, dst=_host(ep)) for ep in ruleset.endpoints(family)]
         chains[FORWARDED] = _deny_rules(ruleset, family, FORWARDED)
     return Rendered(jumps, chains)
+
+
+def _unit_rule(unit: str, path: str, inode: int) -> XtRule:
+    """A running unit's sockets pass (xt_cgroup revision 1+, cgroup v2 path; Linux 4.5).
+
+    The kernel looks ``path`` up when the table is loaded and holds that
+    cgroup; the comment carries its inode, so a unit restarted into a new
+    cgroup renders a different rule, which the daemon then loads.
+    """
+    return XtRule(
+        CHAIN,
+        "RETURN",
+        matches=(
+            ("cgroup", (("path", path),)),
+            ("comment", (("comment", f"imdsguard unit {unit} cgroup {inode}"),)),
+        ),
+    )
 
 
 def _deny(ruleset: RuleSet, family: str, mark: bool, chain: str = CHAIN) -> list[XtRule]:

@@ -15,8 +15,12 @@ Layout (``nft list table inet imdsguard``)::
             meta l4proto tcp reject with tcp reset
             reject
         }
+        chain units {            # allow.units: one rule per running unit
+            socket cgroupv2 level 2 "system.slice/amazon-ssm-agent.service" accept
+        }
         chain guard {
             meta skuid @allow_uids accept
+            jump units               # only with allow.units
             meta skuid 0-4294967294 goto deny
             ct state established,related accept
             goto deny
@@ -46,13 +50,20 @@ supplementary) every time the rules are rendered; the daemon re-checks
 regularly, so an edit of /etc/passwd or /etc/group is picked up.
 
 Every change is one ``nft -j -f -`` batch (add table; delete table; add
-everything) which the kernel applies atomically. Each rule carries a comment
+everything) which the kernel applies atomically. The one exception is the
+``units`` chain: nft's JSON parser (1.0.6, Debian 12) does not know
+``socket cgroupv2``, so its rules are loaded in nft's own syntax, as a
+second transaction (flush the chain, add its rules) that also runs alone
+when only a unit's cgroup changed. Right after a whole-table replacement
+the chain is empty for that second transaction's duration: the units'
+processes are denied meanwhile, nothing else is opened. Each rule carries a comment
 with a hash of its expression, so drift is found by comparing comments, set
 elements and chain hooks with what the policy renders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import importlib
@@ -65,6 +76,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from imdsguard import cgroups
 from imdsguard.errors import FirewallError, ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
@@ -84,6 +96,9 @@ _NETLINK_NETFILTER = 12
 _NFNLGRP_NFTABLES = 7
 _SOL_NETLINK = 270
 _NETLINK_ADD_MEMBERSHIP = 1
+#: The chain of ``allow.units`` rules (loaded in nft syntax, see the module docstring).
+UNITS = "units"
+_PROBE_TABLE = "imdsguard_cgprobe"
 
 Cmd = dict[str, Any]
 #: What to write (our table, the backstop, the tables wanted) and what was listed.
@@ -189,7 +204,7 @@ def _log_rule(ruleset: RuleSet, hold: bool) -> list[Cmd] | None:
     return [{"log": {"group": ruleset.queue_num}}]
 
 
-def _comment(chain: str, expr: list[Cmd]) -> str:
+def _comment(chain: str, expr: Any) -> str:
     digest = hashlib.sha256(json.dumps([chain, expr], sort_keys=True).encode()).hexdigest()
     return f"imdsguard:{digest[:16]}"
 
@@ -205,6 +220,7 @@ class Plan:
         self.chains: dict[str, dict[str, Any]] = {}
         self.rules: dict[str, list[str]] = {}
         self.required: dict[str, list[str]] = {}
+        self.texts: list[str] = []  # rules of the units chain, in nft syntax
 
     def add_set(self, name: str, kind: str, elements: list[Any]) -> None:
         spec: Cmd = {"family": FAMILY, "table": self.table, "name": name, "type": kind}
@@ -241,6 +257,20 @@ class Plan:
         if required:
             self.required[chain].append(comment)
 
+    def add_text_rule(self, chain: str, rule: str, identity: object) -> None:
+        """A rule JSON cannot say, in nft syntax, its comment made of ``identity`` alone.
+
+        (Not of ``rule``: its level depends on the cgroup namespace's depth,
+        which only the daemon measures; ``status`` compares without it.)
+        """
+        comment = _comment(chain, identity)
+        self.texts.append(f'add rule {FAMILY} {self.table} {chain} {rule} comment "{comment}"')
+        self.rules[chain].append(comment)
+
+    def units_script(self) -> str:
+        """The units chain's transaction: flush it, add its rules (nft -f syntax)."""
+        return "\n".join([f"flush chain {FAMILY} {self.table} {UNITS}", *self.texts]) + "\n"
+
     def batch(self) -> dict[str, Any]:
         """Replace our table atomically: add (so delete cannot fail), delete, re-create."""
         table = {"family": FAMILY, "name": self.table}
@@ -272,8 +302,12 @@ class Plan:
         return out + self.commands
 
     def lines(self) -> list[str]:
-        """One JSON command per line (golden tests, ``check-config --rules``)."""
-        return [json.dumps(c, sort_keys=True) for c in self.commands]
+        """One JSON command per line (golden tests, ``check-config --rules``).
+
+        The units chain's rules follow as ``{"nft": "<command>"}``.
+        """
+        lines = [json.dumps(c, sort_keys=True) for c in self.commands]
+        return lines + [json.dumps({"nft": t}) for t in self.texts]
 
 
 def render(
@@ -282,8 +316,14 @@ def render(
     hold: bool = True,
     table: str = TABLE,
     priority: int = PRIORITY,
+    cgroup_offset: int = 0,
 ) -> Plan:
-    """The table for ``ruleset`` (pure: group membership and queue support are passed in)."""
+    """The table for ``ruleset`` (pure: group membership and queue support are passed in).
+
+    ``cgroup_offset`` is how deep our cgroup namespace's root lies (0 on a
+    host; inside a container, see :meth:`NftablesBackend.cgroup_offset`):
+    ``socket cgroupv2 level`` counts from the kernel's real root.
+    """
     plan = Plan(table, priority)
     uids = set(ruleset.allow_uids)
     for gid in ruleset.allow_gids:
@@ -298,8 +338,16 @@ def render(
     for expr in _deny_exprs(ruleset, hold):
         plan.add_rule("deny", expr, required=True)
     skuid = {"meta": {"key": "skuid"}}
+    if ruleset.allow_units:
+        plan.add_chain(UNITS)
+        for unit, path, inode in ruleset.allow_cgroups:
+            level = cgroups.level(path) + cgroup_offset
+            rule = f'socket cgroupv2 level {level} "{path}" accept'
+            plan.add_text_rule(UNITS, rule, [unit, path, inode])
     plan.add_chain("guard")
     plan.add_rule("guard", [_match(skuid, "@allow_uids"), {"accept": None}])
+    if ruleset.allow_units:
+        plan.add_rule("guard", [{"jump": {"target": UNITS}}])
     # Any other process's socket: denied. ``meta skuid`` does not match at all
     # where no process owns the packet (see TEARDOWN in the iptables backend):
     # the last packets of an allowed connection, after its socket was closed,
@@ -323,15 +371,24 @@ def render(
     return plan
 
 
-def render_backstop(ruleset: RuleSet, group_members: Mapping[int, Sequence[int]]) -> Plan | None:
+def render_backstop(
+    ruleset: RuleSet, group_members: Mapping[int, Sequence[int]], cgroup_offset: int = 0
+) -> Plan | None:
     """The backstop table: the same allow and deny, no queue and no log; None in audit mode.
 
     It needs no daemon, so it outlives one: see :class:`NftablesBackend`.
+    Its units chain matters as much as ours: a reject in either table is final.
     """
     if not ruleset.enforcing:
         return None
     plain = replace(ruleset, queue_num=None)
-    return render(plain, group_members, table=BACKSTOP, priority=BACKSTOP_PRIORITY)
+    return render(
+        plain,
+        group_members,
+        table=BACKSTOP,
+        priority=BACKSTOP_PRIORITY,
+        cgroup_offset=cgroup_offset,
+    )
 
 
 def _hook(plan: Plan, ruleset: RuleSet, hook: str, target: str) -> None:
@@ -344,7 +401,11 @@ def _hook(plan: Plan, ruleset: RuleSet, hook: str, target: str) -> None:
             plan.add_rule(hook, [_match(_daddr(family), addresses), jump], required=True)
 
 
-def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict[str, Inspection]:
+def compare(
+    listing: list[dict[str, Any]],
+    plan: Plan,
+    ruleset: RuleSet,
+) -> dict[str, Inspection]:
     """Compare ``nft -j list table`` output with ``plan``, per family."""
     objects = [o for o in listing if "metainfo" not in o]
     if not any("table" in o for o in objects):
@@ -390,7 +451,10 @@ def compare(listing: list[dict[str, Any]], plan: Plan, ruleset: RuleSet) -> dict
         if absent:
             missing.append(f"chain {name} lacks {len(absent)} of our rules (flushed or edited)")
         elif have_rules != plan.rules[name]:
-            if ruleset.enforcing and _foreign_first(have_rules, plan, name):
+            foreign = [c for c in have_rules if c not in plan.rules[name]]
+            if ruleset.enforcing and name == UNITS and foreign:
+                missing.append(f"chain {name} has a rule we did not write: it can admit IMDS")
+            elif ruleset.enforcing and _foreign_first(have_rules, plan, name):
                 missing.append(
                     f"chain {name} has a rule we did not write before our deny: "
                     "it can admit IMDS traffic"
@@ -570,6 +634,7 @@ class NftablesBackend:
         self._expect_main = hold or daemon_running
         self._owns_main = False  # our owner context created the table now in the kernel
         self._queue_supported: bool | None = None
+        self._cgroup_offset: int | None = None
         self.owner_problem: str | None = None
         self._last: tuple[RuleSet, float, _State] | None = None  # the last inspection's
 
@@ -600,24 +665,86 @@ class NftablesBackend:
                 self._queue_supported = False
         return self._queue_supported
 
-    def plan(self, ruleset: RuleSet) -> Plan:
-        """Render ``ruleset`` with the current group membership."""
-        hold = ruleset.queue_num is None or self.supports_queue()
-        return render(ruleset, expand_groups(ruleset.allow_gids), hold=hold)
+    def cgroup_offset(self) -> int:
+        """How many levels below the kernel's cgroup root our ``/sys/fs/cgroup`` starts.
 
-    def _wanted(self, ruleset: RuleSet) -> tuple[Plan, Plan | None, list[str]]:
+        0 in the initial cgroup namespace. In another one (a container:
+        systemd-nspawn puts its payload in ``/payload``) ``socket cgroupv2
+        level`` still counts from the real root, which no file inside
+        tells. So it is measured, once: a throw-away table counts one UDP
+        datagram of ours to 127.0.0.1 against our own cgroup at each
+        candidate level, and the level that matched gives the offset.
+        """
+        if self._cgroup_offset is None:
+            self._cgroup_offset = 0
+            if not cgroups.own_cgroup_ns_is_initial():
+                self._cgroup_offset = self._probe_cgroup_offset()
+        return self._cgroup_offset
+
+    def _probe_cgroup_offset(self, tries: int = 8) -> int:
+        own = cgroups.own_path()
+        if not own:
+            raise FirewallError(
+                "cannot match units in this cgroup namespace: the daemon runs at its root, "
+                "so the depth of the namespace cannot be measured (run it as a service)"
+            )
+        depth = cgroups.level(own)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            table = f"{FAMILY} {_PROBE_TABLE}"
+            lines = [
+                f"add table {table}",
+                f"add chain {table} out {{ type filter hook output priority {PRIORITY}; }}",
+            ]
+            lines += [
+                f'add rule {table} out udp dport {port} socket cgroupv2 level {depth + k} "{own}" '
+                "counter"
+                for k in range(tries)
+            ]
+            self._reader.text("\n".join(lines) + "\n", "cgroup namespace probe")
+            try:
+                with contextlib.suppress(OSError):  # IPAddressDeny= may refuse it after our hook
+                    sock.sendto(b"imdsguard cgroup probe", ("127.0.0.1", port))
+                listing = self._reader.table(_PROBE_TABLE) or []
+            finally:
+                self._reader.json([_delete_table(_PROBE_TABLE)], "delete the probe table")
+        counts = [
+            next((e["counter"]["packets"] for e in o["rule"]["expr"] if "counter" in e), 0)
+            for o in listing
+            if "rule" in o
+        ]
+        matched = [k for k, n in enumerate(counts) if n]
+        if len(matched) != 1:
+            raise FirewallError(
+                f"cannot measure this cgroup namespace's depth (matches at {matched}): "
+                "allow.units cannot be enforced here"
+            )
+        return matched[0]
+
+    def _wanted(
+        self, ruleset: RuleSet, loading: bool = False
+    ) -> tuple[Plan, Plan | None, list[str]]:
+        """The plans; ``loading``: they go into the kernel, so the cgroup namespace's
+        depth is measured if not known yet (inspection compares without it)."""
         members = expand_groups(ruleset.allow_gids)
         hold = ruleset.queue_num is None or self.supports_queue()
-        main = render(ruleset, members, hold=hold)
-        backstop = render_backstop(ruleset, members)
+        offset = 0
+        if ruleset.allow_cgroups:
+            offset = self.cgroup_offset() if loading else (self._cgroup_offset or 0)
+        main = render(ruleset, members, hold=hold, cgroup_offset=offset)
+        backstop = render_backstop(ruleset, members, cgroup_offset=offset)
         wanted = ([TABLE] if self._expect_main else []) + ([BACKSTOP] if backstop else [])
         return main, backstop, wanted
 
-    def _state(self, ruleset: RuleSet, reuse: bool = False) -> _State:
+    def _state(self, ruleset: RuleSet, reuse: bool = False, loading: bool = False) -> _State:
         last = self._last
-        if reuse and last is not None and last[0] == ruleset and time.monotonic() - last[1] < REUSE:
+        # A plan rendered before the cgroup namespace's depth was measured is not loaded.
+        unmeasured = loading and bool(ruleset.allow_cgroups) and self._cgroup_offset is None
+        fresh = last is not None and last[0] == ruleset and time.monotonic() - last[1] < REUSE
+        if reuse and fresh and not unmeasured and last is not None:
             return last[2]
-        main, backstop, wanted = self._wanted(ruleset)
+        main, backstop, wanted = self._wanted(ruleset, loading)
         listings = {TABLE: self._reader.table(TABLE), BACKSTOP: self._reader.table(BACKSTOP)}
         state = main, backstop, wanted, listings
         self._last = (ruleset, time.monotonic(), state)
@@ -653,7 +780,9 @@ class NftablesBackend:
         """See :meth:`imdsguard.firewall.base.Backend.apply`."""
         # The daemon applies right after an inspect that found something wrong:
         # its listing is reused (a change since then notifies the daemon again).
-        main, backstop, wanted, listings = self._state(ruleset, reuse=self._owner is not None)
+        main, backstop, wanted, listings = self._state(
+            ruleset, reuse=self._owner is not None, loading=True
+        )
         self._last = None  # whatever is written below, the next look lists afresh
         found = self._compare(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
 
@@ -670,6 +799,7 @@ class NftablesBackend:
         if not fine(BACKSTOP):  # first: it covers the gap if our table must be re-created
             if backstop is not None:
                 writer.json(backstop.batch()["nftables"], "replace the backstop table")
+                _load_units(writer, backstop)
             else:
                 writer.json([_delete_table(BACKSTOP)], "delete the backstop table")
             changed = True
@@ -684,9 +814,11 @@ class NftablesBackend:
         current = listings[TABLE]
         if self._owns_main and current is not None:
             self._owner.json(main.replace_in_place(current), "replace our table")
+            _load_units(self._owner, main)
             return True
         self._create_owned(self._owner, listings[TABLE] is not None)
         self._owner.json(main.commands, "fill our table")
+        _load_units(self._owner, main)
         return True
 
     def _create_owned(self, owner: Context, exists: bool) -> None:
@@ -765,6 +897,18 @@ class NftablesBackend:
         sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _NFNLGRP_NFTABLES)
         sock.setblocking(False)
         return sock
+
+
+def _load_units(writer: Context, plan: Plan) -> None:
+    """The units chain's rules, right after the JSON that (re)created the chain empty.
+
+    A separate transaction (nft syntax: 1.0.6's JSON parser lacks ``socket
+    cgroupv2``): until it lands, the units' processes are denied, nothing
+    else changes. A unit's cgroup gone meanwhile fails it; the daemon looks
+    the units up again and retries.
+    """
+    if UNITS in plan.chains:
+        writer.text(plan.units_script(), f"load the units rules of {plan.table}")
 
 
 def _delete_table(name: str) -> Cmd:

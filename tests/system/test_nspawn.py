@@ -582,6 +582,85 @@ def test_firewall_service_reload_leaves_no_gap(booted: Container) -> None:
     wait_for(lambda: c.run(["imdsguard", "status"]).returncode == 0, 10, "status protected")
 
 
+#: A root service allowed by unit: tries IMDS until it connects (or 20 s), records
+#: after how long (from its own start) and how many tries.
+AGENT = "/usr/local/lib/imdsguard-test/agent.py"
+AGENT_CODE = f"""\
+import json, os, socket, time
+t, n, r = time.monotonic(), 0, "refused"
+while time.monotonic() - t < 20:
+    n += 1
+    s = socket.socket()
+    s.settimeout(1)
+    try:
+        s.connect(({IMDS_V4!r}, 80))
+        r = "connected"
+        break
+    except OSError:
+        time.sleep(0.005)
+    finally:
+        s.close()
+open("/run/agent.result.new", "w").write(json.dumps([r, time.monotonic() - t, n]))
+os.rename("/run/agent.result.new", "/run/agent.result")
+time.sleep(3600)  # stays running: its cgroup stays (an exited unit has none)
+"""
+AGENT_UNIT = f"""\
+[Unit]
+Description=stand-in root agent, allowed by allow.units
+
+[Service]
+Type=exec
+ExecStart=/usr/bin/python3 {AGENT}
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_a_root_service_allowed_by_unit(booted: Container, backend: str) -> None:
+    """allow.units under a real systemd (cgroup v2, in nspawn's cgroup namespace): the unit's
+    root process is served, a root process outside it refused, and after a restart (a new
+    cgroup) the unit is served again."""
+    c = booted
+    c.sh(f"cat > {AGENT} <<'EOF'\n" + AGENT_CODE + "EOF\n"
+         "cat > /etc/systemd/system/imdsg-agent.service <<'EOF'\n" + AGENT_UNIT + "EOF\n"
+         "systemctl daemon-reload")  # fmt: skip
+    c.write_config(
+        f"firewall:\n  backend: {backend}\nallow:\n  users: []\n  units: [imdsg-agent.service]\n"
+    )
+    seen = len(c.daemon_events())
+    c.reload()
+    assert "config_reloaded" in [e["event"] for e in c.daemon_events()[seen:]]
+    figures = []
+    for _ in range(3):
+        c.sh("rm -f /run/agent.result; systemctl restart imdsg-agent.service")
+        wait_for(lambda: c.sh("test -e /run/agent.result", check=False).returncode == 0, 30,
+                 "the agent to finish trying")  # fmt: skip
+        outcome, after, tries = json.loads(c.sh("cat /run/agent.result").stdout)
+        assert outcome == "connected", (outcome, after, tries)
+        figures.append(round(after, 3))
+        # Root outside the unit (nsenter: not in the unit's cgroup) is refused.
+        assert c.run(["python3", PROBE, "once"]).stdout.strip() == "refused"
+    print(f"{backend}: unit start -> served, s: {figures}")
+    for e in c.daemon_events()[seen:]:
+        if e["event"] not in ("imds_access_blocked",):
+            print(json.dumps({k: e.get(k) for k in ("event", "problems", "error", "apply_ms")}))
+    assert max(figures) < 2.0, figures
+    status = json.loads(c.run(["imdsguard", "status", "--json"]).stdout)
+    assert status["units"] == {"imdsg-agent.service": "running"}, status
+    c.run(["systemctl", "stop", "imdsg-agent.service"], check=True)  # its cgroup goes
+    wait_for(
+        lambda: (
+            json.loads(c.run(["imdsguard", "status", "--json"]).stdout)["units"]
+            == {"imdsg-agent.service": "not running"}
+        ),
+        10,
+        "status to say the unit is not running",
+    )
+    assert c.run(["imdsguard", "status"]).returncode == 0  # protected, not degraded
+    c.write_config("firewall:\n  backend: iptables\n")
+    c.reload()
+
+
 def test_erase_takes_the_rules_out(booted: Container) -> None:
     """The package's own %preun ($1 = 0): service stopped and disabled, no rules left.
 

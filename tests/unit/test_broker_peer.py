@@ -25,7 +25,7 @@ from imdsguard.broker.peer import (
     peer_inode,
 )
 from imdsguard.config import BrokerClients, Principal
-from imdsguard.events.procfs import Holder, socket_holders
+from imdsguard.events.procfs import Holder, ProcessInfo, socket_holders
 
 PYTHON = os.path.realpath(sys.executable)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as root")
@@ -68,6 +68,19 @@ def test_allowed_by_user_then_group_then_exe() -> None:
     decision = policy(exes=(PYTHON,)).decide(runs_python)
     assert decision.allowed
     assert decision.matched == f"exe:{PYTHON}"
+
+
+def test_allowed_by_unit_only_from_a_verified_read() -> None:
+    """broker.clients.units: the unit the peer's cgroup names, never from an unverified read."""
+    clients = ClientPolicy(BrokerClients(units=("app.service",)))
+    inside = ProcessInfo(pid=4242, uid=0, unit="app.service")
+    outside = ProcessInfo(pid=4242, uid=0, unit="session-3.scope")
+    ok = clients.decide(Peer(0, 0, 4242, (), PYTHON, exe_id(PYTHON), True, inside))
+    assert ok.allowed and ok.matched == "unit:app.service"
+    assert not clients.decide(Peer(0, 0, 4242, (), PYTHON, exe_id(PYTHON), True, outside)).allowed
+    # The process may have gone and its pid been reused: its cgroup proves nothing.
+    assert not clients.decide(Peer(0, 0, 4242, (), None, None, False, inside)).allowed
+    assert not clients.decide(Peer(0, 0, 4242, ())).allowed
 
 
 def test_refused_with_a_reason() -> None:

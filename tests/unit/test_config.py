@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imdsguard import config
+from imdsguard import cgroups, config
 from imdsguard.config import (
     BrokerLimits,
     Config,
@@ -25,6 +25,12 @@ from imdsguard.config import (
 from imdsguard.errors import ConfigError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="trust checks only apply as root")
+
+
+@pytest.fixture
+def unified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a host whose /sys/fs/cgroup is cgroup v2 (this test VM mounts a hybrid tree)."""
+    monkeypatch.setattr(cgroups, "unified_problem", lambda: None)
 
 
 def _error(text: str) -> ConfigError:
@@ -99,12 +105,12 @@ def test_defaults_to_dict() -> None:
         "action": "reject",
         "endpoints": ["169.254.169.254", "fd00:ec2::254"],
         "firewall": {"backend": "auto"},
-        "allow": {"users": ["root (0)"], "groups": []},
+        "allow": {"users": ["root (0)"], "groups": [], "units": []},
         "containers": "deny",
         "broker": {
             "enabled": False,
             "socket": "/run/imdsguard/broker.sock",
-            "clients": {"users": [], "groups": [], "exes": []},
+            "clients": {"users": [], "groups": [], "exes": [], "units": []},
             "limits": {
                 "max_connections": 512,
                 "max_per_uid": 64,
@@ -163,11 +169,16 @@ firewall:
 allow:
   users: [root, 4242]
   groups: [0, 4343]
+  units: [amazon-ssm-agent.service, foo@bar.service, amazon-ssm-agent.service]
 containers: allow
 broker:
   enabled: true
   socket: /run/imdsguard//other.sock
-  clients: {users: [4242], groups: [root], exes: [/usr/bin/aws, /opt/app/../bin/app]}
+  clients:
+    users: [4242]
+    groups: [root]
+    exes: [/usr/bin/aws, /opt/app/../bin/app]
+    units: [app.service]
   limits:
     max_connections: 100
     max_per_uid: 100
@@ -185,7 +196,7 @@ metrics:
 """
 
 
-def test_every_key_accepted() -> None:
+def test_every_key_accepted(unified: None) -> None:
     cfg = parse_config(FULL, "cfg.yaml")
     assert cfg.mode == "audit"
     assert cfg.action == "drop"
@@ -193,12 +204,14 @@ def test_every_key_accepted() -> None:
     assert cfg.backend == "nftables"
     assert [p.id for p in cfg.allow.users] == [0, 4242]
     assert [p.id for p in cfg.allow.groups] == [0, 4343]
+    assert cfg.allow.units == ("amazon-ssm-agent.service", "foo@bar.service")
     assert cfg.containers == "allow"
     assert cfg.broker.enabled
     assert cfg.broker.socket == "/run/imdsguard/other.sock"
     assert [p.id for p in cfg.broker.clients.users] == [4242]
     assert cfg.broker.clients.groups == (Principal("root", 0),)
     assert cfg.broker.clients.exes == ("/usr/bin/aws", "/opt/bin/app")
+    assert cfg.broker.clients.units == ("app.service",)
     assert cfg.broker.limits == BrokerLimits(100, 100, 1.0, 0.5, 10, 4096)
     assert cfg.imds_url == "http://127.0.0.1:8080"
     assert cfg.log_format == "console"
@@ -206,13 +219,17 @@ def test_every_key_accepted() -> None:
     assert cfg.metrics.listen == ("::1", 9721)
 
 
-def test_every_key_to_dict() -> None:
+def test_every_key_to_dict(unified: None) -> None:
     assert parse_config(FULL, "cfg.yaml").to_dict() == {
         "mode": "audit",
         "action": "drop",
         "endpoints": ["169.254.169.254", "fd00:ec2::254", "169.254.170.2"],
         "firewall": {"backend": "nftables"},
-        "allow": {"users": ["root (0)", "4242"], "groups": ["root (0)", "4343"]},
+        "allow": {
+            "users": ["root (0)", "4242"],
+            "groups": ["root (0)", "4343"],
+            "units": ["amazon-ssm-agent.service", "foo@bar.service"],
+        },
         "containers": "allow",
         "broker": {
             "enabled": True,
@@ -221,6 +238,7 @@ def test_every_key_to_dict() -> None:
                 "users": ["4242"],
                 "groups": ["root (0)"],
                 "exes": ["/usr/bin/aws", "/opt/bin/app"],
+                "units": ["app.service"],
             },
             "limits": {
                 "max_connections": 100,
@@ -353,7 +371,7 @@ ERRORS = [
         "broker:\n  enabled: true\n  clients:\n    users: [root]\n    pids: [1]\n",
         5,
         "broker.clients.pids",
-        "unknown key (expected one of: users, groups, exes)",
+        "unknown key (expected one of: users, groups, exes, units)",
     ),
     ("firewall:\n  backend: auto\n  table: x\n", 3, "firewall.table", "unknown key"),
     ("imds:\n  host: x\n", 2, "imds.host", "unknown key"),
@@ -498,6 +516,75 @@ def test_top_level_must_be_a_mapping(text: str, line: int) -> None:
 def test_non_string_key() -> None:
     err = _error("mode: audit\n? [a, b]\n: 1\n")
     assert str(err) == "cfg.yaml:2: keys must be plain strings"
+
+
+# --- units ----------------------------------------------------------------------------
+
+
+UNIT_ERRORS = [
+    ("allow:\n  units: amazon-ssm-agent.service\n", 2, "allow.units", "must be a list"),
+    ("allow:\n  units:\n    - a.service\n    - 5\n", 4, "allow.units[1]", "must be a systemd"),
+    ("allow:\n  units: [amazon-ssm-agent]\n", 2, "allow.units[0]", "amazon-ssm-agent.service?"),
+    ("allow:\n  units: [foo.timer]\n", 2, "allow.units[0]", "NAME.service, NAME.scope"),
+    ("allow:\n  units: [foo@.service]\n", 2, "allow.units[0]", "is a template"),
+    ("allow:\n  units: [-.slice]\n", 2, "allow.units[0]", "the root slice"),
+    ("allow:\n  units: ['a/b.service']\n", 2, "allow.units[0]", "not a valid systemd unit"),
+    ("allow:\n  units: ['../x.service']\n", 2, "allow.units[0]", "not a valid systemd unit"),
+    ("allow:\n  units: ['a b.service']\n", 2, "allow.units[0]", "not a valid systemd unit"),
+    ("allow:\n  units: ['.service']\n", 2, "allow.units[0]", "not a valid systemd unit"),
+    ("allow:\n  units: ['']\n", 2, "allow.units[0]", "must not be empty"),
+    (f"allow:\n  units: [{'a' * 250}.service]\n", 2, "allow.units[0]", "longer than 255"),
+    (
+        'broker:\n  clients:\n    units: [x.service, "y\\n.service"]\n',
+        3,
+        "broker.clients.units[1]",
+        "not a valid systemd unit",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "key", "message"), UNIT_ERRORS)
+def test_unit_names_are_checked(
+    unified: None, text: str, line: int, key: str, message: str
+) -> None:
+    test_error_names_file_key_and_line(text, line, key, message)
+
+
+def test_units_need_the_unified_hierarchy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On a hybrid host (like this VM) naming units is an error with file, line, key and why."""
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n"
+        "26 25 0:23 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+        "27 25 0:24 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    )
+    real = cgroups.unified_problem
+    monkeypatch.setattr(cgroups, "unified_problem", lambda: real(str(mountinfo)))
+    err = _error("mode: enforce\nallow:\n  users: []\n  units: [amazon-ssm-agent.service]\n")
+    assert (err.line, err.key) == (4, "allow.units")
+    assert "hybrid layout" in str(err) and "/sys/fs/cgroup/unified" in str(err)
+    assert "systemd.unified_cgroup_hierarchy=1" in str(err)
+    err = _error("broker:\n  clients:\n    units: [app.service]\n")
+    assert (err.line, err.key) == (3, "broker.clients.units")
+    # No units, no requirement: the rest of the config is fine on this host.
+    assert parse_config("allow:\n  units: []\n", "cfg.yaml").allow.units == ()
+
+
+def test_unified_hierarchy_is_recognised(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    assert cgroups.unified_problem(str(mountinfo)) is None
+    mountinfo.write_text("30 23 0:26 / /sys/fs/cgroup rw - cgroup cgroup rw,memory\n")
+    assert "no cgroup v2 at all" in (cgroups.unified_problem(str(mountinfo)) or "")
+    assert "cannot read" in (cgroups.unified_problem(str(tmp_path / "none")) or "")
+
+
+def test_units_alone_keep_root_allowed(unified: None) -> None:
+    """Like groups: leaving users out keeps the default (root); 'users: []' takes it out."""
+    cfg = parse_config("allow:\n  units: [a.service]\n", "cfg.yaml")
+    assert cfg.allow.users == (Principal("root", 0),)
+    cfg = parse_config("allow:\n  users: []\n  units: [a.service]\n", "cfg.yaml")
+    assert cfg.allow.users == () and cfg.allow.units == ("a.service",)
 
 
 # --- load_config --------------------------------------------------------------------

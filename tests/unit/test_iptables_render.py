@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from imdsguard import cgroups
+from imdsguard.cgroups import UnitCgroup
 from imdsguard.config import parse_config
 from imdsguard.firewall.base import FamilyState, Inspection
 from imdsguard.firewall.iptables import (
@@ -32,12 +34,24 @@ GOLDEN = Path(__file__).parent / "golden"
 MULTI = "endpoints: [169.254.169.254, 169.254.170.2, 'fd00:ec2::254', 169.254.170.23]\n"
 
 
+UNITS = "allow: {users: [], units: [amazon-ssm-agent.service, stopped.service]}\n"
+#: amazon-ssm-agent.service runs; stopped.service has no cgroup (so no rule).
+UNIT_CGROUPS = {
+    "amazon-ssm-agent.service": UnitCgroup(
+        "amazon-ssm-agent.service", "system.slice/amazon-ssm-agent.service", 8812
+    ),
+    "stopped.service": None,
+}
+
+
 def _ruleset(text: str = "", queue_num: int | None = QUEUE_NUM) -> RuleSet:
     # Numeric ids only (and root), so the output does not depend on /etc/passwd;
-    # 990 stands for the broker's system user (the daemon passes its real uid).
-    config = parse_config(text, "cfg.yaml")
+    # a broker's system user is a fixed uid here (the daemon passes its real one).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cgroups, "unified_problem", lambda: None)
+        config = parse_config(text, "cfg.yaml")
     extra = (990,) if config.broker.enabled else ()
-    return build_ruleset(config, extra_uids=extra, queue_num=queue_num)
+    return build_ruleset(config, extra_uids=extra, queue_num=queue_num, unit_cgroups=UNIT_CGROUPS)
 
 
 # name -> (config text, queue_num, family)
@@ -54,6 +68,7 @@ CASES: dict[str, tuple[str, int | None, str]] = {
     "broker_ipv4": ("broker: {enabled: true}\ncontainers: allow\n", QUEUE_NUM, "ipv4"),
     "containers_allow_ipv4": ("containers: allow\n", None, "ipv4"),
     "multiple_endpoints_ipv4": (MULTI, None, "ipv4"),
+    "units_ipv4": (UNITS, QUEUE_NUM, "ipv4"),
 }
 
 
@@ -347,3 +362,20 @@ def test_missing_wins_over_drift() -> None:
     snap.output = [HOST_RULE]
     result = _check(snap, ruleset, FamilyState.MISSING, "no jump")
     assert "stale chain IMDSGUARD-AUDITED" in result.problems
+
+
+def test_a_restarted_unit_renders_a_different_rule() -> None:
+    """Same path, new cgroup (inode): the rule differs, so the daemon loads it again."""
+    before = render(_ruleset(UNITS), "ipv4")
+    cg = UnitCgroup("amazon-ssm-agent.service", "system.slice/amazon-ssm-agent.service", 9001)
+    config = build_ruleset(parse_config("allow: {users: []}\n", "cfg.yaml"), queue_num=None)
+    after = render(
+        dataclasses.replace(
+            _ruleset(UNITS), allow_cgroups=(("amazon-ssm-agent.service", cg.path, cg.inode),)
+        ),
+        "ipv4",
+    )
+    assert before.lines() != after.lines()
+    assert any("--path system.slice/amazon-ssm-agent.service" in ln for ln in after.lines())
+    assert not any("stopped.service" in ln for ln in after.lines())
+    assert config.allow_units == ()

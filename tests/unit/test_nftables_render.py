@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from imdsguard import cgroups
+from imdsguard.cgroups import UnitCgroup
 from imdsguard.config import parse_config
 from imdsguard.firewall.base import FamilyState
 from imdsguard.firewall.nftables import (
@@ -33,6 +35,15 @@ from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
 GOLDEN = Path(__file__).parent / "golden"
 GROUPS = {4343: (5001, 5002), 0: (0,)}
 
+UNITS = "allow: {users: [], units: [amazon-ssm-agent.service, stopped.service]}\n"
+UNIT_CGROUPS = {
+    "amazon-ssm-agent.service": UnitCgroup(
+        "amazon-ssm-agent.service", "system.slice/amazon-ssm-agent.service", 8812
+    ),
+    "stopped.service": None,
+}
+
+
 #: Name -> (config, queue number); the kernel can queue.
 CASES: dict[str, tuple[str, int | None]] = {
     "enforce_reject": ("", None),
@@ -42,6 +53,7 @@ CASES: dict[str, tuple[str, int | None]] = {
     "groups_expanded": ("allow: {users: [4242], groups: [4343]}\ncontainers: allow\n", None),
     "broker_uid": ("broker: {enabled: true}\n", None),
     "ipv4_only": ("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n", None),
+    "units": (UNITS, QUEUE_NUM),
 }
 #: Capture on, but the kernel cannot queue from nftables: log group, then deny at once.
 LOG_CASES: dict[str, str] = {
@@ -55,9 +67,13 @@ BROKER_UID = 990
 
 
 def _ruleset(text: str, queue_num: int | None = None) -> RuleSet:
-    config = parse_config(text, "cfg.yaml")
+    # Numeric ids only (and root), so the output does not depend on /etc/passwd;
+    # a broker's system user is a fixed uid here (the daemon passes its real one).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cgroups, "unified_problem", lambda: None)
+        config = parse_config(text, "cfg.yaml")
     extra = (BROKER_UID,) if config.broker.enabled else ()
-    return build_ruleset(config, extra_uids=extra, queue_num=queue_num)
+    return build_ruleset(config, extra_uids=extra, queue_num=queue_num, unit_cgroups=UNIT_CGROUPS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

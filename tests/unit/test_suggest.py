@@ -154,3 +154,46 @@ def test_cli_unreadable_config(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert len(err.splitlines()) == 1 and str(bad) in err and "allowlist" in err
     assert "the current allowlist is NOT included" in out
     assert yaml.safe_load(out) == {"allow": {"users": ["root", "nobody"]}}
+
+
+def _root_in(unit: str | None, ts: str) -> dict[str, Any]:
+    return _event(0, "root", "/usr/bin/agent", "v2", ts) | {"unit": unit}
+
+
+def test_a_root_service_is_proposed_as_its_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root seen only from services: allow.units, not root (which would allow every root)."""
+    monkeypatch.setattr("imdsguard.cgroups.unified_problem", lambda: None)
+    events = [
+        _root_in("amazon-ssm-agent.service", "2026-11-20T10:00:00Z"),
+        _root_in("amazon-ssm-agent.service", "2026-11-20T11:00:00Z"),
+        _root_in("amazon-cloudwatch-agent.service", "2026-11-20T12:00:00Z"),
+        _event(65534, "nobody", "/usr/bin/python3.11", "v2", "2026-11-21T11:00:00Z"),
+    ]
+    text = mod.suggest(events, allowed=AllowConfig(), config_path="cfg.yaml")
+    data = yaml.safe_load(text)
+    assert data == {
+        "allow": {
+            "users": ["nobody"],
+            "units": ["amazon-cloudwatch-agent.service", "amazon-ssm-agent.service"],
+        }
+    }
+    assert "root service: 2 accesses" in text
+    config = parse_config(text, "suggested.yaml")
+    assert config.allow.units == ("amazon-cloudwatch-agent.service", "amazon-ssm-agent.service")
+    assert [p.id for p in config.allow.users] == [65534]
+
+
+def test_root_outside_a_service_is_still_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("imdsguard.cgroups.unified_problem", lambda: None)
+    events = [
+        _root_in("amazon-ssm-agent.service", "2026-11-20T10:00:00Z"),
+        _root_in("session-3.scope", "2026-11-20T11:00:00Z"),  # a login shell
+        _root_in("user@0.service", "2026-11-20T12:00:00Z"),  # root's own manager
+    ]
+    allowed = AllowConfig(units=("kept.service",))
+    text = mod.suggest(events, allowed=allowed, config_path="cfg.yaml")
+    data = yaml.safe_load(text)
+    assert data["allow"]["users"] == ["root"]
+    assert data["allow"]["units"] == ["kept.service", "amazon-ssm-agent.service"]
+    assert "outside any service" in text
+    assert "kept.service  # already allowed" in text
