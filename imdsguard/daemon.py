@@ -30,7 +30,7 @@ from imdsguard import __version__, _locks, _state, cgroups, paths
 from imdsguard.config import Config, load_config
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
-from imdsguard.firewall.detect import leftovers, make_backend
+from imdsguard.firewall.detect import choose, leftovers, make_backend
 from imdsguard.identity import service_uids
 from imdsguard.notify import Notifier
 from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
@@ -547,9 +547,11 @@ class Daemon:
         """
         try:
             config = load_config(self.config_path)
+            # Compare what the names resolve to: "auto" and "nftables" are the same
+            # backend here, and a second nftables owner would be refused our own table.
             backend = (
                 self.backend
-                if config.backend == self.config.backend
+                if choose(config.backend) == self.backend.name
                 else make_backend(config.backend, hold=True)
             )
         except ImdsGuardError as exc:  # ConfigError, or the backend is unusable here

@@ -126,3 +126,26 @@ def test_sighup_backend_switch_leaves_only_the_new_rules(
     daemon.write_config(config(second))
     assert daemon.cli("remove").returncode == 0
     assert ours(daemon) == {first: False, name: False}
+
+
+@pytest.mark.parametrize("backend", ["iptables"])
+@pytest.mark.parametrize(("before", "after"), [("auto", "nftables"), ("nftables", "auto")])
+def test_sighup_renaming_the_same_backend_keeps_it(
+    daemon: DaemonHandle, denied: User, before: str, after: str
+) -> None:
+    """``auto`` and ``nftables`` are one backend here: a reload keeps the table's owner.
+
+    Before, the reload built a second nftables backend whose owner context the
+    kernel refused our own table (config_reload_failed, or a bogus repair).
+    """
+    daemon.write_config(config(before))
+    daemon.start()
+    daemon.write_config(config(after, "audit"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("config_reloaded")
+    names = [line.get("event") for line in daemon.logs()]
+    assert "config_reload_failed" not in names and "rules_restored" not in names, names
+    assert daemon.topo.imds_get(denied, PATH, v2=False).ok  # audit mode is in force
+    doc = status(daemon)
+    assert doc["backend"] == "nftables" and doc["mode"] == "audit", doc
+    assert doc["rules"] == {"ipv4": "ok", "ipv6": "ok"}, doc
