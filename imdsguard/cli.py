@@ -89,7 +89,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     paths.ensure_dir(paths.run_dir())
     removed = []
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-        for backend, _ in leftovers(None):
+        for backend, _ in leftovers(None, daemon_running=running):
             if backend.remove():
                 removed.append(backend.name)
             backend.close()
