@@ -92,12 +92,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
     paths.ensure_dir(paths.run_dir())
     removed = []
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-        for backend, _ in leftovers(None):
+        for backend, _ in leftovers(None, daemon_running=running):
             if backend.remove():
                 removed.append(backend.name)
             backend.close()
     done = f"rules removed ({', '.join(removed)})" if removed else ""
     print(done or "no imdsguard rules were in place")
+    if running:
+        print(
+            "the running daemon keeps its rules (on nftables its own table, which no other "
+            "process may delete, goes when it stops: systemctl stop imdsguard)"
+        )
     return 0
 
 
@@ -239,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the daemon in the foreground")
     add("apply", cmd_apply, "put the rules in place once")
     p = add("remove", cmd_remove, "take every imdsguard rule and chain out")
-    p.add_argument("--force", action="store_true", help="even while the daemon runs")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="even while the daemon runs (its own nftables table goes when it stops)",
+    )
     p = add("status", cmd_status, "is this host protected? (exit 0/1/2/3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("events", cmd_events, "blocked attempts, newest last")

@@ -72,14 +72,17 @@ def make_backend(name: str, hold: bool = False, daemon_running: bool = False) ->
     raise FirewallError(f"unknown firewall backend {name!r}: use auto, iptables or nftables")
 
 
-def leftovers(current: str | None) -> list[tuple[Backend, tuple[str, ...]]]:
+def leftovers(
+    current: str | None, daemon_running: bool = False
+) -> list[tuple[Backend, tuple[str, ...]]]:
     """Backends other than ``current`` that hold rules of ours, with their families.
 
     Nothing is created to look: the legacy tables are opened only where
     ``/proc/net/ip*_tables_names`` lists them (python-iptables would otherwise
     load ip_tables and create them on an nftables-only host), and nftables is
     only listed. A backend whose tools are not installed holds nothing of ours
-    that we could take out. ``current=None``: every backend. The caller
+    that we could take out. ``current=None``: every backend. ``daemon_running``:
+    as for :func:`make_backend` (a running daemon's own nftables table is its). The caller
     closes the backends returned (:meth:`Backend.close`).
     """
     found: list[tuple[Backend, tuple[str, ...]]] = []
@@ -94,7 +97,7 @@ def leftovers(current: str | None) -> list[tuple[Backend, tuple[str, ...]]]:
         elif not shutil.which("nft"):
             continue
         try:
-            backend = make_backend(name)
+            backend = make_backend(name, daemon_running=daemon_running)
         except FirewallError:
             continue  # e.g. python-iptables cannot load: nothing we could read or remove
         try:

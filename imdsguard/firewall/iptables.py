@@ -477,6 +477,7 @@ class IptablesBackend:
         self._iptc = iptc
         self._readers: dict[str, _xt_blob.TableReader] = {}
         self._verified: dict[str, _Verified] = {}
+        self._inspected: tuple[str, ...] = ()  # families the last inspect looked at
         self._load_owner_match()
 
     def _load_owner_match(self) -> None:
@@ -578,6 +579,8 @@ class IptablesBackend:
                 )
             else:
                 result[family] = self._inspect_family(ruleset, family)
+        self._inspected = tuple(f for f in FAMILIES if f in result and
+                                result[f].state != FamilyState.DISABLED)  # fmt: skip
         return result
 
     def _inspect_family(self, ruleset: RuleSet, family: str) -> Inspection:
@@ -629,10 +632,9 @@ class IptablesBackend:
         are repaired within that interval plus a repair; same-size edits wait
         for the daemon's regular full check.
         """
-        for family, known in list(self._verified.items()):
-            if self._info(family) != known.info:
-                return True
-        return not self._verified
+        if not self._inspected or any(f not in self._verified for f in self._inspected):
+            return True  # a family not (yet) found in order: only a full check can say
+        return any(self._info(f) != known.info for f, known in list(self._verified.items()))
 
     def _info(self, family: str) -> bytes | None:
         reader = self._readers.get(family)

@@ -558,12 +558,10 @@ class Context:
     the socket closes (when this object is freed or the process exits).
     """
 
-    def __init__(self, dry_run: bool = False) -> None:
+    def __init__(self) -> None:
         self._nft = load_binding()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
-        if dry_run:
-            self._nft.set_dry_run(True)
 
     def _failed(self, what: str, error: str) -> ImdsGuardError:
         lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
@@ -579,6 +577,14 @@ class Context:
                 "a running imdsguard daemon holds it)"
             )
         return FirewallError(f"nftables {what} failed: {text}")
+
+    def check(self, commands: list[Cmd], what: str) -> None:
+        """Let the kernel validate ``commands`` without committing them (``nft -c``)."""
+        self._nft.set_dry_run(True)
+        try:
+            self.json(commands, what)
+        finally:
+            self._nft.set_dry_run(False)
 
     def json(self, commands: list[Cmd], what: str) -> None:
         """Run ``commands`` as one transaction."""
@@ -657,7 +663,9 @@ class NftablesBackend:
                 },
             ]
             try:
-                Context(dry_run=True).json(commands, "queue probe")
+                # Through the listing context (no new socket: a probe context
+                # freed only by a later garbage collection kept its fd open).
+                self._reader.check(commands, "queue probe")
                 self._queue_supported = True
             except PermissionDeniedError:
                 raise
@@ -860,6 +868,10 @@ class NftablesBackend:
         if self._reader.table(BACKSTOP) is not None:
             writer.json([_delete_table(BACKSTOP)], "delete the backstop table")
             changed = True
+        if self._reader.table(TABLE) is not None and self._expect_main and self._owner is None:
+            # A running daemon's: the kernel lets no other process delete it (EPERM),
+            # and it goes when the daemon stops.
+            return changed
         if self._reader.table(TABLE) is not None:
             try:
                 writer.json([_delete_table(TABLE)], f"delete table {FAMILY} {TABLE}")

@@ -191,19 +191,22 @@ def our_rules(daemon: DaemonHandle) -> dict[str, Any]:
         text = topo.run(topo.host, [tool, "-t", "filter"], check=True).stdout
         found[family] = _xt_ours(text)
     objects = _nft_tables(topo)
-    found["nft_tables"] = sum(
-        1 for o in objects if o.get("table", {}).get("name") == nftables.TABLE
-    )
+    ours = (nftables.TABLE, nftables.BACKSTOP)  # the daemon's own, and the backstop
+    found["nft_tables"] = sum(1 for o in objects if o.get("table", {}).get("name") in ours)
     found["nft_rules"] = collections.defaultdict(list)
+    found["nft_by_table"] = {
+        o["table"]["name"]: ([], collections.defaultdict(list))
+        for o in objects
+        if o.get("table", {}).get("name") in ours
+    }
     for obj in objects:
         rule = obj.get("rule")
-        if rule and rule["table"] == nftables.TABLE and rule["family"] == nftables.FAMILY:
+        if rule and rule["table"] in ours and rule["family"] == nftables.FAMILY:
             found["nft_rules"][rule["chain"]].append(rule.get("comment", ""))
-    found["nft_chains"] = sorted(
-        o["chain"]["name"]
-        for o in objects
-        if "chain" in o and o["chain"]["table"] == nftables.TABLE
-    )
+            found["nft_by_table"][rule["table"]][1][rule["chain"]].append(rule.get("comment", ""))
+        chain = obj.get("chain")
+        if chain and chain["table"] in ours:
+            found["nft_by_table"][chain["table"]][0].append(chain["name"])
     return found
 
 
@@ -234,14 +237,26 @@ def one_copy_problems(daemon: DaemonHandle, ruleset: RuleSet, found: dict[str, A
         if found["nft_tables"]:
             problems.append("an nftables table of ours next to the iptables backend")
     else:
-        plan = nftables.NftablesBackend().plan(ruleset)  # log rules where it cannot queue
-        if found["nft_tables"] != 1:
-            problems.append(f"{found['nft_tables']} tables inet imdsguard")
-        if found["nft_chains"] != sorted(plan.chains):
-            problems.append(f"chains {found['nft_chains']} != {sorted(plan.chains)}")
-        for chain, comments in plan.rules.items():
-            if found["nft_rules"].get(chain, []) != comments:
-                problems.append(f"chain {chain}: {found['nft_rules'].get(chain)} != {comments}")
+        # A running daemon holds its own (owned) table; the backstop outlives it.
+        alive = daemon.proc is not None and daemon.proc.poll() is None
+        plans: dict[str, nftables.Plan | None] = {
+            nftables.TABLE: nftables.NftablesBackend().plan(ruleset) if alive else None,
+            nftables.BACKSTOP: nftables.render_backstop(
+                ruleset, nftables.expand_groups(ruleset.allow_gids)
+            ),
+        }
+        for table, plan in plans.items():
+            have = found["nft_by_table"].get(table)
+            if plan is None or have is None:
+                if (plan is None) != (have is None):
+                    problems.append(f"table {table}: {'there' if have else 'missing'}")
+                continue
+            chains, rules = have
+            if sorted(chains) != sorted(plan.chains):
+                problems.append(f"{table} chains {sorted(chains)} != {sorted(plan.chains)}")
+            for chain, comments in plan.rules.items():
+                if rules.get(chain, []) != comments:
+                    problems.append(f"{table} chain {chain}: {rules.get(chain)} != {comments}")
         if any(found[f][0] or found[f][1] for f in FAMILIES):
             problems.append("x_tables rules of ours next to the nftables backend")
     return problems

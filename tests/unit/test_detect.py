@@ -164,7 +164,7 @@ def test_leftovers_never_opens_legacy_tables_that_do_not_exist(
     host.has("nft", "iptables")
     made: list[str] = []
 
-    def make(name: str) -> FakeBackend:
+    def make(name: str, daemon_running: bool = False) -> FakeBackend:
         made.append(name)
         return FakeBackend(name, ("ipv4", "ipv6") if name == "nftables" else ("ipv4",))
 
@@ -183,7 +183,7 @@ def test_leftovers_never_opens_legacy_tables_that_do_not_exist(
 def test_leftovers_skip_a_backend_without_its_tools(
     host: Host, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def unusable(name: str) -> FakeBackend:
+    def unusable(name: str, daemon_running: bool = False) -> FakeBackend:
         raise FirewallError(f"{name} cannot load")
 
     monkeypatch.setattr(detect, "make_backend", unusable)
