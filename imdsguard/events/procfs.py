@@ -149,8 +149,9 @@ def _start_time(raw: bytes | None) -> int | None:
 def read_process(pid: int, proc_root: str = "/proc", brief: bool = False) -> ProcessInfo | None:
     """Everything we record about ``pid``; None when it does not exist (any more).
 
-    ``brief``: only pid, parent, create time, comm and exe (what an ancestor
-    entry needs); ids, groups, cmdline, cgroup and start ticks stay empty. Saves half the reads
+    ``brief``: only pid, parent, effective uid and gid, create time, comm and
+    exe (what an ancestor entry and the broker's holder scan need); groups,
+    cmdline, cgroup and start ticks stay empty. Saves half the reads
     per ancestor while the client's packet is held.
     """
     base = f"{proc_root}/{pid}"
@@ -160,9 +161,10 @@ def read_process(pid: int, proc_root: str = "/proc", brief: bool = False) -> Pro
             with proc.oneshot():
                 ppid = proc.ppid()
                 create_time = proc.create_time()
-                # an ancestor entry shows no ids: spare it the status read
-                uid = None if brief else proc.uids().effective
-                gid = None if brief else proc.gids().effective
+                # brief callers need the ids too (the broker's holder scan skips
+                # processes by effective uid)
+                uid = proc.uids().effective
+                gid = proc.gids().effective
         except (psutil.Error, OSError, ValueError, IndexError):
             return None  # gone (or never there), or /proc unreadable
     comm_raw = _read(f"{base}/comm", 64)

@@ -407,3 +407,11 @@ def test_container_for_address_from_a_recorded_proc(tmp_path: Path) -> None:
     assert container_for_address("198.51.100.2", str(tmp_path)) == cid
     assert container_for_address("10.0.0.5", str(tmp_path)) is None  # the host itself
     assert container_for_address("203.0.113.9", str(tmp_path)) is None
+
+
+def test_brief_read_keeps_the_ids(proc_root: str) -> None:
+    """The broker's holder scan skips root's processes by a brief read's effective uid."""
+    info = read_process(4242, proc_root, brief=True)
+    assert info is not None
+    assert (info.uid, info.gid, info.comm, info.exe) == (1001, 1001, "curl", "/usr/bin/curl")
+    assert info.cmdline == () and info.groups == ()
