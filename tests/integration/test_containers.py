@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 
 import pytest
 
@@ -110,7 +111,7 @@ def test_container_attempt_is_logged_with_src_iface_and_container_id(
         require_kernel("nft_queue (CONFIG_NFT_QUEUE)", NftablesBackend().supports_queue())
     container = daemon.topo.add_container()
     # A long-lived process in the "container", in a docker-shaped cgroup.
-    cid = "c0ffee" * 10 + "beef"
+    cid = secrets.token_hex(32)  # 64 hex digits, like a docker id; unique to this run
     cgroup = _docker_cgroup(cid)
     os.makedirs(cgroup, exist_ok=True)
     sleeper = daemon.topo.popen(container, ["sleep", "30"])
