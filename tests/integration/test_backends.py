@@ -16,6 +16,7 @@ from tests.integration.conftest import DaemonHandle
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
 
 
+@pytest.mark.kernel  # a stock kernel has no ip_tables loaded until something loads it
 @pytest.mark.parametrize("backend", ["nftables"])
 def test_auto_on_an_nft_host_creates_no_legacy_tables(daemon: DaemonHandle) -> None:
     if host_flavour() != "nftables":
@@ -35,6 +36,7 @@ def test_auto_on_an_nft_host_creates_no_legacy_tables(daemon: DaemonHandle) -> N
     assert [_legacy(daemon, path) for path in names] == before, "legacy tables were created"
 
 
+@pytest.mark.kernel  # a stock kernel has no ip_tables loaded until something loads it
 @pytest.mark.parametrize("backend", ["iptables"])
 def test_remove_and_status_create_no_legacy_tables(daemon: DaemonHandle) -> None:
     """Even configured for iptables: looking for our rules must not create the tables."""
