@@ -12,12 +12,13 @@ APT_PACKAGES := iptables nftables python3-nftables iproute2 curl util-linux pass
 CLIENT_PACKAGES := cloud-init amazon-ec2-utils cloud-guest-utils awscli
 TEST_DEPS := pytest ruff 'mypy==1.19.1' types-PyYAML types-psutil botocore hypothesis prometheus-client
 
-.PHONY: help deps os-deps client-deps venv demo test test-long test-unit test-integration lint typecheck bench clean
+.PHONY: help deps os-deps client-deps venv demo test test-long test-vm test-unit test-integration lint typecheck bench clean
 
 help:
 	@echo "make demo   - run the guard end to end in throw-away network namespaces (root)"
 	@echo "make test   - lint, type check, unit and real-kernel integration tests (root)"
 	@echo "make test-long - the long reliability suite (100 restarts, 100 SIGHUPs, 60 kill -9, long fuzzing)"
+	@echo "make test-vm - the kernel-specific tests on Debian's stock kernel in a VM (QEMU, ~20 min)"
 	@echo "make bench  - benchmarks (figures for docs/benchmarks.md)"
 	@echo "make rpm    - build the RPM for Amazon Linux 2023 / RHEL 9 (build/rpm/)"
 	@echo "make deb    - build the .deb for Debian 12 / Ubuntu 22.04+ (build/deb/); make lintian checks it"
@@ -94,6 +95,12 @@ test: lint typecheck
 test-long: deps
 	$(VPY) -m pytest -q -m long tests
 	IMDSGUARD_FUZZ_EXAMPLES=3000 $(VPY) -m pytest -q tests/unit/test_config_fuzz.py tests/unit/test_broker_fuzz.py
+
+# The tests marked `kernel` on Debian's stock kernel (nft_queue, cgroup v2), booted
+# under QEMU: tests/vm/run.sh. VM_TESTS picks other pytest arguments.
+VM_TESTS ?= -m "kernel and not long" tests/integration
+test-vm: venv
+	tests/vm/run.sh $(VM_TESTS)
 
 bench: deps
 	PYTHONPATH=. $(VPY) benchmarks/repair.py

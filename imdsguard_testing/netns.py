@@ -149,7 +149,7 @@ class Topology:
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=5)
+                    proc.wait(timeout=scaled(5))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -211,10 +211,10 @@ class Topology:
         check: bool = False,
         **kwargs: Any,
     ) -> subprocess.CompletedProcess[str]:
-        """Run to completion in ``ns``, capturing text output."""
+        """Run to completion in ``ns``, capturing text output (``timeout``: native seconds)."""
         kwargs.setdefault("capture_output", True)
         return subprocess.run(
-            self.command(ns, argv, user), text=True, timeout=timeout, check=check, **kwargs
+            self.command(ns, argv, user), text=True, timeout=scaled(timeout), check=check, **kwargs
         )
 
     def popen(
@@ -273,7 +273,12 @@ class Topology:
         timeout: float = 5,
         ns: str | None = None,
     ) -> HttpResult:
-        """One HTTP request from HOST (or ``ns``) as ``user`` with /usr/bin/curl."""
+        """One HTTP request from HOST (or ``ns``) as ``user`` with /usr/bin/curl.
+
+        ``timeout`` is curl's own ``--max-time``, not scaled: it is how long the
+        client waits (a dropped connection times out after it), and the network
+        path is the kernel's, as fast emulated as native. Starting curl is not.
+        """
         argv = ["/usr/bin/curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method]
         argv += ["--max-time", str(timeout), "--noproxy", "*"]
         for key, value in (headers or {}).items():
@@ -352,16 +357,42 @@ def guard_env(workdir: str) -> dict[str, str]:
     return env
 
 
+def time_scale() -> float:
+    """How many times slower than native this machine runs: ``IMDSGUARD_TIME_SCALE`` (default 1).
+
+    ``make test-vm`` sets it: the stock-kernel VM runs under software
+    emulation, 10-20x slower. Every time limit of the harness and of the
+    tests goes through :func:`scaled`, so the same limits hold in both places.
+    """
+    raw = os.environ.get("IMDSGUARD_TIME_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = 0.0
+    if not scale > 0:
+        raise ImdsGuardError(f"IMDSGUARD_TIME_SCALE={raw!r}: expected a number above 0")
+    return scale
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` of native time on this machine (see :func:`time_scale`)."""
+    return seconds * time_scale()
+
+
 def wait_for(
     cond: Any, timeout: float, what: str, proc: subprocess.Popen[Any] | None = None
 ) -> None:
-    """Poll ``cond()`` until true; fail with ``what`` after ``timeout`` or if ``proc`` dies."""
-    deadline = time.monotonic() + timeout
+    """Poll ``cond()`` until true; fail with ``what`` after ``timeout`` or if ``proc`` dies.
+
+    ``timeout`` is in native seconds: it is :func:`scaled` here, callers pass it plain.
+    """
+    limit = scaled(timeout)
+    deadline = time.monotonic() + limit
     while not cond():
         if proc is not None and proc.poll() is not None:
             raise ImdsGuardError(f"gave up waiting for {what}: process exited {proc.returncode}")
         if time.monotonic() > deadline:
-            raise ImdsGuardError(f"gave up waiting for {what} after {timeout:.0f}s")
+            raise ImdsGuardError(f"gave up waiting for {what} after {limit:.0f}s")
         time.sleep(0.02)
 
 

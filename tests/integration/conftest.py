@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from imdsguard.errors import ImdsGuardError
-from imdsguard_testing.netns import Topology, User, ensure_broker_user, wait_for
+from imdsguard_testing.netns import Topology, User, ensure_broker_user, scaled, wait_for
 
 USERS = {
     "imdsg-app": [],  # allowed by name
@@ -157,7 +157,7 @@ class DaemonHandle:
     def stop(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=15)
+        return self.proc.wait(timeout=scaled(15))
 
     def logs(self) -> list[dict[str, Any]]:
         """Every line the daemon wrote (stdout and stderr), each one JSON object.

@@ -1,10 +1,15 @@
 """Blocked-attempt events against the real kernel: NFQUEUE capture, attribution, audit mode.
 
 Each test runs the real daemon in the HOST namespace of a throw-away EC2-like
-topology, with the queue rules of the iptables backend (this kernel has no
-nft_queue), and clients as real users: /usr/bin/curl and /usr/bin/python3.
-The daemon starts the capture, then applies the rules with the queue; on
-SIGTERM it swaps in queue-less rules, then stops the capture.
+topology, and clients as real users: /usr/bin/curl and /usr/bin/python3.
+The daemon starts the capture, then applies the queue rules; on SIGTERM it
+swaps in queue-less rules, then stops the capture.
+
+The queue tests run on both backends. The nftables queue path (the default on
+AL2023, RHEL 9, Debian and Ubuntu) needs nft_queue, which this development
+machine's kernel lacks: natively they are skipped there, and ``make test-vm``
+runs them on Debian's stock kernel, where a missing nft_queue is a failure.
+The NFLOG tests at the end cover kernels without it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import pytest
 
 from imdsguard.events.log import format_console
 from imdsguard.firewall.nftables import NftablesBackend
-from imdsguard_testing.netns import IMDS_V4, IMDS_V6, HttpResult, Topology, User, wait_for
+from imdsguard_testing.netns import IMDS_V4, IMDS_V6, HttpResult, Topology, User, scaled, wait_for
+from tests.conftest import require_kernel
+
+pytestmark = pytest.mark.kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +56,8 @@ class Guard:
     env: dict[str, str]
     proc: subprocess.Popen[Any] | None = None
     stdout_path: str = ""
-    backend: str = "iptables"  # nftables here: no nft_queue, so the NFLOG capture
+    backend: str = "iptables"
+    source: str = "nfqueue"  # where the capture must read: nfqueue, or nflog without nft_queue
 
     @property
     def events_path(self) -> str:
@@ -68,12 +77,14 @@ class Guard:
             stderr=subprocess.STDOUT,
         )
         wait_for(lambda: "daemon_ready" in self.stdout(), 15, "the daemon to start", self.proc)
+        (started,) = [e for e in self.stdout_events() if e.get("event") == "capture_started"]
+        assert (self.backend, started["source"]) == (self.backend, self.source), started
         return self
 
     def stop(self) -> dict[str, Any]:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=15) == 0, self.stdout()
+        assert self.proc.wait(timeout=scaled(15)) == 0, self.stdout()
         (stopped,) = [e for e in self.stdout_events() if e.get("event") == "daemon_stopped"]
         capture: dict[str, Any] = stopped["components"]["capture"]
         return capture
@@ -98,7 +109,7 @@ class Guard:
 
     def wait_events(self, count: int, timeout: float = 5, settle: float = 0.3) -> list[Any]:
         wait_for(lambda: len(self.events()) >= count, timeout, f"{count} event(s)", self.proc)
-        time.sleep(settle)  # anything extra (a duplicate) would show up now
+        time.sleep(scaled(settle))  # anything extra (a duplicate) would show up now
         return self.events()
 
 
@@ -114,6 +125,16 @@ def guard(topo: Topology, workdir: str) -> Iterator[Guard]:
     if handle.proc is not None and handle.proc.poll() is None:
         handle.proc.kill()
         handle.proc.wait()
+
+
+@pytest.fixture(params=["iptables", "nftables"])
+def queued(guard: Guard, request: Any) -> Guard:
+    """The guard on each backend, capturing from the queue (nftables: needs nft_queue)."""
+    guard.backend = str(request.param)
+    if guard.backend == "nftables":
+        # A check-only nft batch (nft -c): nothing is changed in any namespace.
+        require_kernel("nft_queue (CONFIG_NFT_QUEUE)", NftablesBackend().supports_queue())
+    return guard
 
 
 @pytest.fixture
@@ -139,6 +160,7 @@ def _token(guard: Guard, user: User, base: str) -> HttpResult:
     return token
 
 
+@pytest.mark.usefixtures("queued")
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_denied_curl_from_bash_is_one_attributed_event(
     guard: Guard, denied: User, v6: bool
@@ -173,6 +195,7 @@ def test_denied_curl_from_bash_is_one_attributed_event(
     }
 
 
+@pytest.mark.usefixtures("queued")
 def test_burst_of_short_lived_processes_is_fully_attributed(
     guard: Guard, denied: User, workdir: str
 ) -> None:
@@ -196,6 +219,7 @@ def test_burst_of_short_lived_processes_is_fully_attributed(
     assert (stats["events"], stats["attributed"], stats["suppressed"]) == (40, 40, 0)
 
 
+@pytest.mark.usefixtures("queued")
 def test_drop_folds_syn_retransmits_into_one_event(guard: Guard, denied: User) -> None:
     guard.start("action: drop\nallow:\n  users: [root]\n")
     result = guard.topo.http(denied, f"http://{IMDS_V4}/latest/meta-data/", timeout=4)
@@ -205,6 +229,7 @@ def test_drop_folds_syn_retransmits_into_one_event(guard: Guard, denied: User) -
     assert event["attributed"] and event["exe"] == "/usr/bin/curl"
 
 
+@pytest.mark.usefixtures("queued")
 def test_audit_mode_passes_traffic_and_tells_v1_from_v2(guard: Guard, denied: User) -> None:
     guard.start("mode: audit\nallow:\n  users: [root]\n")
     base = f"http://{IMDS_V4}"
@@ -235,6 +260,7 @@ def test_audit_mode_passes_traffic_and_tells_v1_from_v2(guard: Guard, denied: Us
     assert token.body not in guard.stdout()
 
 
+@pytest.mark.usefixtures("queued")
 def test_hostile_argv_cannot_forge_lines_or_escape_the_terminal(
     guard: Guard, denied: User, workdir: str
 ) -> None:
@@ -264,6 +290,7 @@ def test_hostile_argv_cannot_forge_lines_or_escape_the_terminal(
     assert "\\x1b[2J" in line and "\\n" in line and "\\u202e" in line
 
 
+@pytest.mark.usefixtures("queued")
 def test_fail_closed_without_the_capture(guard: Guard, denied: User, workdir: str) -> None:
     guard.start("allow:\n  users: [root]\n")
     assert guard.proc is not None
@@ -279,6 +306,7 @@ def test_fail_closed_without_the_capture(guard: Guard, denied: User, workdir: st
     assert guard.topo.http(User(0, 0), f"http://{IMDS_V4}/latest/meta-data/").ok  # allowlisted
 
 
+@pytest.mark.usefixtures("queued")
 def test_a_second_capture_is_refused(guard: Guard) -> None:
     guard.start("allow:\n  users: [root]\n")
     code = (
@@ -296,8 +324,8 @@ def test_a_second_capture_is_refused(guard: Guard) -> None:
 
 # --- nftables without nft_queue: the NFLOG capture ---------------------------------------
 #
-# This VM's kernel is one (``CONFIG_NFT_QUEUE`` is not set), as some cloud and
-# container kernels are. There the rules log a copy of each denied packet to an
+# This development machine's kernel is one (``CONFIG_NFT_QUEUE`` is not set), as
+# some cloud and container kernels are. There the rules log a copy of each denied packet to an
 # NFLOG group and deny it at once; the capture reads the copy. The kernel puts
 # the socket owner's uid and gid in each copy, so every attempt is logged with
 # its user; the process is found while its socket exists: always when the
@@ -310,7 +338,7 @@ def no_nft_queue(guard: Guard) -> None:
     # A check-only nft batch (nft -c): nothing is changed in any namespace.
     if NftablesBackend().supports_queue():
         pytest.skip("this kernel has nft_queue: the NFLOG fallback is not used here")
-    guard.backend = "nftables"
+    guard.backend, guard.source = "nftables", "nflog"
 
 
 @pytest.mark.usefixtures("no_nft_queue")

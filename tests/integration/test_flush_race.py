@@ -17,14 +17,14 @@ import pytest
 
 from benchmarks.flushrace import race
 from imdsguard.firewall.nftables import BACKSTOP, TABLE
-from imdsguard_testing.netns import User
+from imdsguard_testing.netns import User, scaled
 from tests.integration.conftest import DaemonHandle
 
-#: Timing limits scale by this factor (an emulated VM is 10-20x slower).
-SCALE = float(os.environ.get("IMDSGUARD_TIME_SCALE", "1"))
+pytestmark = pytest.mark.kernel
+
 #: Longest window an iptables table replace may open: the quick check's 10 ms
 #: interval plus a repair (~20 ms here), with room for a loaded 2-core VM.
-IPTABLES_WINDOW_MS = 150 * SCALE
+IPTABLES_WINDOW_MS = scaled(150)
 
 
 @pytest.mark.parametrize("backend", ["nftables"])
@@ -86,7 +86,7 @@ def test_kill_9_while_reloading_stays_closed(
         assert daemon.proc is not None
         daemon.wait_log("rules_restored", count=i + 1)  # the backstop is back
         daemon.proc.send_signal(signal.SIGKILL)
-        killed.append(daemon.proc.wait(timeout=10))
+        killed.append(daemon.proc.wait(timeout=scaled(10)))
         gone = daemon.topo.run(daemon.topo.host, ["nft", "list", "table", "inet", TABLE])
         assert gone.returncode != 0  # the owned table died with its socket
         daemon.start()
@@ -106,7 +106,7 @@ def test_kill_9_leaves_the_backstop_denying(
     daemon.start()
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait(timeout=10)
+    daemon.proc.wait(timeout=scaled(10))
     topo = daemon.topo
     assert topo.run(topo.host, ["nft", "list", "table", "inet", TABLE]).returncode != 0
     denied = test_users["imdsg-denied"]

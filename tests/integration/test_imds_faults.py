@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from imdsguard.imds import CREDENTIALS_PATH, TOKEN_PATH
-from imdsguard_testing.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, scaled, wait_for
 from tests.integration.test_broker import Env, _broker_env
 
 SECRET_KEY = "AKIA" + "ZXCVBNMASDFGHJKL"  # test data, shaped like an access key id
@@ -204,7 +204,7 @@ def test_audit_under_fault(sim: Sim, kind: str, scope: str) -> None:
         assert found["imdsv1-disabled"]["severity"] == "info"
         assert report["unchecked"] and result.returncode == 3  # user-data: not checked
     # Each failed request costs at most the client's timeout: no retry storms, no hang.
-    assert took < 20, took
+    assert took < scaled(20), took
     if kind != "timeout":  # the text report too: no traceback, no secret, same verdict
         sim.fault(kind, SCOPES[scope])
         text = sim.audit()
@@ -235,7 +235,7 @@ def test_audit_renews_a_token_revoked_mid_run(sim: Sim) -> None:
             proc,
         )
         sim.fault("expire-tokens")
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=scaled(30))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imdsguard_testing.netns import User, wait_for
+from imdsguard_testing.netns import User, scaled, wait_for
 from tests.integration.conftest import DaemonHandle
 
 
@@ -34,7 +34,7 @@ def test_metrics_endpoint_and_textfile(daemon: DaemonHandle, test_users: dict[st
     daemon.topo.imds_get(test_users["imdsg-denied"], "/latest/meta-data/", v2=False)
     daemon.topo.run(daemon.topo.host, ["iptables-legacy", "-F", "OUTPUT"], check=True)
     daemon.wait_log("rules_restored")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(5)
     while True:
         scraped = daemon.topo.http(None, "http://127.0.0.1:9721/metrics")
         assert scraped.ok, scraped

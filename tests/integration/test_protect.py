@@ -15,7 +15,7 @@ import time
 import pytest
 
 from imdsguard.firewall.nftables import BACKSTOP
-from imdsguard_testing.netns import Topology, User, wait_for
+from imdsguard_testing.netns import Topology, User, scaled, wait_for
 from tests.integration.conftest import DaemonHandle
 
 CREDS = "/latest/meta-data/iam/security-credentials/imdsguard-demo-role"
@@ -59,7 +59,7 @@ def test_denied_user_fails_fast_with_reject(
     for v6 in (False, True):
         result = daemon.topo.imds_get(test_users["imdsg-denied"], CREDS, v2=True, v6=v6)
         assert result.rc == 7, result  # curl: couldn't connect (TCP reset)
-        assert result.elapsed < 0.1 + 0.05, result  # reject: at once (plus process start)
+        assert result.elapsed < scaled(0.1 + 0.05), result  # reject: at once (plus process start)
     member = test_users["imdsg-member"]
     no_groups = User(member.uid, member.gid, ())
     daemon.write_config("allow:\n  groups: [imdsg-readers]\n")
@@ -150,7 +150,7 @@ def test_daemon_repairs_drift(
     start = time.monotonic()
     repaired = daemon.wait_log("rules_restored", timeout=2)
     # nftables notifies us of changes; x_tables is polled every 0.25 s.
-    assert time.monotonic() - start < (0.3 if daemon.backend == "nftables" else 1.0)
+    assert time.monotonic() - start < scaled(0.3 if daemon.backend == "nftables" else 1.0)
     assert repaired[0]["problems"], repaired
     status = json.loads(daemon.cli("status", "--json").stdout)
     assert status["rules"] == {"ipv4": "ok", "ipv6": "ok"}, status
@@ -285,7 +285,7 @@ def test_reload_never_opens_a_window(daemon: DaemonHandle, test_users: dict[str,
     os.chmod(script, 0o644)
     hammer = daemon.topo.popen(
         daemon.topo.host,
-        ["/usr/bin/python3", script, "4"],
+        ["/usr/bin/python3", script, str(scaled(4))],
         user=test_users["imdsg-denied"],
         stdout=subprocess.PIPE,
         text=True,
@@ -294,12 +294,13 @@ def test_reload_never_opens_a_window(daemon: DaemonHandle, test_users: dict[str,
     for i in range(12):
         daemon.write_config(configs[i % len(configs)])
         daemon.signal(signal.SIGHUP)
-        time.sleep(0.25)
-    out, _ = hammer.communicate(timeout=30)
+        time.sleep(scaled(0.25))
+    out, _ = hammer.communicate(timeout=scaled(30))
     assert out.strip() == "0"
     assert len(daemon.wait_log("config_reloaded", count=12)) >= 12
 
 
+@pytest.mark.kernel
 def test_kill_9_leaves_host_protected_and_restart_adopts(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
@@ -325,7 +326,7 @@ def test_stop_signal_exits_0_and_leaves_rules(
     daemon.start()
     assert daemon.proc is not None
     daemon.signal(signum)
-    assert daemon.proc.wait(timeout=15) == 0
+    assert daemon.proc.wait(timeout=scaled(15)) == 0
     assert daemon.wait_log("daemon_stopped")[0]["rules_left_in_place"] is True
     assert _denied(daemon.topo, test_users["imdsg-denied"])
     assert _denied(daemon.topo, test_users["imdsg-denied"], v6=True)
@@ -401,7 +402,7 @@ def test_ready_is_sent_only_after_rules_are_in_place(daemon: DaemonHandle) -> No
     sock_path = os.path.join(daemon.workdir, "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(sock_path)
-        sock.settimeout(15)
+        sock.settimeout(scaled(15))
         daemon.env["NOTIFY_SOCKET"] = sock_path
         daemon.start(wait=False)
         seen: list[str] = []
@@ -414,7 +415,7 @@ def test_ready_is_sent_only_after_rules_are_in_place(daemon: DaemonHandle) -> No
             if "READY=1" in message:
                 threading.Thread(target=rules_now).start()
                 break
-        time.sleep(0.5)
+        time.sleep(scaled(0.5))
     assert _ours_in(seen[0])
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import rpmpkg
 
-from imdsguard_testing.netns import IMDS_V4, IMDS_V6, Topology, wait_for
+from imdsguard_testing.netns import IMDS_V4, IMDS_V6, Topology, scaled, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +151,7 @@ class Container:
         wait_for(self._find_init, 30, "the container's systemd to start", self.proc)
         self.check()
         # Until its manager listens, systemctl answers nothing: ask again.
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + scaled(90)
         while True:
             out = self.run(["systemctl", "is-system-running", "--wait"], timeout=90).stdout
             state = out.strip()
@@ -187,7 +187,11 @@ class Container:
     ) -> subprocess.CompletedProcess[str]:
         """Run to completion inside the container."""
         proc = subprocess.run(
-            self.command(argv, user), capture_output=True, text=True, timeout=timeout, check=False
+            self.command(argv, user),
+            capture_output=True,
+            text=True,
+            timeout=scaled(timeout),
+            check=False,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr}")
@@ -239,12 +243,12 @@ class Container:
             self.command(["python3", PROBE, "loop"], user=True), stdout=subprocess.PIPE, text=True
         )
         try:
-            time.sleep(0.3)  # already hammering when the block starts
+            time.sleep(scaled(0.3))  # already hammering when the block starts
             yield counts
-            time.sleep(0.3)  # and still after it ends
+            time.sleep(scaled(0.3))  # and still after it ends
         finally:
             self.sh(f"touch {STOP}")
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=scaled(30))
             counts.update(json.loads(out))
 
     def write_config(self, text: str) -> None:
@@ -275,7 +279,7 @@ class Container:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=scaled(30))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
