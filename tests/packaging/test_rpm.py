@@ -305,15 +305,16 @@ def test_license_is_apache_2_0(payload: Path) -> None:
     assert "END OF TERMS AND CONDITIONS" in shipped
 
 
-def test_spec_has_url_and_full_source_urls() -> None:
+def test_spec_has_url_and_names_its_sources() -> None:
     spec = rpmpkg.SPEC.read_text()
     assert re.search(r"^URL:\s+https://\S+$", spec, re.M)
     sources = dict(re.findall(r"^Source(\d+):\s+(\S+)$", spec, re.M))
-    # Upstream sources by URL; files of this tree (e.g. the sysusers.d file) by name.
-    for number, source in sources.items():
-        local = (rpmpkg.REPO / "packaging" / source).is_file()
-        assert local or source.startswith(("https://", "%{url}/")), (number, source)
-    assert all(sources[n].startswith(("https://", "%{url}/")) for n in "0123"), sources
+    assert all(sources[n].startswith(("https://", "%{url}/")) for n in "04"), sources
+    # The bundle by its pinned file names (vendor.txt holds name, version and hash).
+    vendor = (rpmpkg.SPEC.parent / "vendor.txt").read_text()
+    for n, name in (("1", "structlog"), ("2", "typing_extensions"), ("3", "python_iptables")):
+        assert sources[n].startswith(name + "-"), sources[n]
+        assert name.replace("_", "-") in vendor.replace("_", "-"), name
 
 
 def test_state_and_log_directories_are_owned(rpm_file: Path) -> None:
