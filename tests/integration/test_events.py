@@ -207,7 +207,7 @@ def test_burst_of_short_lived_processes_is_fully_attributed(
     ]
     pids = {p.pid for p in procs}  # ip netns exec and setpriv exec: the same pid
     for proc in procs:
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=scaled(30)) == 0
     events = guard.wait_events(40, timeout=15)
     assert len(events) == 40
     assert all(e["attributed"] for e in events), [e for e in events if not e["attributed"]]
@@ -394,7 +394,7 @@ def test_burst_of_short_lived_processes_one_event_each(guard: Guard, denied: Use
         for _ in range(40)
     ]
     for proc in procs:
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=scaled(30)) == 0
     events = guard.wait_events(40, timeout=15)
     assert len(events) == 40
     assert {e["uid"] for e in events} == {denied.uid}  # from the kernel: always
