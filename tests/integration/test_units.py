@@ -24,16 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from imdsguard_testing.netns import IMDS_V4, Topology, wait_for
+from imdsguard_testing.netns import IMDS_V4, Topology, scaled, wait_for
 
 from .conftest import DaemonHandle
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
-#: Timing limits scale by this factor under emulation (the stock-kernel VM).
-SCALE = float(os.environ.get("IMDSGUARD_TIME_SCALE", "1"))  # as the VM harness sets it
 #: From a unit's new cgroup appearing to its first connection served (measured: see README).
-SERVED_WITHIN = 2.0 * SCALE
+SERVED_WITHIN = scaled(2.0)
 
 #: Connects to IMDS until one succeeds or the deadline passes; prints JSON with how long
 #: after argv[2] (CLOCK_MONOTONIC, shared by all processes) the first success came.
@@ -150,7 +148,7 @@ def test_unit_served_root_outside_refused_and_restart_served_again(
         _rmdir(cgroup)  # the unit stops: its cgroup goes
     print(f"unit cgroup created -> first connection served, s: {figures}")
     assert max(figures) < SERVED_WITHIN, figures
-    wait_for(lambda: _state(daemon)["units"] == {unit: None}, 5 * SCALE, "the stop to be seen")
+    wait_for(lambda: _state(daemon)["units"] == {unit: None}, 5, "the stop to be seen")
     changed = [e for e in daemon.logs() if e.get("event") == "units_changed"]
     print([(e["started"], e["not_running"], e["apply_ms"]) for e in changed])
     assert changed[-1]["not_running"] == [unit]
