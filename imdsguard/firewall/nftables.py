@@ -730,6 +730,10 @@ class NftablesBackend:
             )
         return matched[0]
 
+    def plan(self, ruleset: RuleSet) -> Plan:
+        """Our own table for ``ruleset``, rendered with the current group membership."""
+        return self._wanted(ruleset)[0]
+
     def _wanted(
         self, ruleset: RuleSet, loading: bool = False
     ) -> tuple[Plan, Plan | None, list[str]]:
