@@ -50,9 +50,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imdsguard import _locks
+from imdsguard.domain import BackendName
 from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall import _xt_blob
-from imdsguard.firewall.base import FamilyState, Inspection
+from imdsguard.firewall.base import Backend, FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
 CHAIN = "IMDSGUARD"
@@ -456,10 +457,10 @@ def legacy_tables() -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if legacy_table_exists(f))
 
 
-class IptablesBackend:
+class IptablesBackend(Backend):
     """python-iptables implementation of :class:`~imdsguard.firewall.base.Backend`."""
 
-    name = "iptables"
+    name = BackendName.IPTABLES
 
     def __init__(self) -> None:
         try:
@@ -645,15 +646,22 @@ class IptablesBackend:
         except OSError:
             return None
 
-    def limits(self) -> list[str]:
+    def preview(self, ruleset: RuleSet) -> list[str]:
+        """See :meth:`~imdsguard.firewall.base.Backend.preview`: ``iptables-save`` lines."""
+        out: list[str] = []
+        for family in ruleset.families():
+            out += [f"# {family}", *render(ruleset, family).lines()]
+        return out
+
+    def limits(self) -> tuple[str, ...]:
         """What this backend cannot guard against (for ``status``)."""
-        return [
+        return (
             "x_tables has no change notification: a table replace without our chain "
             "(iptables-restore, a firewall reload) opens IMDS until the daemon notices "
             f"(checked every {QUICK_INTERVAL * 1000:.0f} ms) and repairs it (~15-30 ms): "
             "measured up to 55 ms; same-size edits are seen by the full check "
-            f"every {FULL_INTERVAL * 1000:.0f} ms"
-        ]
+            f"every {FULL_INTERVAL * 1000:.0f} ms",
+        )
 
     def _fingerprint(self, family: str) -> bytes | None:
         """The table's fingerprint, or None where it cannot be read this way."""

@@ -77,8 +77,9 @@ from dataclasses import replace
 from typing import Any
 
 from imdsguard import cgroups
+from imdsguard.domain import BackendName
 from imdsguard.errors import FirewallError, ImdsGuardError, PermissionDeniedError
-from imdsguard.firewall.base import FamilyState, Inspection
+from imdsguard.firewall.base import Backend, FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
 TABLE = "imdsguard"
@@ -611,7 +612,7 @@ class Context:
         return [o for o in objects if "metainfo" not in o]
 
 
-class NftablesBackend:
+class NftablesBackend(Backend):
     """nftables implementation of :class:`~imdsguard.firewall.base.Backend`.
 
     Two tables (see the README's "What a firewall reload does"):
@@ -632,7 +633,7 @@ class NftablesBackend:
     daemon holds ``inet imdsguard``, so inspect expects it and leaves it be.
     """
 
-    name = "nftables"
+    name = BackendName.NFTABLES
 
     def __init__(self, hold: bool = False, daemon_running: bool = False) -> None:
         self._reader = Context()  # listings: never the owner's socket (see README)
@@ -858,12 +859,13 @@ class NftablesBackend:
         )  # fmt: skip
         self._owns_main = True
 
-    def limits(self) -> list[str]:
+    def preview(self, ruleset: RuleSet) -> list[str]:
+        """See :meth:`imdsguard.firewall.base.Backend.preview` (one JSON command per line)."""
+        return self.plan(ruleset).lines()
+
+    def limits(self) -> tuple[str, ...]:
         """What this backend cannot guard against here (for ``status``)."""
-        notes = []
-        if self.owner_problem:
-            notes.append(self.owner_problem)
-        return notes
+        return (self.owner_problem,) if self.owner_problem else ()
 
     def remove(self) -> bool:
         """See :meth:`imdsguard.firewall.base.Backend.remove`."""

@@ -127,7 +127,7 @@ def test_daemon_owns_its_table_and_writes_the_backstop_first(kernel: FakeKernel)
             and c.get("delete", {}).get("table", {}).get("name") == nftables.TABLE
             for c in commands
         )
-    assert backend.limits() == []
+    assert backend.limits() == ()
 
 
 def test_kernel_without_owned_tables_falls_back_and_says_so(kernel: FakeKernel) -> None:
