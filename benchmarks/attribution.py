@@ -29,6 +29,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from _common import not_root
 from _proc import rss_kib
 
 from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env, wait_for
@@ -107,8 +108,7 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=20)
     parser.add_argument("--per-proc", type=int, default=10)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not_root():
         return 2
     work = tempfile.mkdtemp(prefix="imdsg-bench-")
     os.chmod(work, 0o755)  # noqa: S103 - the client runs as nobody

@@ -33,13 +33,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
+from _common import guard_work, not_root
 from _proc import rss_kib
 
-from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env
+from imdsguard_testing.netns import IMDS_V4, Topology, User
 
 NOBODY = User(65534, 65534)
 
@@ -115,12 +115,7 @@ def run(
     backend: str = "iptables",
 ) -> dict[str, Any]:
     """One flood against a fresh daemon; the figures."""
-    work = tempfile.mkdtemp(prefix="imdsg-flood-")
-    os.chmod(work, 0o755)  # noqa: S103 - the daemon's files live here; nothing secret
-    env = guard_env(work)
-    config = os.path.join(work, "config.yaml")
-    with open(config, "w") as fh:
-        fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
+    work, env, config = guard_work(backend, prefix="imdsg-flood-", shared=True)
     os.chmod(config, 0o644)
     log_path = os.path.join(work, "daemon.log")
     python = os.path.realpath(sys.executable)  # the system interpreter: nobody can run it
@@ -228,8 +223,7 @@ def main() -> int:
     parser.add_argument("--max-slope", type=float, default=1.0, help="MiB/min (default 1)")
     parser.add_argument("--backend", choices=("iptables", "nftables"), default="iptables")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not_root():
         return 2
     if not (1 <= args.clients <= 16 and 1 <= args.seconds <= 600 and args.sleep >= 0.001):
         print("bounded on purpose: 1-16 clients, 1-600 s, sleep >= 1 ms", file=sys.stderr)

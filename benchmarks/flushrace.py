@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env
+from _common import guard_work, not_root
+
+from imdsguard_testing.netns import IMDS_V4, Topology, User
 
 NFT_RULESET = """\
 flush ruleset
@@ -128,11 +128,7 @@ def race(
 
 
 def _bench(backend: str, reloads: int) -> Race:
-    work = tempfile.mkdtemp(prefix="imdsg-bench-")
-    env = guard_env(work)
-    config = os.path.join(work, "config.yaml")
-    with open(config, "w") as fh:
-        fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
+    work, env, config = guard_work(backend)
     try:
         denied = User(65534, 65534)  # nobody: never allowlisted here
         with Topology(prefix="imdsg-bench") as topo:
@@ -152,8 +148,7 @@ def main() -> int:
     parser.add_argument("--reloads", type=int, default=20)
     parser.add_argument("--backend", choices=sorted(RELOAD), action="append")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not_root():
         return 2
     rows = []
     for backend in args.backend or ["nftables", "iptables"]:

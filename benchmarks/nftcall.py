@@ -12,8 +12,9 @@ Prints medians and p95, and README table rows.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from _common import not_root
 
 from imdsguard_testing.netns import Topology
 
@@ -57,8 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not_root():
         return 2
     with Topology(prefix="imdsg-bench") as topo:
         out = topo.run(

@@ -21,9 +21,10 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 
-from imdsguard_testing.netns import Topology, guard_env
+from _common import guard_work, not_root
+
+from imdsguard_testing.netns import Topology
 
 PROBE = r"""
 import random, subprocess, sys, time
@@ -89,11 +90,7 @@ backend.remove()
 
 
 def _bench(backend: str, tampers: int) -> tuple[list[float], dict[int, float], list[float]]:
-    work = tempfile.mkdtemp(prefix="imdsg-bench-")
-    env = guard_env(work)
-    config = os.path.join(work, "config.yaml")
-    with open(config, "w") as fh:
-        fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
+    work, env, config = guard_work(backend)
     try:
         with Topology(prefix="imdsg-bench") as topo:
             log_path = os.path.join(work, "daemon.log")
@@ -129,8 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tampers", type=int, default=20)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not_root():
         return 2
     rows = []
     ok = True

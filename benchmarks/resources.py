@@ -22,11 +22,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
-from imdsguard_testing.netns import Topology, guard_env
+from _common import guard_work, not_root
+
+from imdsguard_testing.netns import Topology
 
 RSS_TARGET_MB = 40.0
 CPU_TARGET_PCT = 1.0  # "near zero": under 1% of one core
@@ -120,12 +121,7 @@ def _pss_kib(pid: int) -> int:
 
 
 def _idle(backend: str, seconds: float, settle: float) -> dict[str, Any]:
-    work = tempfile.mkdtemp(prefix="imdsg-bench-")
-    os.chmod(work, 0o755)  # noqa: S103 - the daemon's files live here; nothing secret
-    env = guard_env(work)
-    config = os.path.join(work, "config.yaml")
-    with open(config, "w") as fh:
-        fh.write(f"firewall:\n  backend: {backend}\nallow:\n  users: [root]\n")
+    work, env, config = guard_work(backend, shared=True)
     try:
         with Topology(prefix="imdsg-bench") as topo:
             launched = time.monotonic()
@@ -185,8 +181,7 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="wait after READY (default 3)")
     parser.add_argument("--backend", action="append", choices=["iptables", "nftables"])
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+    if not_root():
         return 2
     results = [
         _idle(b, args.seconds, args.settle) for b in args.backend or ["iptables", "nftables"]
