@@ -78,6 +78,9 @@ def _status(state: str = "protected", mode: str = "enforce", **extra: Any) -> di
     }
 
 
+Factory = Callable[..., tuple[ImdsSimulator, str]]
+
+
 @pytest.fixture
 def closed_url() -> Iterator[str]:
     """A loopback port that refuses connections (bound, never listening)."""
@@ -87,18 +90,13 @@ def closed_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def make_sim() -> Iterator[Callable[..., tuple[ImdsSimulator, str]]]:
-    sims: list[ImdsSimulator] = []
+def make_sim(start_sim: Factory) -> Factory:
+    """Simulators on ``host`` (default 127.0.0.1) for INSTANCE_ID with these SimConfig fields."""
 
     def make(host: str = "127.0.0.1", **kwargs: Any) -> tuple[ImdsSimulator, str]:
-        sim = ImdsSimulator(SimConfig(instance_id=INSTANCE_ID, **kwargs))
-        [(bound, port)] = sim.serve([(host, 0)])
-        sims.append(sim)
-        return sim, f"http://[{bound}]:{port}" if ":" in bound else f"http://{bound}:{port}"
+        return start_sim(SimConfig(instance_id=INSTANCE_ID, **kwargs), host)
 
-    yield make
-    for sim in sims:
-        sim.shutdown()
+    return make
 
 
 def _audit(url: str, ipv6_url: str, doc: dict[str, Any] | None = None, **config: Any) -> Any:

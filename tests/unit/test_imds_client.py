@@ -6,8 +6,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -22,45 +21,23 @@ from imdsguard.imds import (
     format_time,
     parse_time,
 )
+from imdsguard_testing.clock import FakeClock
 from imdsguard_testing.imds_sim import DEFAULT_ROLE, ImdsSimulator, SimConfig
 
 CREDS = CREDENTIALS_PATH + DEFAULT_ROLE
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand (shared by simulator and client)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 Factory = Callable[..., tuple[ImdsSimulator, str]]
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def make_sim(start_sim: Factory, clock: FakeClock) -> Factory:
+    """Simulators on ``host`` (default 127.0.0.1) with these SimConfig fields, on ``clock``."""
 
+    def make(host: str = "127.0.0.1", **kwargs: Any) -> tuple[ImdsSimulator, str]:
+        return start_sim(SimConfig(**kwargs), host, clock)
 
-@pytest.fixture
-def make_sim(clock: FakeClock) -> Iterator[Factory]:
-    sims: list[ImdsSimulator] = []
-
-    def make(host: str = "127.0.0.1", **kwargs: object) -> tuple[ImdsSimulator, str]:
-        sim = ImdsSimulator(SimConfig(**kwargs), clock=clock)  # type: ignore[arg-type]
-        [(bound, port)] = sim.serve([(host, 0)])
-        sims.append(sim)
-        return sim, f"http://[{bound}]:{port}" if ":" in bound else f"http://{bound}:{port}"
-
-    yield make
-    for sim in sims:
-        sim.shutdown()
+    return make
 
 
 @pytest.fixture

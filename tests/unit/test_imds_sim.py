@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from imdsguard_testing.clock import FakeClock
 from imdsguard_testing.imds_sim import (
     DEFAULT_ROLE,
     TOKEN_HEADER,
@@ -34,19 +35,6 @@ from imdsguard_testing.imds_sim import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CREDS_PATH = f"/latest/meta-data/iam/security-credentials/{DEFAULT_ROLE}"
 RFC3339_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Reply:
@@ -89,11 +77,6 @@ def get_token(port: int, ttl: int = 60, host: str = "127.0.0.1") -> str:
 def parse_ts(value: str) -> datetime:
     assert RFC3339_Z.fullmatch(value), value
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 Factory = Callable[..., "tuple[ImdsSimulator, int]"]
