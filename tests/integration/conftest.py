@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from imdsguard.broker.client import fetch_health
 from imdsguard.errors import ImdsGuardError
 from imdsguard_testing.netns import Topology, User, ensure_broker_user, scaled, wait_for
 
@@ -149,6 +150,23 @@ class DaemonHandle:
                     tail = fh.read()[-2000:]
                 raise AssertionError(f"{exc}; the daemon said:\n{tail}") from None
         return self
+
+    def start_broker(self, extra: str = "") -> str:
+        """Start with the broker on for imdsg-app (nobody allowed directly) plus ``extra``.
+
+        ``extra``: more config (YAML lines); ``wrapper`` and ``extra_env`` apply as to
+        ``start``. Returns once the broker serves credentials; its socket's path.
+        """
+        sock = os.path.join(self.workdir, "run", "broker.sock")
+        self.write_config(
+            "allow:\n  users: []\n"
+            + extra
+            + f"broker:\n  enabled: true\n  socket: {sock}\n  clients:\n    users: [imdsg-app]\n"
+        )
+        self.start()
+        wait_for(lambda: os.path.exists(sock), 10, "the broker socket", self.proc)
+        wait_for(lambda: fetch_health(sock)[1]["status"] == "ok", 10, "the broker's credentials")
+        return sock
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

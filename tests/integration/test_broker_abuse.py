@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from typing import Any
@@ -44,7 +43,7 @@ import pytest
 
 from imdsguard.broker.client import fetch_health
 from imdsguard.broker.server import Limits
-from imdsguard_testing.netns import User, scaled, wait_for
+from imdsguard_testing.netns import User, scaled
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import _client_recipe
 
@@ -267,24 +266,7 @@ def _sample_connections(daemon: DaemonHandle, held: list[int], stop: threading.E
 def test_abuse_does_not_delay_a_legitimate_client(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
-    sock = os.path.join(daemon.workdir, "run", "broker.sock")
-    daemon.write_config(
-        textwrap.dedent(
-            f"""\
-            allow:
-              users: []
-            broker:
-              enabled: true
-              socket: {sock}
-              clients:
-                users: [imdsg-app]
-            """
-        )
-    )
-    daemon.start()
-    assert daemon.proc is not None
-    wait_for(lambda: os.path.exists(sock), 10, "the broker socket", daemon.proc)
-    wait_for(lambda: fetch_health(sock)[1]["status"] == "ok", 10, "the broker's credentials")
+    sock = daemon.start_broker()
     app = test_users["imdsg-app"]
     client = _client_recipe(daemon.workdir, app, daemon.config_path)
     topo = daemon.topo

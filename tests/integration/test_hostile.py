@@ -26,13 +26,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from typing import Any
 
 import pytest
 
-from imdsguard.broker.client import fetch_health
 from imdsguard.events.log import read_events
 from imdsguard_testing.netns import User, wait_for
 from tests.integration.conftest import DaemonHandle
@@ -136,27 +134,9 @@ def _python_for(user: User) -> str:
 def test_idle_metrics_connections_do_not_stop_the_daemon_or_the_broker(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
-    sock = os.path.join(daemon.workdir, "run", "broker.sock")
-    daemon.write_config(
-        textwrap.dedent(
-            f"""\
-            allow:
-              users: []
-            metrics:
-              listen: {METRICS[0]}:{METRICS[1]}
-            broker:
-              enabled: true
-              socket: {sock}
-              clients:
-                users: [imdsg-app]
-            """
-        )
-    )
     daemon.wrapper = ["prlimit", "--nofile=1024:1024", "--"]  # systemd's default soft limit
-    daemon.start()
+    daemon.start_broker(f"metrics:\n  listen: {METRICS[0]}:{METRICS[1]}\n")
     assert daemon.proc is not None
-    wait_for(lambda: os.path.exists(sock), 10, "the broker socket", daemon.proc)
-    wait_for(lambda: fetch_health(sock)[1]["status"] == "ok", 10, "the broker's credentials")
     pid = daemon.proc.pid
     before = _daemon_facts(pid)
     topo = daemon.topo
