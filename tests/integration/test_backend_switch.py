@@ -51,6 +51,25 @@ def status(daemon: DaemonHandle) -> dict[str, Any]:
     return doc
 
 
+def start_enforcing(daemon: DaemonHandle, backend: str, denied: User) -> None:
+    """Start the daemon enforcing on ``backend``: ``denied`` is refused."""
+    daemon.write_config(config(backend))
+    daemon.start()
+    assert not daemon.topo.imds_get(denied, PATH, v2=False).ok
+
+
+def only_the_new_rules(daemon: DaemonHandle, denied: User, first: str, name: str) -> dict[str, Any]:
+    """After the switch from ``first`` to ``name`` (audit): only ``name`` holds rules of ours,
+    ``denied`` gets through and status names no leftover. The status document.
+    """
+    assert ours(daemon) == {first: False, name: True}
+    got = daemon.topo.imds_get(denied, PATH, v2=False)
+    assert got.ok, f"refused by a leftover of the {first} backend: {got}"
+    doc = status(daemon)
+    assert doc["backend"] == name and doc["leftovers"] == [], doc
+    return doc
+
+
 @pytest.fixture
 def denied(test_users: dict[str, User]) -> User:
     return test_users["imdsg-denied"]
@@ -61,9 +80,7 @@ def denied(test_users: dict[str, User]) -> User:
 def test_restart_on_another_backend_removes_the_old_rules(
     daemon: DaemonHandle, denied: User, first: str, second: str, name: str
 ) -> None:
-    daemon.write_config(config(first))
-    daemon.start()
-    assert not daemon.topo.imds_get(denied, PATH, v2=False).ok
+    start_enforcing(daemon, first, denied)
     assert daemon.stop() == 0  # fail closed: the rules stay
     assert ours(daemon)[first]
 
@@ -72,11 +89,7 @@ def test_restart_on_another_backend_removes_the_old_rules(
     daemon.start()
     (removed,) = daemon.wait_log("old_backend_rules_removed")
     assert removed["backend"] == first, removed
-    assert ours(daemon) == {first: False, name: True}
-    got = daemon.topo.imds_get(denied, PATH, v2=False)
-    assert got.ok, f"refused by a leftover of the {first} backend: {got}"
-    doc = status(daemon)
-    assert doc["backend"] == name and doc["leftovers"] == [], doc
+    doc = only_the_new_rules(daemon, denied, first, name)
     assert doc["rules"] == {"ipv4": "ok", "ipv6": "ok"}, doc
 
 
@@ -110,17 +123,11 @@ def test_status_and_remove_see_both_backends(
 def test_sighup_backend_switch_leaves_only_the_new_rules(
     daemon: DaemonHandle, denied: User, first: str, second: str, name: str
 ) -> None:
-    daemon.write_config(config(first))
-    daemon.start()
-    assert not daemon.topo.imds_get(denied, PATH, v2=False).ok
+    start_enforcing(daemon, first, denied)
     daemon.write_config(config(second, "audit"))
     daemon.signal(signal.SIGHUP)
     daemon.wait_log("config_reloaded")
-    assert ours(daemon) == {first: False, name: True}
-    got = daemon.topo.imds_get(denied, PATH, v2=False)
-    assert got.ok, f"refused by a leftover of the {first} backend: {got}"
-    doc = status(daemon)
-    assert doc["backend"] == name and doc["leftovers"] == [], doc
+    doc = only_the_new_rules(daemon, denied, first, name)
     assert doc["rules"] == {"ipv4": "ok", "ipv6": "ok"} and doc["mode"] == "audit", doc
     assert daemon.stop() == 0
     daemon.write_config(config(second))
