@@ -29,9 +29,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from _common import not_root
 from _proc import rss_kib
 
+from imdsguard_testing.bench import not_root
 from imdsguard_testing.netns import IMDS_V4, Topology, User, guard_env, wait_for
 
 NOBODY = User(65534, 65534)

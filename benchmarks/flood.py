@@ -36,9 +36,9 @@ import sys
 import time
 from typing import Any
 
-from _common import guard_work, not_root
 from _proc import rss_kib
 
+from imdsguard_testing.bench import guard_work, not_root
 from imdsguard_testing.netns import IMDS_V4, Topology, User
 
 NOBODY = User(65534, 65534)

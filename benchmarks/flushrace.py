@@ -31,8 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from _common import guard_work, not_root
-
+from imdsguard_testing.bench import guard_work, not_root
 from imdsguard_testing.netns import IMDS_V4, Topology, User
 
 NFT_RULESET = """\

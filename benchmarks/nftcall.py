@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import not_root
-
+from imdsguard_testing.bench import not_root
 from imdsguard_testing.netns import Topology
 
 PROBE = r"""

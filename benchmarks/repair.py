@@ -22,8 +22,7 @@ import shutil
 import statistics
 import sys
 
-from _common import guard_work, not_root
-
+from imdsguard_testing.bench import guard_work, not_root
 from imdsguard_testing.netns import Topology
 
 PROBE = r"""

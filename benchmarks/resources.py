@@ -25,8 +25,7 @@ import sys
 import time
 from typing import Any
 
-from _common import guard_work, not_root
-
+from imdsguard_testing.bench import guard_work, not_root
 from imdsguard_testing.netns import Topology
 
 RSS_TARGET_MB = 40.0

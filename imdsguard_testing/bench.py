@@ -1,4 +1,9 @@
-"""Set-up shared by the benchmarks: the root check and the daemon's work directory."""
+"""Set-up shared by the benchmarks: the root check and the daemon's work directory.
+
+It lives here, not in benchmarks/, so that a benchmark finds it both when run as a
+script (``.venv/bin/python benchmarks/X.py``) and when a test imports it
+(``benchmarks.flushrace``).
+"""
 
 from __future__ import annotations
 
