@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Any
 
 import pytest
 
-from benchmarks.flushrace import race
+from benchmarks.flushrace import Race, race
 from imdsguard.firewall.nftables import BACKSTOP, TABLE
 from imdsguard_testing.netns import User, scaled, time_scale
 from tests.integration.conftest import DaemonHandle
@@ -27,19 +28,30 @@ pytestmark = pytest.mark.kernel
 IPTABLES_WINDOW_MS = scaled(150)
 
 
+def start_and_race(daemon: DaemonHandle, test_users: dict[str, User]) -> Race:
+    """Start the daemon; 20 reloads of its backend's firewall while imdsg-denied loops."""
+    daemon.start()
+    return race(daemon.topo, daemon.backend, test_users["imdsg-denied"], reloads=20)
+
+
+def status_of(daemon: DaemonHandle) -> dict[str, Any]:
+    """``imdsguard status --json``, parsed."""
+    doc: dict[str, Any] = json.loads(daemon.cli("status", "--json").stdout)
+    return doc
+
+
 @pytest.mark.parametrize("backend", ["nftables"])
 def test_flush_ruleset_reloads_let_nothing_through(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
-    daemon.start()
-    found = race(daemon.topo, "nftables", test_users["imdsg-denied"], reloads=20)
+    found = start_and_race(daemon, test_users)
     # The client really looped (its pace, like everything, slows with the machine).
     assert found.attempts > 1000 / time_scale(), found.attempts
     assert found.through == [], f"{len(found.through)} denied connects got through"
     # The owned table was never touched; only the backstop needed putting back.
     restored = daemon.wait_log("rules_restored", count=20)
     assert all(BACKSTOP in " ".join(e["problems"]) for e in restored), restored
-    status = json.loads(daemon.cli("status", "--json").stdout)
+    status = status_of(daemon)
     assert status["state"] == "protected", status
 
 
@@ -114,7 +126,7 @@ def test_kill_9_leaves_the_backstop_denying(
     for v6 in (False, True):
         assert topo.imds_get(denied, "/latest/meta-data/", v2=False, v6=v6).rc != 0
         assert topo.imds_get(None, "/latest/meta-data/", v2=False, v6=v6).ok
-    status = json.loads(daemon.cli("status", "--json").stdout)
+    status = status_of(daemon)
     assert status["rules"] == {"ipv4": "ok", "ipv6": "ok"}, status
     assert status["state"] == "degraded" and not status["daemon"]["running"], status
     # `remove` leaves nothing of ours.
@@ -143,14 +155,13 @@ def test_iptables_restore_window_is_bounded(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
     """x_tables cannot refuse or announce a replace: the window is what we can bound."""
-    daemon.start()
-    found = race(daemon.topo, "iptables", test_users["imdsg-denied"], reloads=20)
+    found = start_and_race(daemon, test_users)
     assert found.attempts > 1000, found.attempts
     windows = found.windows_ms()
     assert max(windows, default=0.0) <= IPTABLES_WINDOW_MS, windows
     restored = daemon.wait_log("rules_restored", count=20)
     assert len(restored) >= 20
-    status = json.loads(daemon.cli("status", "--json").stdout)
+    status = status_of(daemon)
     assert any("x_tables" in limit for limit in status["limits"]), status
 
 
