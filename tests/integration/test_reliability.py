@@ -721,6 +721,18 @@ def test_racing_apply_and_remove_are_serialised(daemon: DaemonHandle, rounds: in
 # --- 5. trust -------------------------------------------------------------------------
 
 
+#: Untrusted by its mode or owner: the config or its directory ("dir") made writable by
+#: others (this mode), or owned by nobody instead of root (None).
+PERMISSION_CASES: dict[str, tuple[str, int | None]] = {
+    "group-writable": ("config", 0o664),
+    "world-writable": ("config", 0o646),
+    "not-owned-by-root": ("config", None),
+    "dir-writable-by-others": ("dir", 0o777),
+    "dir-group-writable": ("dir", 0o775),
+    "dir-not-owned-by-root": ("dir", None),
+}
+
+
 def _make_untrusted(daemon: DaemonHandle, case: str) -> str:
     """A copy of the daemon's (good) config made untrusted in one way; its path."""
     with open(daemon.config_path) as fh:
@@ -731,18 +743,13 @@ def _make_untrusted(daemon: DaemonHandle, case: str) -> str:
     with open(path, "w") as fh:
         fh.write(text)
     os.chmod(path, 0o644)
-    if case == "group-writable":
-        os.chmod(path, 0o664)
-    elif case == "world-writable":
-        os.chmod(path, 0o646)  # noqa: S103 - the point of the test
-    elif case == "not-owned-by-root":
-        os.chown(path, NOBODY.uid, NOBODY.gid)
-    elif case == "dir-writable-by-others":
-        os.chmod(directory, 0o777)  # noqa: S103 - the point of the test
-    elif case == "dir-group-writable":
-        os.chmod(directory, 0o775)  # noqa: S103 - the point of the test
-    elif case == "dir-not-owned-by-root":
-        os.chown(directory, NOBODY.uid, NOBODY.gid)
+    if case in PERMISSION_CASES:
+        of, mode = PERMISSION_CASES[case]
+        target = directory if of == "dir" else path
+        if mode is None:
+            os.chown(target, NOBODY.uid, NOBODY.gid)
+        else:
+            os.chmod(target, mode)
     elif case == "symlink-to-untrusted":
         os.chmod(path, 0o666)  # noqa: S103 - the point of the test
         link = os.path.join(daemon.workdir, "link.yaml")
@@ -764,12 +771,7 @@ def _make_untrusted(daemon: DaemonHandle, case: str) -> str:
 
 
 TRUST_CASES = [
-    "group-writable",
-    "world-writable",
-    "not-owned-by-root",
-    "dir-writable-by-others",
-    "dir-group-writable",
-    "dir-not-owned-by-root",
+    *PERMISSION_CASES,
     "symlink-to-untrusted",
     "symlink-in-open-dir",
     "symlink-hop-in-open-dir",
