@@ -234,6 +234,16 @@ class Container:
         """One connection attempt to IMDS as nobody: connected, refused, timeout..."""
         return self.run(["python3", PROBE, "once"], user=True).stdout.strip()
 
+    def blocked_event(self) -> dict[str, Any]:
+        """The latest event of a blocked attempt by nobody, once ``imdsguard events`` has one."""
+
+        def blocked() -> list[dict[str, Any]]:
+            out = self.run(["imdsguard", "events", "--json", "-n", "5"]).stdout
+            return [e for e in map(json.loads, out.splitlines()) if e.get("uid") == 65534]
+
+        wait_for(lambda: bool(blocked()), 10, "the blocked attempt to be logged")
+        return blocked()[-1]
+
     @contextlib.contextmanager
     def probe_loop(self) -> Iterator[dict[str, int]]:
         """A denied user hammering IMDS for the duration of the block; counts after it."""
@@ -493,13 +503,7 @@ def test_attribution_works_in_the_sandbox(booted: Container) -> None:
     assert c.run(["imdsguard", "status"]).returncode == 0
 
     assert c.probe_once() == "refused"
-
-    def blocked() -> list[dict[str, Any]]:
-        out = c.run(["imdsguard", "events", "--json", "-n", "5"]).stdout
-        return [e for e in map(json.loads, out.splitlines()) if e.get("uid") == 65534]
-
-    wait_for(lambda: bool(blocked()), 10, "the blocked attempt to be logged")
-    event = blocked()[-1]
+    event = c.blocked_event()
     assert event["attributed"] is True
     assert event["user"] == "nobody"
     assert event["exe"].startswith("/usr/bin/python3")

@@ -131,13 +131,7 @@ def test_the_installed_daemon_logs_and_uses_debians_iptables_binding(
     assert reloaded[-1]["event"] == "config_reloaded", reloaded
     assert "-j NFQUEUE" in c.run(["iptables-legacy", "-S", "IMDSGUARD"], check=True).stdout
     assert c.probe_once() == "refused"
-
-    def blocked() -> list[dict[str, Any]]:
-        out = c.run(["imdsguard", "events", "--json", "-n", "5"]).stdout
-        return [e for e in map(json.loads, out.splitlines()) if e.get("uid") == 65534]
-
-    wait_for(lambda: bool(blocked()), 10, "the blocked attempt to be logged")
-    event = blocked()[-1]
+    event = c.blocked_event()
     assert event["attributed"] is True and event["user"] == "nobody"
     assert event["cmdline"][1:3] == [PROBE, "once"]
     assert c.run(["imdsguard", "status"]).returncode == 0
