@@ -48,20 +48,11 @@ locals {
   timestamp = regex_replace(timestamp(), "[- TZ:]", "")
 }
 
+# What both architectures share; the build block adds what differs (a build-level
+# source block may only fill in fields this one leaves unset).
 source "amazon-ebs" "al2023" {
-  region        = var.region
-  instance_type = "t3.small"
-  ssh_username  = "ec2-user"
-  ami_name      = "golden-al2023-x86_64-imdsguard-${local.timestamp}"
-
-  source_ami_filter {
-    filters = {
-      name                = "al2023-ami-2023.*-x86_64"
-      virtualization-type = "hvm"
-    }
-    owners      = ["amazon"]
-    most_recent = true
-  }
+  region       = var.region
+  ssh_username = "ec2-user"
 
   # IMDSv2 only on the build instance and on instances launched from the AMI.
   metadata_options {
@@ -72,32 +63,30 @@ source "amazon-ebs" "al2023" {
   imds_support = "v2.0"
 }
 
-# Graviton: the same image for aarch64 (the RPM is per architecture).
-source "amazon-ebs" "al2023-arm64" {
-  region        = var.region
-  instance_type = "t4g.small"
-  ssh_username  = "ec2-user"
-  ami_name      = "golden-al2023-arm64-imdsguard-${local.timestamp}"
-
-  source_ami_filter {
-    filters = {
-      name                = "al2023-ami-2023.*-arm64"
-      virtualization-type = "hvm"
-    }
-    owners      = ["amazon"]
-    most_recent = true
-  }
-
-  metadata_options {
-    http_endpoint               = "enabled"
-    http_tokens                 = "required"
-    http_put_response_hop_limit = 1
-  }
-  imds_support = "v2.0"
-}
-
 build {
-  sources = ["source.amazon-ebs.al2023", "source.amazon-ebs.al2023-arm64"]
+  # x86_64.
+  source "source.amazon-ebs.al2023" {
+    name          = "al2023"
+    instance_type = "t3.small"
+    ami_name      = "golden-al2023-x86_64-imdsguard-${local.timestamp}"
+    source_ami_filter {
+      filters     = { name = "al2023-ami-2023.*-x86_64", virtualization-type = "hvm" }
+      owners      = ["amazon"]
+      most_recent = true
+    }
+  }
+
+  # Graviton: the same image for aarch64 (the RPM is per architecture).
+  source "source.amazon-ebs.al2023" {
+    name          = "al2023-arm64"
+    instance_type = "t4g.small"
+    ami_name      = "golden-al2023-arm64-imdsguard-${local.timestamp}"
+    source_ami_filter {
+      filters     = { name = "al2023-ami-2023.*-arm64", virtualization-type = "hvm" }
+      owners      = ["amazon"]
+      most_recent = true
+    }
+  }
 
   provisioner "file" {
     source      = source.name == "al2023-arm64" ? var.rpm_aarch64 : var.rpm_x86_64

@@ -75,7 +75,10 @@ def test_packer_example() -> None:
         "rm -rf /var/lib/imdsguard /var/log/imdsguard /run/imdsguard",
     ):
         assert needed in text
-    assert text.count('http_tokens                 = "required"') == 2  # both sources
+    # IMDSv2 only, set in the one source that both architectures' builds use.
+    assert text.count('source "amazon-ebs"') == 1
+    assert text.count('http_tokens                 = "required"') == 1
+    assert text.count('source "source.amazon-ebs.al2023" {') == 2
     # Both architectures (Graviton too), each with its own RPM.
     assert '"al2023-ami-2023.*-x86_64"' in text and '"al2023-ami-2023.*-arm64"' in text
     assert 'instance_type = "t4g.small"' in text and "var.rpm_aarch64" in text
