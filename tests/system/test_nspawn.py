@@ -25,7 +25,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -320,18 +320,18 @@ def _prepare(cache: Path, rootfs: Path, rpm: Path) -> None:
     assert wants.is_symlink(), "%post did not enable imdsguard.service through the preset"
 
 
-@pytest.fixture(scope="module")
-def booted(rootfs_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    """The container, booted once for this module, torn down whatever happens."""
-    rpm = rpmpkg.build_rpm()
-    work = tmp_path_factory.mktemp("nspawn")
+@contextlib.contextmanager
+def boot_container(work: Path, prefix: str, prepare: Callable[[Path], None]) -> Iterator[Container]:
+    """A container booted from ``work/rootfs``, laid out by ``prepare(rootfs)``, in new
+    namespaces with the simulated IMDS; afterwards, whatever happens, it is shut down and
+    the namespaces and the rootfs are removed."""
     rootfs = work / "rootfs"
-    topology = Topology(prefix="imdsgsys")
+    topology = Topology(prefix=prefix)
     container: Container | None = None
     try:
         topology.create()
         topology.start_imds(str(work))
-        _prepare(rootfs_cache, rootfs, rpm)
+        prepare(rootfs)
         container = Container(rootfs, topology, work / "console.log")
         container.boot()
         yield container
@@ -340,6 +340,17 @@ def booted(rootfs_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             container.shutdown()
         topology.destroy()  # also kills anything left in HOST, the container included
         shutil.rmtree(rootfs, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def booted(rootfs_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """The container, booted once for this module, torn down whatever happens."""
+    rpm = rpmpkg.build_rpm()
+    work = tmp_path_factory.mktemp("nspawn")
+    with boot_container(
+        work, "imdsgsys", lambda rootfs: _prepare(rootfs_cache, rootfs, rpm)
+    ) as container:
+        yield container
 
 
 def _usec(stamp: str) -> int:

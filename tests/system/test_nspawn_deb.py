@@ -24,9 +24,9 @@ from typing import Any
 
 import debpkg
 import pytest
-from test_nspawn import PROBE, PROBE_CODE, ROOT_GET, Container
+from test_nspawn import PROBE, PROBE_CODE, ROOT_GET, Container, boot_container
 
-from imdsguard_testing.netns import Topology, wait_for
+from imdsguard_testing.netns import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +57,8 @@ def booted_deb(
     work = tmp_path_factory.mktemp("nspawn-deb")
     first = debpkg.build_deb()
     second = debpkg.build_deb(revision=2, out=work / "second")
-    rootfs = work / "rootfs"
-    topology = Topology(prefix="imdsgdeb")
-    container: Container | None = None
-    try:
-        topology.create()
-        topology.start_imds(str(work))
+
+    def prepare(rootfs: Path) -> None:
         subprocess.run(
             ["cp", "-a", "--reflink=auto", str(deb_rootfs_cache), str(rootfs)], check=True
         )
@@ -73,14 +69,9 @@ def booted_deb(
         debs.mkdir(parents=True)
         for deb in (first, second):
             shutil.copy(deb, debs / deb.name)
-        container = Container(rootfs, topology, work / "console.log")
-        container.boot()
+
+    with boot_container(work, "imdsgdeb", prepare) as container:
         yield Installed(container, first, second)
-    finally:
-        if container is not None:
-            container.shutdown()
-        topology.destroy()
-        shutil.rmtree(rootfs, ignore_errors=True)
 
 
 def _status(c: Container) -> dict[str, Any]:
