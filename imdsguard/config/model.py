@@ -8,7 +8,8 @@ configuration of a host without a file.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any, Union
 
 DEFAULT_PATH = "/etc/imdsguard/config.yaml"
@@ -49,31 +50,35 @@ class BrokerClients:
     units: tuple[str, ...] = ()
 
 
+def _limit(default: float, low: float, high: float) -> Any:
+    """A ``broker.limits`` field: its default and the range a file may set."""
+    return field(default=default, metadata={"range": (low, high)})
+
+
 @dataclass(frozen=True)
 class BrokerLimits:
     """What clients may cost the broker (``broker.limits``).
 
-    ``workers`` (threads that hold a request while credentials are fetched)
-    is not a configuration key.
+    Each field with a ``range`` is a key: a whole number if its default is
+    one, else seconds. ``workers`` (threads that hold a request while
+    credentials are fetched) is not a configuration key.
     """
 
-    max_connections: int = 512
-    max_per_uid: int = 64
-    read_timeout: float = 3.0  # for the whole request head, however it trickles in
-    write_timeout: float = 5.0
-    max_waiting: int = 256  # requests held while no credentials are servable
-    max_header_bytes: int = 8192  # request line included
+    max_connections: int = _limit(512, 1, 65536)
+    max_per_uid: int = _limit(64, 1, 65536)
+    # for the whole request head, however it trickles in:
+    read_timeout: float = _limit(3.0, 0.05, 300)
+    write_timeout: float = _limit(5.0, 0.05, 300)
+    max_waiting: int = _limit(256, 1, 65536)  # requests held while no credentials are servable
+    max_header_bytes: int = _limit(8192, 256, 65536)  # request line included
     workers: int = 4
 
 
-#: ``broker.limits`` keys: (lowest, highest, integer).
+#: ``broker.limits`` keys: (lowest, highest, integer), from :class:`BrokerLimits`.
 LIMIT_RANGES: dict[str, tuple[float, float, bool]] = {
-    "max_connections": (1, 65536, True),
-    "max_per_uid": (1, 65536, True),
-    "read_timeout": (0.05, 300, False),
-    "write_timeout": (0.05, 300, False),
-    "max_waiting": (1, 65536, True),
-    "max_header_bytes": (256, 65536, True),
+    f.name: (*f.metadata["range"], isinstance(f.default, int))
+    for f in fields(BrokerLimits)
+    if "range" in f.metadata
 }
 
 
@@ -114,43 +119,85 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """The effective configuration in the file's own shape, ids resolved."""
+        """The effective configuration in the file's own shape, ids resolved.
 
-        def principals(items: tuple[Principal, ...]) -> list[str]:
-            return [str(p) for p in items]
+        Every file key (:func:`file_keys`), in the model's order, as plain
+        YAML-safe values (str, int, float, bool, None, lists, mappings).
+        """
+        result: dict[str, Any] = {}
+        for key, path in file_keys().items():
+            value: Any = self
+            for name in path.split("."):
+                value = getattr(value, name)
+            if key == "endpoints_acknowledged" and not value:
+                continue  # shown only when set
+            if key == "metrics.listen":
+                value = None if value is None else _join_hostport(*value)
+            section = result
+            *parents, last = key.split(".")
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[last] = _plain(value)
+        return result
 
-        return {
-            "mode": self.mode,
-            "action": self.action,
-            "endpoints": [str(e) for e in self.endpoints],
-            **({"endpoints_acknowledged": True} if self.endpoints_acknowledged else {}),
-            "firewall": {"backend": self.backend},
-            "allow": {
-                "users": principals(self.allow.users),
-                "groups": principals(self.allow.groups),
-                "units": list(self.allow.units),
-            },
-            "containers": self.containers,
-            "broker": {
-                "enabled": self.broker.enabled,
-                "socket": self.broker.socket,
-                "clients": {
-                    "users": principals(self.broker.clients.users),
-                    "groups": principals(self.broker.clients.groups),
-                    "exes": list(self.broker.clients.exes),
-                    "units": list(self.broker.clients.units),
-                },
-                "limits": {k: getattr(self.broker.limits, k) for k in LIMIT_RANGES},
-            },
-            "imds": {"url": self.imds_url},
-            "logging": {"format": self.log_format},
-            "metrics": {
-                "textfile": self.metrics.textfile,
-                "listen": None
-                if self.metrics.listen is None
-                else _join_hostport(*self.metrics.listen),
-            },
-        }
+
+#: Where the file's key and the model's field differ (dotted file key: dotted field).
+#: Every other field of :class:`Config`, nested dataclasses as sections, is a key of
+#: the same name.
+RENAMED: dict[str, str] = {
+    "firewall.backend": "backend",
+    "imds.url": "imds_url",
+    "logging.format": "log_format",
+}
+#: Fields that no file key sets (dotted field).
+NOT_IN_FILE: frozenset[str] = frozenset({"path", "broker.limits.workers"})
+
+
+def file_keys() -> dict[str, str]:
+    """Every leaf key a file may set (dotted) and the field it sets, in the model's order.
+
+    Derived from the dataclasses: a field whose default is a dataclass is a
+    section, any other a key; :data:`RENAMED` and :data:`NOT_IN_FILE` say
+    where the file differs.
+    """
+    renamed = {f: k for k, f in RENAMED.items()}
+    result: dict[str, str] = {}
+
+    def walk(instance: object, prefix: str) -> None:
+        for f in fields(instance):  # type: ignore[arg-type]
+            path = prefix + f.name
+            if path in NOT_IN_FILE:
+                continue
+            value = getattr(instance, f.name)
+            if is_dataclass(value):
+                walk(value, path + ".")
+            else:
+                result[renamed.get(path, path)] = path
+
+    walk(Config(), "")
+    return result
+
+
+def section_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each section allows (``""`` is the top level), from :func:`file_keys`."""
+    result: dict[str, dict[str, None]] = {"": {}}
+    for key in file_keys():
+        parts = key.split(".")
+        for depth in range(len(parts)):
+            section = ".".join(parts[:depth])
+            result.setdefault(section, {})[parts[depth]] = None
+    return {section: tuple(names) for section, names in result.items()}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML-safe data: enum members and addresses as str, tuples as lists."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Enum):
+        return str(value.value)  # yaml.safe_dump cannot represent an Enum, even a str one
+    if isinstance(value, (Principal, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return str(value)
+    return value
 
 
 def _join_hostport(host: str, port: int) -> str:

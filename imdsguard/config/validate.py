@@ -25,11 +25,16 @@ from imdsguard.config.model import (
     IPAddress,
     MetricsConfig,
     Principal,
+    section_keys,
 )
 from imdsguard.config.reader import Doc, parse_yaml, printable
 
+#: The keys each section allows, from the model (:func:`~imdsguard.config.model.section_keys`).
+_SECTIONS = section_keys()
 
-def _check_keys(doc: Doc, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+
+def _check_keys(doc: Doc, key: str, value: Any) -> dict[str, Any]:
+    allowed = _SECTIONS[key]
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -245,36 +250,15 @@ def _listen(doc: Doc, value: Any) -> tuple[str, int] | None:
 
 
 def _validate(data: dict[str, Any], doc: Doc) -> Config:
-    top = _check_keys(
-        doc,
-        "",
-        data,
-        (
-            "mode",
-            "action",
-            "endpoints",
-            "endpoints_acknowledged",
-            "firewall",
-            "allow",
-            "containers",
-            "broker",
-            "imds",
-            "logging",
-            "metrics",
-        ),
-    )
-    firewall = _check_keys(doc, "firewall", top.get("firewall"), ("backend",))
-    allow_raw = _check_keys(doc, "allow", top.get("allow"), ("users", "groups", "units"))
-    broker_raw = _check_keys(
-        doc, "broker", top.get("broker"), ("enabled", "socket", "clients", "limits")
-    )
-    limits_raw = _check_keys(doc, "broker.limits", broker_raw.get("limits"), tuple(LIMIT_RANGES))
-    clients_raw = _check_keys(
-        doc, "broker.clients", broker_raw.get("clients"), ("users", "groups", "exes", "units")
-    )
-    imds = _check_keys(doc, "imds", top.get("imds"), ("url",))
-    logging_raw = _check_keys(doc, "logging", top.get("logging"), ("format",))
-    metrics_raw = _check_keys(doc, "metrics", top.get("metrics"), ("textfile", "listen"))
+    top = _check_keys(doc, "", data)
+    firewall = _check_keys(doc, "firewall", top.get("firewall"))
+    allow_raw = _check_keys(doc, "allow", top.get("allow"))
+    broker_raw = _check_keys(doc, "broker", top.get("broker"))
+    limits_raw = _check_keys(doc, "broker.limits", broker_raw.get("limits"))
+    clients_raw = _check_keys(doc, "broker.clients", broker_raw.get("clients"))
+    imds = _check_keys(doc, "imds", top.get("imds"))
+    logging_raw = _check_keys(doc, "logging", top.get("logging"))
+    metrics_raw = _check_keys(doc, "metrics", top.get("metrics"))
 
     if "allow" in top and "users" in allow_raw:
         allow_users = _users(doc, "allow.users", allow_raw["users"])
