@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Union
 
+from imdsguard.domain import Action, BackendName, Containers, LogFormat, Mode
+
 DEFAULT_PATH = "/etc/imdsguard/config.yaml"
 DEFAULT_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
 DEFAULT_SOCKET = "/run/imdsguard/broker.sock"
@@ -105,17 +107,17 @@ class Config:
     """The validated configuration. ``path`` is where it came from."""
 
     path: str = DEFAULT_PATH
-    mode: str = "enforce"
-    action: str = "reject"
+    mode: Mode = Mode.ENFORCE
+    action: Action = Action.REJECT
     endpoints: tuple[IPAddress, ...] = tuple(ipaddress.ip_address(e) for e in DEFAULT_ENDPOINTS)
     #: The admin said that ``endpoints`` leaving out EC2's IMDS addresses is intended.
     endpoints_acknowledged: bool = False
-    backend: str = "auto"
+    backend: BackendName = BackendName.AUTO
     allow: AllowConfig = field(default_factory=lambda: AllowConfig(users=(Principal("root", 0),)))
-    containers: str = "deny"
+    containers: Containers = Containers.DENY
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     imds_url: str = DEFAULT_IMDS_URL
-    log_format: str = "json"
+    log_format: LogFormat = LogFormat.JSON
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,11 +5,12 @@ Every error names the file, the dotted key and, where known, the line.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import ipaddress
 import os
 import pwd
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from imdsguard import cgroups
@@ -28,6 +29,9 @@ from imdsguard.config.model import (
     section_keys,
 )
 from imdsguard.config.reader import Doc, parse_yaml, printable
+from imdsguard.domain import Action, BackendName, Containers, LogFormat, Mode, StrEnum
+
+_E = TypeVar("_E", bound=StrEnum)
 
 #: The keys each section allows, from the model (:func:`~imdsguard.config.model.section_keys`).
 _SECTIONS = section_keys()
@@ -46,12 +50,15 @@ def _check_keys(doc: Doc, key: str, value: Any) -> dict[str, Any]:
     return value
 
 
-def _choice(doc: Doc, key: str, value: Any, choices: tuple[str, ...], default: str) -> str:
+def _choice(doc: Doc, key: str, value: Any, default: _E) -> _E:
+    """One of ``default``'s enum's values, as its member (checked here, once)."""
+    kind = type(default)
     if value is None:
         return default
-    if not isinstance(value, str) or value not in choices:
-        raise doc.error(key, f"must be one of {' | '.join(choices)}, got {value!r}")
-    return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return kind.parse(value)
+    raise doc.error(key, f"must be one of {' | '.join(kind.values())}, got {value!r}")
 
 
 def _bool(doc: Doc, key: str, value: Any, default: bool) -> bool:
@@ -274,25 +281,19 @@ def _validate(data: dict[str, Any], doc: Doc) -> Config:
 
     return Config(
         path=doc.path,
-        mode=_choice(doc, "mode", top.get("mode"), ("enforce", "audit"), "enforce"),
-        action=_choice(doc, "action", top.get("action"), ("reject", "drop"), "reject"),
+        mode=_choice(doc, "mode", top.get("mode"), Mode.ENFORCE),
+        action=_choice(doc, "action", top.get("action"), Action.REJECT),
         endpoints=_endpoints(doc, top.get("endpoints"), top.get("endpoints_acknowledged")),
         endpoints_acknowledged=_bool(
             doc, "endpoints_acknowledged", top.get("endpoints_acknowledged"), False
         ),
-        backend=_choice(
-            doc,
-            "firewall.backend",
-            firewall.get("backend"),
-            ("auto", "iptables", "nftables"),
-            "auto",
-        ),
+        backend=_choice(doc, "firewall.backend", firewall.get("backend"), BackendName.AUTO),
         allow=AllowConfig(
             users=allow_users,
             groups=_groups(doc, "allow.groups", allow_raw.get("groups")),
             units=_units(doc, "allow.units", allow_raw.get("units")),
         ),
-        containers=_choice(doc, "containers", top.get("containers"), ("deny", "allow"), "deny"),
+        containers=_choice(doc, "containers", top.get("containers"), Containers.DENY),
         broker=BrokerConfig(
             enabled=_bool(doc, "broker.enabled", broker_raw.get("enabled"), False),
             socket=_abs_path(doc, "broker.socket", broker_raw.get("socket"), DEFAULT_SOCKET)
@@ -306,9 +307,7 @@ def _validate(data: dict[str, Any], doc: Doc) -> Config:
             limits=_limits(doc, limits_raw),
         ),
         imds_url=_imds_url(doc, imds.get("url")),
-        log_format=_choice(
-            doc, "logging.format", logging_raw.get("format"), ("json", "console"), "json"
-        ),
+        log_format=_choice(doc, "logging.format", logging_raw.get("format"), LogFormat.JSON),
         metrics=MetricsConfig(
             textfile=_abs_path(doc, "metrics.textfile", metrics_raw.get("textfile"), None),
             listen=_listen(doc, metrics_raw.get("listen")),

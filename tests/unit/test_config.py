@@ -25,6 +25,7 @@ from imdsguard.config import (
     model,
     parse_config,
 )
+from imdsguard.domain import Action, BackendName, Containers, LogFormat, Mode
 from imdsguard.errors import ConfigError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="trust checks only apply as root")
@@ -299,6 +300,19 @@ def test_every_model_field_is_a_key_that_is_read_and_shown(unified: None) -> Non
         assert fields[field] != defaults[field], f"{key} is not read into Config.{field}"
         assert shown[key] != shown_default.get(key), f"{key} does not show Config.{field}"
     assert model.section_keys()["broker.limits"] == tuple(LIMIT_RANGES)
+
+
+def test_choices_are_domain_enums_and_to_dict_is_plain_yaml(unified: None) -> None:
+    """Checked once here: past the config, code compares members."""
+    cfg = parse_config(FULL, "cfg.yaml")
+    assert (cfg.mode, cfg.action, cfg.containers) == (Mode.AUDIT, Action.DROP, Containers.ALLOW)
+    assert (cfg.backend, cfg.log_format) == (BackendName.NFTABLES, LogFormat.CONSOLE)
+    assert type(Config().mode) is Mode and type(Config().backend) is BackendName
+    for doc in (cfg.to_dict(), Config().to_dict()):
+        for value in _dotted(doc).values():
+            items = value if isinstance(value, list) else [value]
+            assert all(type(v) in (str, int, float, bool, type(None)) for v in items), value
+        assert yaml.safe_load(yaml.safe_dump(doc)) == doc  # safe_dump refuses an Enum
 
 
 @pytest.mark.parametrize(
