@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from imdsguard.config import Config
+from imdsguard.domain import Mode
 from imdsguard.errors import ImdsGuardError
 from imdsguard.identity import broker_account
 from imdsguard.imds import ImdsClient, ImdsRequestError
@@ -120,7 +121,7 @@ def guard_findings(doc: dict[str, Any]) -> tuple[list[Finding], dict[str, Any]]:
                 "systemctl enable --now imdsguard; then imdsguard status",
             )
         ], guard
-    if doc["mode"] == "audit":
+    if doc["mode"] == Mode.AUDIT:
         return [
             Finding(
                 "guard-audit-mode",

@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from imdsguard import trust
 from imdsguard.config import BrokerClients
 from imdsguard.events import _netlink as nl
 from imdsguard.events.procfs import Holder, ProcessInfo, read_process, socket_holders
@@ -398,43 +399,37 @@ def _refused(peer: Peer, reason: str) -> Decision:
 def exe_trust_problem(path: str) -> str | None:
     """Why ``path`` cannot be trusted as an allowed client executable, or None.
 
-    The file (symlinks resolved) must be a regular file owned by root and not
-    writable by group or others; so must its directory and every directory
-    above it (sticky ones excepted above the file's own), for the path as
-    configured and as resolved.
+    Only root may change what it names (:func:`imdsguard.trust.untrusted`):
+    every directory on the way and every symlink followed (each hop's owner
+    included) must be root's and not writable by group or others, and so
+    must the regular file it ends at. Stricter than for the config: a
+    sticky directory (``/tmp``) is tolerated above, never as the directory
+    that holds the file or a symlink to it. That the running image is this
+    very file is checked by the caller (device and inode, :class:`ClientPolicy`).
     """
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-    except OSError as exc:
-        return f"cannot stat {path}: {exc.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{real} is not a regular file"
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    problem, _ = trust.untrusted(path, sticky_own_dir=False)
+    if problem is None:
+        return None
+    st = problem.st
+    if problem.kind == "file" and st is not None:
         return (
-            f"{real} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}: "
-            "whoever can write it could run anything as an allowed client "
-            f"(chown root: {real} && chmod go-w {real})"
+            f"{problem.entry} is owned by uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o}: whoever can write it could run anything as an "
+            f"allowed client (chown root: {problem.entry} && chmod go-w {problem.entry})"
         )
-    for start in dict.fromkeys((os.path.dirname(os.path.normpath(path)), os.path.dirname(real))):
-        directory, own = start, True
-        while True:
-            try:
-                dst = os.stat(directory)
-            except OSError as exc:
-                return f"cannot stat {directory}: {exc.strerror}"
-            writable = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-            sticky = dst.st_mode & stat.S_ISVTX
-            if dst.st_uid != 0 or (writable and (own or not sticky)):
-                return (
-                    f"directory {directory} (above {path}) is owned by uid {dst.st_uid} with "
-                    f"mode {stat.S_IMODE(dst.st_mode):04o}: others could replace the binary"
-                )
-            parent = os.path.dirname(directory)
-            if parent == directory:
-                break
-            directory, own = parent, False
-    return None
+    if problem.kind == "directory" and st is not None:
+        return (
+            f"directory {problem.entry} (above {path}) is owned by uid {st.st_uid} with "
+            f"mode {stat.S_IMODE(st.st_mode):04o}: others could replace the binary"
+        )
+    if problem.kind == "symlink" and st is not None:
+        return (
+            f"symlink {problem.entry} (on the way to {path}) is owned by uid {st.st_uid}: "
+            f"it could lead to another binary (chown -h root: {problem.entry})"
+        )
+    if problem.kind == "lookup":
+        return f"cannot stat {problem.entry}: {problem.strerror}"
+    return problem.message
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import ipaddress
 import os
@@ -15,13 +16,16 @@ import yaml
 
 from imdsguard import cgroups, config
 from imdsguard.config import (
+    LIMIT_RANGES,
     BrokerLimits,
     Config,
     Principal,
     check_trust,
     load_config,
+    model,
     parse_config,
 )
+from imdsguard.domain import Action, BackendName, Containers, LogFormat, Mode
 from imdsguard.errors import ConfigError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="trust checks only apply as root")
@@ -253,6 +257,62 @@ def test_every_key_to_dict(unified: None) -> None:
         "logging": {"format": "console"},
         "metrics": {"textfile": "/var/lib/node_exporter/imdsguard.prom", "listen": "[::1]:9721"},
     }
+
+
+def _leaves(instance: object, prefix: str = "") -> dict[str, object]:
+    """Every leaf field of a model dataclass (dotted) and its value."""
+    result: dict[str, object] = {}
+    for f in dataclasses.fields(instance):  # type: ignore[arg-type]
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            result.update(_leaves(value, f"{prefix}{f.name}."))
+        else:
+            result[prefix + f.name] = value
+    return result
+
+
+def _dotted(doc: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(doc, dict):
+        return {prefix: doc}
+    result: dict[str, object] = {}
+    for name, value in doc.items():
+        result.update(_dotted(value, f"{prefix}{name}" if not prefix else f"{prefix}.{name}"))
+    return result
+
+
+def test_every_model_field_is_a_key_that_is_read_and_shown(unified: None) -> None:
+    """A new field without a file key, a validator or a ``to_dict`` entry fails here.
+
+    FULL sets every key to a value other than its default: each field must
+    then differ from its default (the validator read it) and show in
+    ``to_dict`` under its key, differently from the default's.
+    """
+    assert {"path", "broker.limits.workers"} == model.NOT_IN_FILE  # add a key, not an exception
+    full = FULL + "endpoints_acknowledged: true\n"
+    keys = model.file_keys()  # file key -> field
+    assert set(_dotted(yaml.safe_load(full))) == set(keys), "FULL must set every key"
+    cfg, default = parse_config(full, "cfg.yaml"), Config()
+    fields, defaults = _leaves(cfg), _leaves(default)
+    shown, shown_default = _dotted(cfg.to_dict()), _dotted(default.to_dict())
+    assert set(keys.values()) == set(fields) - model.NOT_IN_FILE
+    assert set(shown) == set(keys)
+    for key, field in keys.items():
+        assert fields[field] != defaults[field], f"{key} is not read into Config.{field}"
+        assert shown[key] != shown_default.get(key), f"{key} does not show Config.{field}"
+    assert model.section_keys()["broker.limits"] == tuple(LIMIT_RANGES)
+
+
+def test_choices_are_domain_enums_and_to_dict_is_plain_yaml(unified: None) -> None:
+    """Checked once here: past the config, code compares members."""
+    cfg = parse_config(FULL, "cfg.yaml")
+    assert (cfg.mode, cfg.action, cfg.containers) == (Mode.AUDIT, Action.DROP, Containers.ALLOW)
+    assert (cfg.backend, cfg.log_format) == (BackendName.NFTABLES, LogFormat.CONSOLE)
+    assert type(Config().mode) is Mode and type(Config().backend) is BackendName
+    for doc in (cfg.to_dict(), Config().to_dict()):
+        for value in _dotted(doc).values():
+            items = value if isinstance(value, list) else [value]
+            assert all(type(v) in (str, int, float, bool, type(None)) for v in items), value
+        assert yaml.safe_load(yaml.safe_dump(doc)) == doc  # safe_dump refuses an Enum
 
 
 @pytest.mark.parametrize(
