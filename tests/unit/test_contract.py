@@ -2,7 +2,7 @@
 
 Each test reads one table of the contract and the code's own source of truth
 (the argparse parser, the config validator and ``to_dict``, a status document
-gathered without root, the event builder, the metrics renderer, the broker's
+gathered without root and its text, the event builder, the metrics renderer, the broker's
 error answers found in its source), so adding or removing an item on either
 side alone fails here.
 """
@@ -216,6 +216,37 @@ def test_status_document_keys_are_the_contract_s(status_doc: dict[str, Any]) -> 
         top, _, sub = key.partition(".")
         if sub and sub != "*" and not meaning.startswith("only when"):
             assert sub in status_doc[top], f"contract.md lists {key}, status has no such key"
+
+
+def _label(line: str) -> str | None:
+    """What a line of status text is: its ``word:``, or ``!`` / ``-``; None for an event line."""
+    text = line.strip()
+    if text[:2] in ("! ", "- "):
+        return text[0]
+    found = re.match(r"([a-z]+):", text)
+    return found.group(1) if found else None
+
+
+def test_status_text_lines_are_the_contract_s(status_doc: dict[str, Any]) -> None:
+    paragraph = _section("`imdsguard status`").split("The text output has these lines", 1)[1]
+    documented = {_label(c) for c in _code(paragraph.split("\n\n", 1)[0])} - {None}
+    syn = Packet("ipv4", IPPROTO_TCP, "192.0.2.1", "169.254.169.254", 40000, 80, TCP_SYN)
+    # The gathered document with every conditional line switched on.
+    doc = {
+        **status_doc,
+        "broker": {**status_doc["broker"], "enabled": True, "healthy": False},
+        "blocked": {
+            **status_doc["blocked"],
+            "total": 1,
+            "recent": [build_event("enforce", syn, Attribution(), 1.0)],
+        },
+        "units": {"a.service": "running", "b.service": "not running"},
+        "attribution": {"available": True, "held": False, "reason": "log"},
+        "limits": ["a limit"],
+        "problems": ["ipv4: a problem"],
+    }
+    rendered = {_label(line) for line in status.render_text(doc).splitlines()} - {None}
+    assert sorted(rendered) == sorted(documented)
 
 
 # -- events --------------------------------------------------------------------------
