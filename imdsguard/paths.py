@@ -1,6 +1,6 @@
 """Where imdsguard keeps its runtime, state and log files.
 
-Defaults follow the contract; ``IMDSGUARD_RUN_DIR``, ``IMDSGUARD_STATE_DIR``
+Defaults follow docs/contract.md ("Files"); ``IMDSGUARD_RUN_DIR``, ``IMDSGUARD_STATE_DIR``
 and ``IMDSGUARD_LOG_DIR`` move them (tests run several daemons side by side,
 each in its own network namespace). Under systemd, ``RuntimeDirectory=``,
 ``StateDirectory=`` and ``LogsDirectory=`` create the defaults.

@@ -51,7 +51,7 @@ def _units(ruleset: RuleSet) -> dict[str, str]:
 
 
 def gather(config_path: str | None) -> dict[str, Any]:
-    """The status document (see the contract for its keys)."""
+    """The status document (docs/contract.md lists its keys)."""
     reasons: list[str] = []
     daemon_running = _locks.is_held(paths.daemon_lock())
     state = _state.read_state() if daemon_running else None

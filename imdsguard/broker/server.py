@@ -1,6 +1,6 @@
 """The broker's socket server: HTTP/1.1 over a Unix socket, one event-loop thread.
 
-Routes (see the contract):
+Routes (see docs/contract.md, "Broker"):
 
 - ``GET /v1/credentials``: 200 with the ``credential_process`` document for
   an allowed peer, 403 ``{"error": ...}`` for any other, 503 when nothing

@@ -54,7 +54,7 @@ class Attribution:
     inode: int | None = field(default=None, compare=False)
 
     def fields(self) -> dict[str, Any]:
-        """The event fields this contributes, in the contract's order."""
+        """The event fields this contributes, in docs/contract.md's order."""
         return {
             "uid": self.uid,
             "user": self.user,

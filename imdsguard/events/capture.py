@@ -87,7 +87,7 @@ def build_event(
     forwarded: bool = False,
     iface: str | None = None,
 ) -> dict[str, Any]:
-    """An event with the contract's fields, in its order (attempts/version filled later)."""
+    """An event with docs/contract.md's fields, in its order (attempts/version filled later)."""
     event: dict[str, Any] = {
         "event": AUDITED if mode == "audit" else BLOCKED,
         "timestamp": rfc3339(wall),

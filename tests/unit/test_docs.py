@@ -8,8 +8,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from imdsguard._time import rfc3339
+from imdsguard.events.attribution import Attribution
+from imdsguard.events.capture import build_event
+from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+README = DOCS.parent / "README.md"
 
 
 def _cloudwatch_example() -> dict[str, str]:
@@ -37,3 +41,31 @@ def test_cloudwatch_agent_timestamp_format_parses_our_lines() -> None:
     assert re.fullmatch(r".*\.\d{3}Z", stamp)
     parsed = datetime.strptime(found.group(0), fmt).replace(tzinfo=timezone.utc)
     assert abs(parsed.timestamp() - 1796174521.389) < 0.001
+
+
+def test_relative_links_in_readme_and_docs_resolve() -> None:
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_readme_architecture_section_points_to_the_details() -> None:
+    text = README.read_text()
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    # Near the top, after the quick start, before the operator's install steps.
+    assert (
+        sections.index("Architecture")
+        == sections.index("Quick start (try it on a fresh Debian 12, as root)") + 1
+    )
+    body = text.split("## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/architecture.md)" in body and "(docs/contract.md)" in body
+
+
+def test_readme_event_example_has_the_event_fields_in_their_order() -> None:
+    text = README.read_text()
+    example = text.split("## Who was blocked: events", 1)[1].split("```json", 1)[1]
+    keys = list(dict.fromkeys(re.findall(r'"(\w+)":', example.split("```", 1)[0])))
+    syn = Packet("ipv4", IPPROTO_TCP, "192.0.2.1", "169.254.169.254", 40000, 80, TCP_SYN)
+    assert keys == list(build_event("enforce", syn, Attribution(), 1.0))
