@@ -56,33 +56,12 @@ from imdsguard.broker.peer import ClientPolicy, boot_ticks, exe_trust_problem
 from imdsguard.config import BrokerLimits, Config
 from imdsguard.errors import BrokerError, ImdsGuardError
 from imdsguard.imds import Credentials, ImdsClient
+from imdsguard.throttle import IntervalLimiter
 
 CREDENTIALS_ROUTE = "/v1/credentials"
 HEALTH_ROUTE = "/v1/health"
 _BUSY_LOG_INTERVAL = 10.0
-_MAX_THROTTLE_KEYS = 1024
 _FAILED_LOG_INTERVAL = 10.0  # per (uid, status >= 400): one broker_request line, then a count
-
-
-class _Throttle:
-    """At most one log line per key and interval; counts what it held back (bounded keys)."""
-
-    def __init__(self, interval: float, max_keys: int = _MAX_THROTTLE_KEYS) -> None:
-        self.interval = interval
-        self.max_keys = max_keys
-        self._seen: collections.OrderedDict[Any, tuple[float, int]] = collections.OrderedDict()
-
-    def allow(self, key: Any, now: float) -> tuple[bool, int]:
-        """(log it?, lines held back for ``key`` since its last line)."""
-        last, held = self._seen.get(key, (now - self.interval, 0))
-        if now - last < self.interval:
-            self._seen[key] = (last, held + 1)
-            return False, 0
-        self._seen[key] = (now, 0)
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.max_keys:
-            self._seen.popitem(last=False)
-        return True, held
 
 
 #: What a client may cost the broker: ``broker.limits`` in the configuration.
@@ -174,7 +153,7 @@ class Broker:
         self._requests = 0
         self._by_status: collections.Counter[int] = collections.Counter()
         self._rejected = 0
-        self._failed_log = _Throttle(_FAILED_LOG_INTERVAL)
+        self._failed_log = IntervalLimiter(_FAILED_LOG_INTERVAL)
         self._running = False
         self._new_state()
 
@@ -198,7 +177,7 @@ class Broker:
         self._pool: ThreadPoolExecutor | None = None
         self._wake_r, self._wake_w = -1, -1
         self._accept_paused_until = 0.0
-        self._busy_logged = 0.0
+        self._busy_log = IntervalLimiter(_BUSY_LOG_INTERVAL, max_keys=1)
         self._channel_fd: int | None = None
 
     # -- life cycle
@@ -405,9 +384,7 @@ class Broker:
         with self._lock:
             self._rejected += 1
             self._by_status[503] += 1
-        now = time.monotonic()
-        if now - self._busy_logged >= _BUSY_LOG_INTERVAL:
-            self._busy_logged = now
+        if self._busy_log.allow()[0]:
             self.log.warning(
                 "broker_busy",
                 uid=uid,
@@ -583,7 +560,7 @@ class Broker:
         if status >= 400 or status == 0:
             # Junk, slow or refused requests cost an abuser nothing to repeat:
             # one line per (uid, status) and interval keeps the journal usable.
-            logged, held = self._failed_log.allow((conn.uid, status), time.monotonic())
+            logged, held = self._failed_log.allow((conn.uid, status))
             if not logged:
                 self._close(conn)
                 return
