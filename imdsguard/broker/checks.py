@@ -36,7 +36,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from imdsguard.broker.peer import ClientPolicy, Decision, Peer, check_connection
+from imdsguard.broker.peer import (
+    ClientPolicy,
+    Decision,
+    Peer,
+    check_connection,
+    exe_trust_problem,
+)
+from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, redact_args
 from imdsguard.events.procfs import ancestors
 from imdsguard.throttle import IntervalLimiter
@@ -281,3 +288,26 @@ class ChannelChecker:
             pass
         except OSError:
             self.closed = True
+
+
+def clients_doc(config: Config) -> dict[str, list[str]]:
+    """``broker.clients`` as logged (``broker_started``, the daemon's ``broker_clients``)."""
+    clients = config.broker.clients
+    return {
+        "users": [str(p) for p in clients.users],
+        "groups": [str(p) for p in clients.groups],
+        "exes": list(clients.exes),
+    }
+
+
+def check_exes(config: Config, logger: Any) -> None:
+    """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
+    for exe in config.broker.clients.exes:
+        problem = exe_trust_problem(exe)
+        if problem:
+            logger.warning(
+                "broker_exe_untrusted",
+                exe=exe,
+                problem=problem,
+                effect="processes running it are not allowed",
+            )

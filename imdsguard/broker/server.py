@@ -25,11 +25,9 @@ InlineChecker`) when the broker runs with the privileges itself. The loop
 never waits for it: a connection being checked is parked until its verdict
 arrives.
 
-The socket is 0666: access control is by the peer's kernel credentials,
-not by file permissions. Its directory must be ours and not writable by
-others; we refuse to start over a live socket and never follow a symlink.
-In the broker process the daemon binds it (root owns the file, so the
-broker cannot replace it) and passes the listening socket.
+The socket file (mode, directory, refusing a live socket, unlinking only
+our own) is :mod:`imdsguard.broker.socketfile`; the HTTP head parser and
+responses are :mod:`imdsguard.broker._http`.
 """
 
 from __future__ import annotations
@@ -41,20 +39,26 @@ import os
 import queue
 import selectors
 import socket
-import stat
 import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from imdsguard import paths
 from imdsguard.broker import _http
 from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
-from imdsguard.broker.checks import ChannelChecker, Decider, InlineChecker, Verdict
-from imdsguard.broker.peer import ClientPolicy, boot_ticks, exe_trust_problem
+from imdsguard.broker.checks import (
+    ChannelChecker,
+    Decider,
+    InlineChecker,
+    Verdict,
+    check_exes,
+    clients_doc,
+)
+from imdsguard.broker.peer import ClientPolicy, boot_ticks
+from imdsguard.broker.socketfile import bind_socket, unlink_socket
 from imdsguard.config import BrokerLimits, Config
-from imdsguard.errors import BrokerError, ImdsGuardError
+from imdsguard.errors import ImdsGuardError
 from imdsguard.imds import Credentials, ImdsClient
 from imdsguard.throttle import IntervalLimiter
 
@@ -210,7 +214,7 @@ class Broker:
             socket=path,
             imds=self.imds.url,
             # In the broker process the daemon holds the client policy (and logs it).
-            clients=_clients_doc(self.config) if isinstance(self.checker, InlineChecker) else None,
+            clients=clients_doc(self.config) if isinstance(self.checker, InlineChecker) else None,
             uid=os.geteuid(),
         )
 
@@ -614,103 +618,3 @@ class Broker:
             if self._given_listen is None:  # a socket bound by the daemon is the daemon's
                 unlink_socket(self._socket_path, self._socket_id)
             self._listen = None
-
-
-def _clients_doc(config: Config) -> dict[str, list[str]]:
-    clients = config.broker.clients
-    return {
-        "users": [str(p) for p in clients.users],
-        "groups": [str(p) for p in clients.groups],
-        "exes": list(clients.exes),
-    }
-
-
-def check_exes(config: Config, logger: Any) -> None:
-    """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
-    for exe in config.broker.clients.exes:
-        problem = exe_trust_problem(exe)
-        if problem:
-            logger.warning(
-                "broker_exe_untrusted",
-                exe=exe,
-                problem=problem,
-                effect="processes running it are not allowed",
-            )
-
-
-# -- the socket file
-
-
-def bind_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening, non-blocking Unix socket at ``path`` (mode 0666) and its (dev, inode).
-
-    The directory is created (0755) or must be ours and not writable by
-    others. An existing socket that answers means another broker runs: we
-    refuse. A stale one is removed. Anything else at ``path`` (a file, a
-    symlink) is refused, never followed or deleted.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        paths.ensure_dir(directory)
-    except FileNotFoundError:
-        raise BrokerError(
-            f"cannot create the broker socket directory {directory}: its parent does not exist"
-        ) from None
-    except ImdsGuardError as exc:
-        raise BrokerError(f"broker socket directory: {exc}") from None
-    except OSError as exc:
-        raise BrokerError(f"cannot create {directory}: {exc.strerror}") from None
-    mode = stat.S_IMODE(os.stat(directory).st_mode)
-    if mode & 0o011 != 0o011:  # clients of every uid must be able to reach the socket
-        os.chmod(directory, mode | 0o011)  # noqa: S103 - search only, never write
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
-            raise BrokerError(f"{path} exists and is {kind}: remove it, then start again")
-        if _answers(path):
-            raise BrokerError(
-                f"another broker is already listening on {path} (a second imdsguard daemon?)"
-            )
-        os.unlink(path)  # stale: its server is gone
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o666)  # noqa: S103 - access control is by peer credentials, not mode
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-        st = os.lstat(path)
-    except OSError as exc:
-        sock.close()
-        raise BrokerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    return sock, (st.st_dev, st.st_ino)
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except socket.timeout:
-        return True  # a listener with a full backlog is still a listener
-    except OSError as exc:
-        raise BrokerError(f"cannot check the existing socket {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    return True
-
-
-def unlink_socket(path: str, expected: tuple[int, int] | None) -> None:
-    """Remove ``path`` if it is still the socket we bound (not a successor's)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if expected is None or (st.st_dev, st.st_ino) == expected:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
