@@ -20,11 +20,11 @@ import yaml
 
 from imdsguard import cgroups
 from imdsguard.errors import ConfigError
+from imdsguard.imds import DEFAULT_IMDS_URL
 
 DEFAULT_PATH = "/etc/imdsguard/config.yaml"
 DEFAULT_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
 DEFAULT_SOCKET = "/run/imdsguard/broker.sock"
-DEFAULT_IMDS_URL = "http://169.254.169.254"
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
