@@ -39,7 +39,6 @@ import os
 import queue
 import selectors
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +54,7 @@ from imdsguard.broker.checks import (
     check_exes,
     clients_doc,
 )
-from imdsguard.broker.peer import ClientPolicy, boot_ticks
+from imdsguard.broker.peer import ClientPolicy, boot_ticks, peer_cred
 from imdsguard.broker.socketfile import bind_socket, unlink_socket
 from imdsguard.config import BrokerLimits, Config
 from imdsguard.errors import ImdsGuardError
@@ -111,12 +110,12 @@ class _Conn:
         self.checking: int | None = None  # the id of the check it waits for
 
 
-def _peer_cred(sock: socket.socket) -> tuple[int | None, int]:
+def _peer_pid_uid(sock: socket.socket) -> tuple[int | None, int]:
+    """(pid or None, uid) of the client; (None, -1) when the kernel cannot say."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = peer_cred(sock)
     except OSError:
         return None, -1
-    pid, uid, _ = struct.unpack("3i", raw)
     return (pid if pid > 0 else None), uid
 
 
@@ -364,7 +363,7 @@ class Broker:
                 return
             ticks = boot_ticks()
             sock.setblocking(False)
-            pid, uid = _peer_cred(sock)
+            pid, uid = _peer_pid_uid(sock)
             if (
                 len(self._conns) >= self.limits.max_connections
                 or self._per_uid[uid] >= self.limits.max_per_uid
