@@ -574,12 +574,9 @@ class MetricsServer:
         return str(peer[0])
 
     def _on_read(self, conn: _Conn) -> None:
-        try:
-            data = conn.sock.recv(4096)
-        except BlockingIOError:
+        data = _http.recv_some(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close(conn)
             return
@@ -605,14 +602,11 @@ class MetricsServer:
         self._on_write(conn)
 
     def _on_write(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except BlockingIOError:
-            return
-        except OSError:
+        left = _http.send_some(conn.sock, conn.outbuf)
+        if left is None:
             self._close(conn)
             return
-        conn.outbuf = conn.outbuf[sent:]
+        conn.outbuf = left
         if not conn.outbuf:
             self._close(conn)
 

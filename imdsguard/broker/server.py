@@ -397,12 +397,8 @@ class Broker:
             )
 
     def _on_read(self, conn: _Conn) -> None:
-        try:
-            data = conn.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn)
+        data = _http.recv_some(conn.sock)
+        if data is None:
             return
         if not data:
             self._close(conn)  # gone before a complete request: nothing to answer
@@ -543,14 +539,11 @@ class Broker:
             self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
 
     def _flush(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
-        except OSError:
+        left = _http.send_some(conn.sock, conn.out)
+        if left is None:
             self._finish(conn, delivered=False)
             return
-        conn.out = conn.out[sent:]
+        conn.out = left
         if not conn.out:
             self._finish(conn, delivered=True)
 
