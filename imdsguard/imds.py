@@ -28,14 +28,15 @@ import threading
 import time
 from calendar import timegm
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from imdsguard import __version__
+from imdsguard._time import rfc3339
 from imdsguard.errors import ImdsError
 
-DEFAULT_URL = "http://169.254.169.254"
+DEFAULT_IMDS_URL = "http://169.254.169.254"  # imds.url's default (imdsguard.config re-exports it)
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -100,7 +101,7 @@ def parse_time(text: str) -> float:
 
 def format_time(epoch: float) -> str:
     """Epoch seconds as RFC 3339 UTC with a ``Z`` (what AWS tools print and parse)."""
-    return datetime.fromtimestamp(int(epoch), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(epoch, "seconds")
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class ImdsClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str = DEFAULT_IMDS_URL,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         owner_uid: int | None = None,

@@ -33,6 +33,7 @@ from imdsguard.config import MetricsConfig
 from imdsguard.errors import ImdsGuardError
 from imdsguard.events.packet import IPPROTO_TCP
 from imdsguard.firewall.base import FamilyState
+from imdsguard.throttle import IntervalLimiter
 
 MAX_SERIES = 50
 FAMILIES = ("ipv4", "ipv6")
@@ -454,7 +455,7 @@ class MetricsServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._accept_paused_until = 0.0
-        self._last_log: dict[str, float] = {}
+        self._log_throttle = IntervalLimiter(_LOG_INTERVAL)
         self.counters = {"served": 0, "refused_busy": 0, "timed_out": 0, "accept_errors": 0}
 
     def start(self) -> None:
@@ -573,12 +574,9 @@ class MetricsServer:
         return str(peer[0])
 
     def _on_read(self, conn: _Conn) -> None:
-        try:
-            data = conn.sock.recv(4096)
-        except BlockingIOError:
+        data = _http.recv_some(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close(conn)
             return
@@ -604,14 +602,11 @@ class MetricsServer:
         self._on_write(conn)
 
     def _on_write(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except BlockingIOError:
-            return
-        except OSError:
+        left = _http.send_some(conn.sock, conn.outbuf)
+        if left is None:
             self._close(conn)
             return
-        conn.outbuf = conn.outbuf[sent:]
+        conn.outbuf = left
         if not conn.outbuf:
             self._close(conn)
 
@@ -629,11 +624,7 @@ class MetricsServer:
 
     def _warn(self, event: str, **fields: Any) -> None:
         """At most one line per kind and ``_LOG_INTERVAL``: a flood must not flood the log."""
-        now = time.monotonic()
-        if now - self._last_log.get(event, -_LOG_INTERVAL) < _LOG_INTERVAL:
-            return
-        self._last_log[event] = now
-        if self.log is not None:
+        if self._log_throttle.allow(event)[0] and self.log is not None:
             self.log.warning(event, **fields)
 
 

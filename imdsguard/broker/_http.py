@@ -1,5 +1,9 @@
 """Just enough HTTP/1.1 for the broker: parse a bounded request head, build a response.
 
+Shared with the metrics endpoint (:mod:`imdsguard.metrics`), which also reads
+and writes its non-blocking connections with :func:`recv_some` and
+:func:`send_some`.
+
 No bodies are accepted, every response closes the connection, and the
 limits (request line, header block, header count) are checked on every
 partial read, so a client cannot make us buffer more than a few KiB.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,3 +150,26 @@ def response(
         *(f"{name}: {value}" for name, value in headers),
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def recv_some(sock: socket.socket, size: int = 4096) -> bytes | None:
+    """What non-blocking ``sock`` has: None when nothing yet, ``b""`` when the peer
+    closed or the socket failed (either way: close it)."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def send_some(sock: socket.socket, data: bytes) -> bytes | None:
+    """Send what non-blocking ``sock`` takes of ``data``: what is left to send
+    (``b""`` when all went), or None when the socket failed."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        return data
+    except OSError:
+        return None
+    return data[sent:]

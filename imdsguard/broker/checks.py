@@ -26,7 +26,6 @@ that runs with the privileges itself: tests, benchmarks).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import pwd
@@ -37,9 +36,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from imdsguard.broker.peer import ClientPolicy, Decision, Peer, check_connection
+from imdsguard.broker.peer import (
+    ClientPolicy,
+    Decision,
+    Peer,
+    check_connection,
+    exe_trust_problem,
+)
+from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, redact_args
 from imdsguard.events.procfs import ancestors
+from imdsguard.throttle import IntervalLimiter
 
 MAX_MESSAGE = 65536
 SEND_TIMEOUT = 2.0  # backpressure: a full channel (net.unix.max_dgram_qlen) waits this long
@@ -118,10 +125,9 @@ class RefusalLog:
     def __init__(self, logger: Any, proc_root: str = "/proc") -> None:
         self.log = logger
         self._proc_root = proc_root
-        self._refusals: collections.OrderedDict[tuple[int, str | None], tuple[float, int]] = (
-            collections.OrderedDict()
+        self._throttle = IntervalLimiter(
+            _REFUSAL_LOG_INTERVAL, _MAX_REFUSAL_KEYS, total=_REFUSAL_LOG_BURST
         )
-        self._times: collections.deque[float] = collections.deque(maxlen=_REFUSAL_LOG_BURST)
         self._users: dict[int, str | None] = {}
 
     def _user(self, uid: int) -> str | None:
@@ -138,20 +144,9 @@ class RefusalLog:
         """Log a refusal of ``peer`` (or count it, when the log is at its bounds)."""
         info = peer.process
         key = (peer.uid, info.exe if info else None)
-        now = time.monotonic()
-        last, suppressed = self._refusals.get(key, (-_REFUSAL_LOG_INTERVAL, 0))
-        flooded = (
-            len(self._times) == _REFUSAL_LOG_BURST and now - self._times[0] < _REFUSAL_LOG_INTERVAL
-        )
-        if now - last < _REFUSAL_LOG_INTERVAL or flooded:
-            # Reading /proc for the log costs ~1 ms: a refusal flood must not buy that.
-            self._refusals[key] = (last, suppressed + 1)
-            return
-        self._times.append(now)
-        self._refusals[key] = (now, 0)
-        self._refusals.move_to_end(key)
-        while len(self._refusals) > _MAX_REFUSAL_KEYS:
-            self._refusals.popitem(last=False)
+        logged, suppressed = self._throttle.allow(key)
+        if not logged:
+            return  # reading /proc for the log costs ~1 ms: a refusal flood must not buy that
         chain = ancestors(info, self._proc_root) if info else []
         who = Attribution(
             uid=peer.uid,
@@ -293,3 +288,26 @@ class ChannelChecker:
             pass
         except OSError:
             self.closed = True
+
+
+def clients_doc(config: Config) -> dict[str, list[str]]:
+    """``broker.clients`` as logged (``broker_started``, the daemon's ``broker_clients``)."""
+    clients = config.broker.clients
+    return {
+        "users": [str(p) for p in clients.users],
+        "groups": [str(p) for p in clients.groups],
+        "exes": list(clients.exes),
+    }
+
+
+def check_exes(config: Config, logger: Any) -> None:
+    """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
+    for exe in config.broker.clients.exes:
+        problem = exe_trust_problem(exe)
+        if problem:
+            logger.warning(
+                "broker_exe_untrusted",
+                exe=exe,
+                problem=problem,
+                effect="processes running it are not allowed",
+            )

@@ -95,18 +95,11 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
 
 
-def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """The peer's (pid, uid, gid) at connect time (``SO_PEERCRED``); OSError if unknown."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
-
-
-def peer_uid(sock: socket.socket) -> int | None:
-    """The peer's uid at connect time (None if the kernel cannot say)."""
-    try:
-        return _peer_cred(sock)[1]
-    except OSError:
-        return None
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
@@ -165,7 +158,7 @@ def kernel_peer(sock: socket.socket, proc_root: str = "/proc") -> Peer | None:
     matches ``broker.clients.exes``). None when the kernel cannot give the
     groups (then use :func:`identify`).
     """
-    pid, uid, gid = _peer_cred(sock)
+    pid, uid, gid = peer_cred(sock)
     groups = _peer_groups(sock)
     if groups is None:
         return None
@@ -183,7 +176,7 @@ def identify(sock: socket.socket, accepted_ticks: int, proc_root: str = "/proc")
     accepted: without a kernel pidfd, a process that started later cannot
     be the one that connected.
     """
-    pid, uid, gid = _peer_cred(sock)
+    pid, uid, gid = peer_cred(sock)
     groups = _peer_groups(sock)
     if pid <= 0:
         return Peer(uid=uid, gid=gid, pid=None, groups=groups or ())

@@ -25,11 +25,9 @@ InlineChecker`) when the broker runs with the privileges itself. The loop
 never waits for it: a connection being checked is parked until its verdict
 arrives.
 
-The socket is 0666: access control is by the peer's kernel credentials,
-not by file permissions. Its directory must be ours and not writable by
-others; we refuse to start over a live socket and never follow a symlink.
-In the broker process the daemon binds it (root owns the file, so the
-broker cannot replace it) and passes the listening socket.
+The socket file (mode, directory, refusing a live socket, unlinking only
+our own) is :mod:`imdsguard.broker.socketfile`; the HTTP head parser and
+responses are :mod:`imdsguard.broker._http`.
 """
 
 from __future__ import annotations
@@ -41,48 +39,32 @@ import os
 import queue
 import selectors
 import socket
-import stat
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from imdsguard import paths
 from imdsguard.broker import _http
 from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
-from imdsguard.broker.checks import ChannelChecker, Decider, InlineChecker, Verdict
-from imdsguard.broker.peer import ClientPolicy, boot_ticks, exe_trust_problem
+from imdsguard.broker.checks import (
+    ChannelChecker,
+    Decider,
+    InlineChecker,
+    Verdict,
+    check_exes,
+    clients_doc,
+)
+from imdsguard.broker.peer import ClientPolicy, boot_ticks, peer_cred
+from imdsguard.broker.socketfile import bind_socket, unlink_socket
 from imdsguard.config import BrokerLimits, Config
-from imdsguard.errors import BrokerError, ImdsGuardError
+from imdsguard.errors import ImdsGuardError
 from imdsguard.imds import Credentials, ImdsClient
+from imdsguard.throttle import IntervalLimiter
 
 CREDENTIALS_ROUTE = "/v1/credentials"
 HEALTH_ROUTE = "/v1/health"
 _BUSY_LOG_INTERVAL = 10.0
-_MAX_THROTTLE_KEYS = 1024
 _FAILED_LOG_INTERVAL = 10.0  # per (uid, status >= 400): one broker_request line, then a count
-
-
-class _Throttle:
-    """At most one log line per key and interval; counts what it held back (bounded keys)."""
-
-    def __init__(self, interval: float, max_keys: int = _MAX_THROTTLE_KEYS) -> None:
-        self.interval = interval
-        self.max_keys = max_keys
-        self._seen: collections.OrderedDict[Any, tuple[float, int]] = collections.OrderedDict()
-
-    def allow(self, key: Any, now: float) -> tuple[bool, int]:
-        """(log it?, lines held back for ``key`` since its last line)."""
-        last, held = self._seen.get(key, (now - self.interval, 0))
-        if now - last < self.interval:
-            self._seen[key] = (last, held + 1)
-            return False, 0
-        self._seen[key] = (now, 0)
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.max_keys:
-            self._seen.popitem(last=False)
-        return True, held
 
 
 #: What a client may cost the broker: ``broker.limits`` in the configuration.
@@ -128,12 +110,12 @@ class _Conn:
         self.checking: int | None = None  # the id of the check it waits for
 
 
-def _peer_cred(sock: socket.socket) -> tuple[int | None, int]:
+def _peer_pid_uid(sock: socket.socket) -> tuple[int | None, int]:
+    """(pid or None, uid) of the client; (None, -1) when the kernel cannot say."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = peer_cred(sock)
     except OSError:
         return None, -1
-    pid, uid, _ = struct.unpack("3i", raw)
     return (pid if pid > 0 else None), uid
 
 
@@ -174,7 +156,7 @@ class Broker:
         self._requests = 0
         self._by_status: collections.Counter[int] = collections.Counter()
         self._rejected = 0
-        self._failed_log = _Throttle(_FAILED_LOG_INTERVAL)
+        self._failed_log = IntervalLimiter(_FAILED_LOG_INTERVAL)
         self._running = False
         self._new_state()
 
@@ -198,7 +180,7 @@ class Broker:
         self._pool: ThreadPoolExecutor | None = None
         self._wake_r, self._wake_w = -1, -1
         self._accept_paused_until = 0.0
-        self._busy_logged = 0.0
+        self._busy_log = IntervalLimiter(_BUSY_LOG_INTERVAL, max_keys=1)
         self._channel_fd: int | None = None
 
     # -- life cycle
@@ -231,7 +213,7 @@ class Broker:
             socket=path,
             imds=self.imds.url,
             # In the broker process the daemon holds the client policy (and logs it).
-            clients=_clients_doc(self.config) if isinstance(self.checker, InlineChecker) else None,
+            clients=clients_doc(self.config) if isinstance(self.checker, InlineChecker) else None,
             uid=os.geteuid(),
         )
 
@@ -381,7 +363,7 @@ class Broker:
                 return
             ticks = boot_ticks()
             sock.setblocking(False)
-            pid, uid = _peer_cred(sock)
+            pid, uid = _peer_pid_uid(sock)
             if (
                 len(self._conns) >= self.limits.max_connections
                 or self._per_uid[uid] >= self.limits.max_per_uid
@@ -405,9 +387,7 @@ class Broker:
         with self._lock:
             self._rejected += 1
             self._by_status[503] += 1
-        now = time.monotonic()
-        if now - self._busy_logged >= _BUSY_LOG_INTERVAL:
-            self._busy_logged = now
+        if self._busy_log.allow()[0]:
             self.log.warning(
                 "broker_busy",
                 uid=uid,
@@ -417,12 +397,8 @@ class Broker:
             )
 
     def _on_read(self, conn: _Conn) -> None:
-        try:
-            data = conn.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn)
+        data = _http.recv_some(conn.sock)
+        if data is None:
             return
         if not data:
             self._close(conn)  # gone before a complete request: nothing to answer
@@ -563,14 +539,11 @@ class Broker:
             self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
 
     def _flush(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
-        except OSError:
+        left = _http.send_some(conn.sock, conn.out)
+        if left is None:
             self._finish(conn, delivered=False)
             return
-        conn.out = conn.out[sent:]
+        conn.out = left
         if not conn.out:
             self._finish(conn, delivered=True)
 
@@ -583,7 +556,7 @@ class Broker:
         if status >= 400 or status == 0:
             # Junk, slow or refused requests cost an abuser nothing to repeat:
             # one line per (uid, status) and interval keeps the journal usable.
-            logged, held = self._failed_log.allow((conn.uid, status), time.monotonic())
+            logged, held = self._failed_log.allow((conn.uid, status))
             if not logged:
                 self._close(conn)
                 return
@@ -637,103 +610,3 @@ class Broker:
             if self._given_listen is None:  # a socket bound by the daemon is the daemon's
                 unlink_socket(self._socket_path, self._socket_id)
             self._listen = None
-
-
-def _clients_doc(config: Config) -> dict[str, list[str]]:
-    clients = config.broker.clients
-    return {
-        "users": [str(p) for p in clients.users],
-        "groups": [str(p) for p in clients.groups],
-        "exes": list(clients.exes),
-    }
-
-
-def check_exes(config: Config, logger: Any) -> None:
-    """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
-    for exe in config.broker.clients.exes:
-        problem = exe_trust_problem(exe)
-        if problem:
-            logger.warning(
-                "broker_exe_untrusted",
-                exe=exe,
-                problem=problem,
-                effect="processes running it are not allowed",
-            )
-
-
-# -- the socket file
-
-
-def bind_socket(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening, non-blocking Unix socket at ``path`` (mode 0666) and its (dev, inode).
-
-    The directory is created (0755) or must be ours and not writable by
-    others. An existing socket that answers means another broker runs: we
-    refuse. A stale one is removed. Anything else at ``path`` (a file, a
-    symlink) is refused, never followed or deleted.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        paths.ensure_dir(directory)
-    except FileNotFoundError:
-        raise BrokerError(
-            f"cannot create the broker socket directory {directory}: its parent does not exist"
-        ) from None
-    except ImdsGuardError as exc:
-        raise BrokerError(f"broker socket directory: {exc}") from None
-    except OSError as exc:
-        raise BrokerError(f"cannot create {directory}: {exc.strerror}") from None
-    mode = stat.S_IMODE(os.stat(directory).st_mode)
-    if mode & 0o011 != 0o011:  # clients of every uid must be able to reach the socket
-        os.chmod(directory, mode | 0o011)  # noqa: S103 - search only, never write
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
-            raise BrokerError(f"{path} exists and is {kind}: remove it, then start again")
-        if _answers(path):
-            raise BrokerError(
-                f"another broker is already listening on {path} (a second imdsguard daemon?)"
-            )
-        os.unlink(path)  # stale: its server is gone
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o666)  # noqa: S103 - access control is by peer credentials, not mode
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-        st = os.lstat(path)
-    except OSError as exc:
-        sock.close()
-        raise BrokerError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    return sock, (st.st_dev, st.st_ino)
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except socket.timeout:
-        return True  # a listener with a full backlog is still a listener
-    except OSError as exc:
-        raise BrokerError(f"cannot check the existing socket {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    return True
-
-
-def unlink_socket(path: str, expected: tuple[int, int] | None) -> None:
-    """Remove ``path`` if it is still the socket we bound (not a successor's)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if expected is None or (st.st_dev, st.st_ino) == expected:
-        with contextlib.suppress(OSError):
-            os.unlink(path)

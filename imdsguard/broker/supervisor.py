@@ -59,16 +59,10 @@ from typing import Any
 
 import imdsguard
 from imdsguard import paths
-from imdsguard.broker.checks import MAX_MESSAGE, Decider, send_message
+from imdsguard.broker.checks import MAX_MESSAGE, Decider, check_exes, clients_doc, send_message
 from imdsguard.broker.peer import ClientPolicy
 from imdsguard.broker.process import BOOT, HEALTH_INTERVAL, settings
-from imdsguard.broker.server import (
-    _answers,
-    _clients_doc,
-    bind_socket,
-    check_exes,
-    unlink_socket,
-)
+from imdsguard.broker.socketfile import answers, bind_socket, unlink_socket
 from imdsguard.config import Config
 from imdsguard.errors import BrokerError, ImdsGuardError
 from imdsguard.identity import Account, broker_account
@@ -274,7 +268,7 @@ class BrokerSupervisor:
         self._report, self._report_at = {}, 0.0
         self.log.info(
             "broker_process_started",
-            clients=_clients_doc(self.config),
+            clients=clients_doc(self.config),
             pid=self._proc.pid,
             user=self.account.name,
             uid=self.account.uid,
@@ -393,7 +387,7 @@ class BrokerSupervisor:
         self._report, self._report_at = {}, 0.0
         self.log.info(
             "broker_process_started",
-            clients=_clients_doc(self.config),
+            clients=clients_doc(self.config),
             pid=pid,
             unit=self.unit,
             uid=uid,
@@ -490,6 +484,6 @@ def _bind(path: str) -> tuple[socket.socket, tuple[int, int]]:
         try:
             return bind_socket(path)
         except BrokerError:
-            if time.monotonic() >= deadline or not (os.path.exists(path) and _answers(path)):
+            if time.monotonic() >= deadline or not (os.path.exists(path) and answers(path)):
                 raise
             time.sleep(0.1)

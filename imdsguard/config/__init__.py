@@ -18,7 +18,6 @@ import stat
 
 from imdsguard.config.model import (
     DEFAULT_ENDPOINTS,
-    DEFAULT_IMDS_URL,
     DEFAULT_PATH,
     DEFAULT_SOCKET,
     LIMIT_RANGES,
@@ -33,6 +32,7 @@ from imdsguard.config.model import (
 )
 from imdsguard.config.validate import parse_config
 from imdsguard.errors import ConfigError
+from imdsguard.imds import DEFAULT_IMDS_URL
 from imdsguard.trust import GO_WRITE, owner_problem, root_only_problem
 
 __all__ = [

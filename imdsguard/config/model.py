@@ -13,11 +13,11 @@ from enum import Enum
 from typing import Any, Union
 
 from imdsguard.domain import Action, BackendName, Containers, LogFormat, Mode
+from imdsguard.imds import DEFAULT_IMDS_URL
 
 DEFAULT_PATH = "/etc/imdsguard/config.yaml"
 DEFAULT_ENDPOINTS = ("169.254.169.254", "fd00:ec2::254")
 DEFAULT_SOCKET = "/run/imdsguard/broker.sock"
-DEFAULT_IMDS_URL = "http://169.254.169.254"
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 

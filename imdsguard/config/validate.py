@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 from imdsguard import cgroups
 from imdsguard.config.model import (
-    DEFAULT_IMDS_URL,
     DEFAULT_SOCKET,
     LIMIT_RANGES,
     AllowConfig,
@@ -30,6 +29,7 @@ from imdsguard.config.model import (
 )
 from imdsguard.config.reader import Doc, parse_yaml, printable
 from imdsguard.domain import Action, BackendName, Containers, LogFormat, Mode, StrEnum
+from imdsguard.imds import DEFAULT_IMDS_URL
 
 _E = TypeVar("_E", bound=StrEnum)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imdsguard.events.packet import MAX_REQUEST_BYTES, Packet, imds_version
+from imdsguard.throttle import TokenBuckets
 
 BLOCKED = "imds_access_blocked"
 AUDITED = "imds_access_audited"
@@ -187,26 +188,6 @@ class FlowTable:
         return ready
 
 
-class _Buckets:
-    """Token buckets by key: ``burst`` at once, then ``rate`` per second (a bounded LRU)."""
-
-    def __init__(self, burst: float, rate: float, max_keys: int) -> None:
-        self.burst = burst
-        self.rate = rate
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[Any, tuple[float, float]] = OrderedDict()
-
-    def has(self, key: Any, now: float) -> bool:
-        tokens, stamp = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + (now - stamp) * self.rate) >= 1
-
-    def take(self, key: Any, now: float) -> None:
-        tokens, stamp = self._buckets.pop(key, (self.burst, now))
-        self._buckets[key] = (min(self.burst, tokens + (now - stamp) * self.rate) - 1, now)
-        if len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-
-
 class RateLimiter:
     """Budgets for the event log: per (uid, exe), per uid, and for everyone together.
 
@@ -232,9 +213,9 @@ class RateLimiter:
         global_rate: float = 5.0,
     ) -> None:
         self.max_keys = max_keys
-        self._key = _Buckets(burst, rate, max_keys)
-        self._uid = _Buckets(uid_burst, uid_rate, max_keys)
-        self._all = _Buckets(global_burst, global_rate, 1)
+        self._key = TokenBuckets(burst, rate, max_keys)
+        self._uid = TokenBuckets(uid_burst, uid_rate, max_keys)
+        self._all = TokenBuckets(global_burst, global_rate, 1)
         self._suppressed: OrderedDict[Any, int] = OrderedDict()
         self.by_budget = {"process": 0, "uid": 0, "global": 0}
         self.suppressed_total = 0
