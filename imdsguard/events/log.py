@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from imdsguard import paths
+from imdsguard.errors import EventLogError as EventLogError  # noqa: PLC0414 - raised here
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_KEEP = 1
@@ -51,10 +52,6 @@ RETAIN_UIDS = 100  # ... for this many users (the most recently seen)
 EVENT_PREFIX = b'{"event":"imds_access_'
 SUMMARY = "events_suppressed"
 _CHUNK = 65536
-
-
-class EventLogError(OSError):
-    """The event log file is not something we may write to."""
 
 
 def serialize(event: dict[str, Any]) -> str:

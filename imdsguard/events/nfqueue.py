@@ -33,7 +33,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imdsguard.errors import ImdsGuardError, PermissionDeniedError
+from imdsguard.errors import CaptureError as CaptureError  # noqa: PLC0414 - imported from here
+from imdsguard.errors import PermissionDeniedError
+from imdsguard.errors import QueueBusyError as QueueBusyError  # noqa: PLC0414
 from imdsguard.events import _netlink as nl
 
 NETLINK_NETFILTER = 12
@@ -83,14 +85,6 @@ DEFAULT_MAXLEN = 4096
 RCVBUF = 4 * 1024 * 1024
 
 _NFQ_PROC = "/proc/net/netfilter/nfnetlink_queue"
-
-
-class CaptureError(ImdsGuardError):
-    """The packet capture (NFQUEUE) could not be set up or failed."""
-
-
-class QueueBusyError(CaptureError):
-    """Another process (another imdsguard daemon?) already reads our queue."""
 
 
 @dataclass(frozen=True)
