@@ -47,16 +47,11 @@ from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
 from imdsguard.events.log import DEFAULT_MAX_BYTES, SUMMARY, EventLog
 from imdsguard.events.nflog import NfLog
-from imdsguard.events.nfqueue import (
-    NF_INET_FORWARD,
-    NF_REPEAT,
-    CaptureError,
-    NfQueue,
-    QueuedPacket,
-)
+from imdsguard.events.nfqueue import NF_REPEAT, CaptureError, NfQueue, QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, Packet, PacketError, parse_packet
 from imdsguard.events.procfs import container_for_address
 from imdsguard.events.sockdiag import SockDiag
+from imdsguard.netlink import NF_INET_FORWARD, NetfilterPacket
 from imdsguard.policy import MARK_SEEN, QUEUE_NUM
 
 MODES = ("enforce", "audit")
@@ -335,7 +330,7 @@ class Capture:
             nfq.close()
             self._nfq = None
 
-    def _on_packet(self, nfq: NfQueue | NfLog, qp: QueuedPacket) -> None:
+    def _on_packet(self, nfq: NfQueue | NfLog, qp: NetfilterPacket) -> None:
         self.counters["packets"] += 1
         start = time.perf_counter()
         events: list[dict[str, Any]] = []
@@ -346,14 +341,16 @@ class Capture:
         finally:
             # Back through the hook with our bit set (its connection's conntrack mark has
             # it from the queue rule): the rules deny (enforce) or pass (audit).
-            nfq.verdict(qp.packet_id, NF_REPEAT, qp.mark | MARK_SEEN)
+            # A logged packet (NFLOG) went on through the rules already: nothing to answer.
+            if isinstance(nfq, NfQueue) and isinstance(qp, QueuedPacket):
+                nfq.verdict(qp.packet_id, NF_REPEAT, qp.mark | MARK_SEEN)
             held_us = int((time.perf_counter() - start) * 1e6)
             self.counters["held_us_total"] += held_us
             self.counters["held_us_max"] = max(self.counters["held_us_max"], held_us)
         for event in events:
             self._put(event)
 
-    def _attribute(self, qp: QueuedPacket, wall: float) -> list[dict[str, Any]]:
+    def _attribute(self, qp: NetfilterPacket, wall: float) -> list[dict[str, Any]]:
         attributor = self._attributor
         if attributor is None:
             return []

@@ -11,9 +11,10 @@ import pytest
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.capture import Capture, build_event, rfc3339
 from imdsguard.events.log import SUMMARY, EventLog, read_events
-from imdsguard.events.nfqueue import NF_INET_FORWARD, NF_INET_LOCAL_OUT, CaptureError, QueuedPacket
+from imdsguard.events.nfqueue import CaptureError, QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 from imdsguard.events.sockdiag import SocketInfo
+from imdsguard.netlink import NF_INET_FORWARD, NF_INET_LOCAL_OUT
 
 CONTRACT_FIELDS = [
     "event",
@@ -120,7 +121,7 @@ class Sockets:
 def test_packets_become_events_and_retransmits_fold(tmp_path: Path) -> None:
     cap = _capture(tmp_path, action="drop")
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"), user_name=lambda u: "alice")
-    qp = QueuedPacket(1, NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_syn(40000))
+    qp = QueuedPacket(NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_syn(40000), packet_id=1)
     assert cap._attribute(qp, 1.0) == []  # drop: folded until idle
     assert cap._attribute(qp, 1.0) == []
     (event,) = cap._flows.flush()
@@ -131,7 +132,7 @@ def test_packets_become_events_and_retransmits_fold(tmp_path: Path) -> None:
 def test_forwarded_packets_are_not_attributed(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"))
-    qp = QueuedPacket(1, NF_INET_FORWARD, 0, None, None, 1, 2, _ipv4_syn(40001))
+    qp = QueuedPacket(NF_INET_FORWARD, 0, None, None, 1, 2, _ipv4_syn(40001), packet_id=1)
     (event,) = cap._attribute(qp, 1.0)
     assert event["src"] == "192.0.2.1" and event["uid"] is None and "iface" in event
 
@@ -139,7 +140,10 @@ def test_forwarded_packets_are_not_attributed(tmp_path: Path) -> None:
 def test_garbage_packet_counts_an_error(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"))
-    assert cap._attribute(QueuedPacket(1, 3, 0, None, None, None, None, b"\x00junk"), 1.0) == []
+    assert (
+        cap._attribute(QueuedPacket(3, 0, None, None, None, None, b"\x00junk", packet_id=1), 1.0)
+        == []
+    )
     assert cap.stats()["errors"] == 1
 
 
@@ -188,8 +192,8 @@ def _ipv4_icmp() -> bytes:
 def test_portless_packets_are_never_folded(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"), user_name=lambda u: None)
-    first = QueuedPacket(1, NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_icmp())
-    second = QueuedPacket(2, NF_INET_LOCAL_OUT, 0, 1002, 1002, None, 2, _ipv4_icmp())
+    first = QueuedPacket(NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_icmp(), packet_id=1)
+    second = QueuedPacket(NF_INET_LOCAL_OUT, 0, 1002, 1002, None, 2, _ipv4_icmp(), packet_id=2)
     (one,) = cap._attribute(first, 1.0)
     (two,) = cap._attribute(second, 1.1)
     assert (one["uid"], two["uid"]) == (1001, 1002)
