@@ -25,10 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from imdsguard.events.event import AUDITED, Event
 from imdsguard.events.packet import MAX_REQUEST_BYTES, Packet, imds_version
-
-BLOCKED = "imds_access_blocked"
-AUDITED = "imds_access_audited"
 
 FlowKey = tuple[str, int, str, int, str, int]  # family, proto, src, sport, dst, dport
 
@@ -44,7 +42,7 @@ class Flow:
 
     key: FlowKey
     inode: int | None
-    event: dict[str, Any]
+    event: Event | None  # None once emitted: a lingering flow only absorbs packets
     first: float
     last: float
     attempts: int = 1
@@ -93,7 +91,7 @@ class FlowTable:
         """The flow for ``key``, if one is in the table."""
         return self._flows.get(key)
 
-    def fold(self, flow: Flow, pkt: Packet, now: float) -> list[dict[str, Any]]:
+    def fold(self, flow: Flow, pkt: Packet, now: float) -> list[Event]:
         """Another packet of a known flow; returns events that became ready."""
         flow.last = now
         self._flows.move_to_end(flow.key)
@@ -102,15 +100,13 @@ class FlowTable:
             flow.attempts += 1
         return self._after_packet(flow, pkt, now)
 
-    def add(
-        self, pkt: Packet, inode: int | None, event: dict[str, Any], now: float
-    ) -> list[dict[str, Any]]:
+    def add(self, pkt: Packet, inode: int | None, event: Event, now: float) -> list[Event]:
         """A new flow starting with ``pkt``; ``event`` is its event without timing fields.
 
         Returns events that became ready (this one in reject mode, or a
         pending flow evicted to stay under the cap).
         """
-        ready: list[dict[str, Any]] = []
+        ready: list[Event] = []
         key = flow_key(pkt)
         old = self._flows.pop(key, None)
         if old is not None and not old.emitted:
@@ -123,7 +119,7 @@ class FlowTable:
         self._flows[key] = flow
         return ready + self._after_packet(flow, pkt, now)
 
-    def _after_packet(self, flow: Flow, pkt: Packet, now: float) -> list[dict[str, Any]]:
+    def _after_packet(self, flow: Flow, pkt: Packet, now: float) -> list[Event]:
         if flow.emitted:
             return []
         if self.mode != "audit":
@@ -139,9 +135,11 @@ class FlowTable:
             return [self._emit(flow)]
         return []
 
-    def _emit(self, flow: Flow) -> dict[str, Any]:
+    def _emit(self, flow: Flow) -> Event:
+        if flow.event is None:
+            raise ValueError("a flow is emitted once")
         flow.emitted = True
-        event = dict(flow.event)
+        event = flow.event.copy()
         event["attempts"] = flow.attempts
         if event.get("event") == AUDITED:
             version = flow.version or imds_version(bytes(flow.request), complete=True)
@@ -149,7 +147,7 @@ class FlowTable:
         else:
             event["imds_version"] = "unknown"  # a denied client never sends a request
         flow.request = bytearray()  # never keep request bytes (a token) longer than needed
-        flow.event = {}  # a lingering flow only absorbs packets: free its event
+        flow.event = None  # a lingering flow only absorbs packets: free its event
         return event
 
     def _deadline(self, flow: Flow) -> float:
@@ -163,9 +161,9 @@ class FlowTable:
             return min(flow.last + self.drop_idle, flow.first + self.drop_cap)
         return flow.first
 
-    def expire(self, now: float) -> list[dict[str, Any]]:
+    def expire(self, now: float) -> list[Event]:
         """Events whose time has come; forgets flows that have lingered long enough."""
-        ready: list[dict[str, Any]] = []
+        ready: list[Event] = []
         for key, flow in list(self._flows.items()):
             if self._deadline(flow) > now:
                 continue
@@ -180,7 +178,7 @@ class FlowTable:
         pending = [self._deadline(f) for f in self._flows.values() if not f.emitted]
         return min(pending) if pending else None
 
-    def flush(self) -> list[dict[str, Any]]:
+    def flush(self) -> list[Event]:
         """Emit every pending flow and forget all (at stop)."""
         ready = [self._emit(f) for f in self._flows.values() if not f.emitted]
         self._flows.clear()

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 from imdsguard import paths
@@ -54,7 +54,7 @@ SUMMARY = "events_suppressed"
 _CHUNK = 65536
 
 
-def serialize(event: dict[str, Any]) -> str:
+def serialize(event: Mapping[str, Any]) -> str:
     """One log line (without the newline) for ``event``: compact JSON, ``event`` first."""
     ordered = {"event": event.get("event")}
     ordered.update((k, v) for k, v in event.items() if k != "event")
@@ -237,7 +237,7 @@ class EventLog:
             self._size = os.fstat(self._fd).st_size
         return self._fd
 
-    def append(self, event: dict[str, Any]) -> None:
+    def append(self, event: Mapping[str, Any]) -> None:
         """Write ``event`` as one line (rotating first if the file would grow too big)."""
         data = (serialize(event) + "\n").encode("ascii")
         with self._lock:

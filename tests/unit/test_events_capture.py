@@ -10,34 +10,15 @@ import pytest
 
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.capture import Capture, build_event, rfc3339
+from imdsguard.events.event import EVENT_FIELDS, FORWARDED_FIELDS, Event
 from imdsguard.events.log import SUMMARY, EventLog, read_events
 from imdsguard.events.nfqueue import CaptureError, QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 from imdsguard.events.sockdiag import SocketInfo
 from imdsguard.netlink import NF_INET_FORWARD, NF_INET_LOCAL_OUT
 
-CONTRACT_FIELDS = [
-    "event",
-    "timestamp",
-    "mode",
-    "family",
-    "dst",
-    "dport",
-    "uid",
-    "user",
-    "gid",
-    "pid",
-    "ppid",
-    "exe",
-    "cmdline",
-    "comm",
-    "ancestors",
-    "unit",
-    "container",
-    "attempts",
-    "attributed",
-    "imds_version",
-]
+#: What every event has; forwarded traffic adds FORWARDED_FIELDS.
+CONTRACT_FIELDS = [f for f in EVENT_FIELDS if f not in FORWARDED_FIELDS]
 
 SYN = Packet("ipv4", IPPROTO_TCP, "192.0.2.1", "169.254.169.254", 40000, 80, TCP_SYN)
 
@@ -63,6 +44,7 @@ def test_rfc3339() -> None:
 def test_event_has_exactly_the_contract_fields() -> None:
     event = build_event("enforce", SYN, Attribution(uid=1, attributed=False), 1.0)
     assert list(event) == CONTRACT_FIELDS
+    assert set(event) == Event.__required_keys__
     assert event["event"] == "imds_access_blocked"
     assert event["cmdline"] == [] and event["ancestors"] == []
     audit = build_event("audit", SYN, Attribution(), 1.0)
@@ -71,7 +53,7 @@ def test_event_has_exactly_the_contract_fields() -> None:
 
 def test_forwarded_event_adds_src_and_iface() -> None:
     event = build_event("enforce", SYN, Attribution(), 1.0, forwarded=True, iface="docker0")
-    assert set(event) == {*CONTRACT_FIELDS, "src", "iface"}
+    assert list(event) == list(EVENT_FIELDS)  # src after family, iface last
     assert (event["src"], event["iface"], event["uid"], event["pid"]) == (
         "192.0.2.1",
         "docker0",
