@@ -44,6 +44,7 @@ from typing import Any, cast
 from imdsguard import paths
 from imdsguard._time import rfc3339
 from imdsguard.config import Config
+from imdsguard.domain import Action, Mode
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.event import AUDITED, BLOCKED, Event
 from imdsguard.events.flows import FlowTable, RateLimiter, flow_key
@@ -56,8 +57,6 @@ from imdsguard.events.sockdiag import SockDiag
 from imdsguard.netlink import NF_INET_FORWARD, NetfilterPacket
 from imdsguard.policy import MARK_SEEN, QUEUE_NUM
 
-MODES = ("enforce", "audit")
-ACTIONS = ("reject", "drop")
 TICK = 0.25  # longest sleep of the capture thread (expiry of folded flows)
 BATCH = 512  # packets handled per wake-up before expiring flows
 MAX_PENDING_EVENTS = 10000
@@ -77,7 +76,7 @@ def _ifname(index: int | None) -> str | None:
 
 
 def build_event(
-    mode: str,
+    mode: Mode,
     pkt: Packet,
     who: Attribution,
     wall: float,
@@ -86,9 +85,9 @@ def build_event(
 ) -> Event:
     """An event with the contract's fields, in its order (attempts/version filled later)."""
     event: dict[str, Any] = {
-        "event": AUDITED if mode == "audit" else BLOCKED,
+        "event": AUDITED if mode == Mode.AUDIT else BLOCKED,
         "timestamp": rfc3339(wall),
-        "mode": mode,
+        "mode": str(mode),
         "family": pkt.family,
     }
     if forwarded:
@@ -137,8 +136,8 @@ class Capture:
         self,
         *,
         queue_num: int,
-        mode: str,
-        action: str,
+        mode: Mode,
+        action: Action,
         event_log: EventLog,
         logger: Any,
         proc_root: str = "/proc",
@@ -148,7 +147,6 @@ class Capture:
         flow_cap: int = 8192,
         hold: bool = True,
     ) -> None:
-        _check(mode, action)
         self.queue_num = queue_num
         self.hold = hold  # False: read an NFLOG group of that number (nothing held)
         self.mode = mode
@@ -166,7 +164,7 @@ class Capture:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._wake_r = self._wake_w = -1  # a pipe while running: wakes the capture thread
-        self._pending_config: tuple[str, str] | None = None
+        self._pending_config: tuple[Mode, Action] | None = None
         self._lock = threading.Lock()
         self._failed: str | None = None
         self._failed_config: str | None = None
@@ -193,7 +191,7 @@ class Capture:
         if self._threads:
             return
         if self.hold:
-            self._nfq = NfQueue(self.queue_num, fail_open=self.mode == "audit")
+            self._nfq = NfQueue(self.queue_num, fail_open=self.mode == Mode.AUDIT)
         else:
             self._nfq = NfLog(self.queue_num)
         try:
@@ -237,9 +235,8 @@ class Capture:
             os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def reconfigure(self, *, mode: str, action: str) -> None:
+    def reconfigure(self, *, mode: Mode, action: Action) -> None:
         """Adopt a new mode/action (applied by the capture thread within a tick)."""
-        _check(mode, action)
         with self._lock:
             self._pending_config = (mode, action)
         if not self._threads:
@@ -288,12 +285,12 @@ class Capture:
         if pending is None:
             return
         mode, action = pending
-        fail_open_changed = (mode == "audit") != (self.mode == "audit")
+        fail_open_changed = (mode == Mode.AUDIT) != (self.mode == Mode.AUDIT)
         self.mode, self.action = mode, action
         self._flows.reconfigure(mode, action)
         if fail_open_changed and self._nfq is not None:
             try:
-                self._nfq.configure(fail_open=mode == "audit")
+                self._nfq.configure(fail_open=mode == Mode.AUDIT)
             except CaptureError as exc:
                 # The queue keeps its old overflow behaviour; capture goes on.
                 self._failed_config = str(exc)
@@ -485,11 +482,6 @@ def _max_bytes() -> int:
         return DEFAULT_MAX_BYTES
 
 
-def _check(mode: str, action: str) -> None:
-    if mode not in MODES or action not in ACTIONS:
-        raise CaptureError(f"capture: bad mode/action {mode!r}/{action!r}")
-
-
 class CaptureComponent:
     """:class:`Capture` as a daemon component (``imdsguard.daemon.Component``).
 
@@ -506,8 +498,9 @@ class CaptureComponent:
     ) -> None:
         self.capture = Capture(
             queue_num=QUEUE_NUM,
-            mode=config.mode,
-            action=config.action,
+            # Validated by the config (which says what was wrong, and where).
+            mode=Mode(config.mode),
+            action=Action(config.action),
             event_log=event_log or EventLog(paths.events_file(), max_bytes=_max_bytes()),
             logger=logger,
             hold=hold,
@@ -528,7 +521,7 @@ class CaptureComponent:
 
     def reconfigure(self, config: Config) -> None:
         """Adopt ``config``'s mode and action."""
-        self.capture.reconfigure(mode=config.mode, action=config.action)
+        self.capture.reconfigure(mode=Mode(config.mode), action=Action(config.action))
 
     def health(self) -> dict[str, Any]:
         """The capture's counters, for ``status`` and metrics."""

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from imdsguard.domain import Action, Mode
 from imdsguard.events.event import AUDITED, Event
 from imdsguard.events.packet import MAX_REQUEST_BYTES, Packet, imds_version
 
@@ -57,8 +58,8 @@ class FlowTable:
 
     def __init__(
         self,
-        mode: str,
-        action: str,
+        mode: Mode,
+        action: Action,
         *,
         cap: int = 8192,
         drop_idle: float = 2.5,
@@ -83,7 +84,7 @@ class FlowTable:
     def __len__(self) -> int:
         return len(self._flows)
 
-    def reconfigure(self, mode: str, action: str) -> None:
+    def reconfigure(self, mode: Mode, action: Action) -> None:
         """Adopt a new mode/action for flows from now on."""
         self.mode, self.action = mode, action
 
@@ -96,7 +97,7 @@ class FlowTable:
         flow.last = now
         self._flows.move_to_end(flow.key)
         self.folded += 1
-        if not flow.emitted and (pkt.is_syn or self.mode != "audit"):
+        if not flow.emitted and (pkt.is_syn or self.mode != Mode.AUDIT):
             flow.attempts += 1
         return self._after_packet(flow, pkt, now)
 
@@ -122,8 +123,8 @@ class FlowTable:
     def _after_packet(self, flow: Flow, pkt: Packet, now: float) -> list[Event]:
         if flow.emitted:
             return []
-        if self.mode != "audit":
-            return [self._emit(flow)] if self.action == "reject" else []
+        if self.mode != Mode.AUDIT:
+            return [self._emit(flow)] if self.action == Action.REJECT else []
         if pkt.payload and (flow.next_seq is None or pkt.seq == flow.next_seq):
             room = MAX_REQUEST_BYTES - len(flow.request)
             flow.request += pkt.payload[:room]
@@ -153,11 +154,11 @@ class FlowTable:
     def _deadline(self, flow: Flow) -> float:
         """When ``flow`` is due: its event (pending) or forgetting it (emitted)."""
         if flow.emitted:
-            linger = {"reject": self.reject_linger, "drop": self.drop_linger}[self.action]
-            return flow.last + (self.audit_linger if self.mode == "audit" else linger)
-        if self.mode == "audit":
+            linger = self.drop_linger if self.action == Action.DROP else self.reject_linger
+            return flow.last + (self.audit_linger if self.mode == Mode.AUDIT else linger)
+        if self.mode == Mode.AUDIT:
             return flow.first + self.audit_wait
-        if self.action == "drop":
+        if self.action == Action.DROP:
             return min(flow.last + self.drop_idle, flow.first + self.drop_cap)
         return flow.first
 
