@@ -46,7 +46,7 @@ from imdsguard._time import rfc3339
 from imdsguard.config import Config
 from imdsguard.domain import Action, Mode
 from imdsguard.events.attribution import Attribution, Attributor
-from imdsguard.events.event import AUDITED, BLOCKED, Event
+from imdsguard.events.event import AUDITED, BLOCKED, OTHER_PROCESS, Event, ProcessKey
 from imdsguard.events.flows import FlowTable, RateLimiter, flow_key
 from imdsguard.events.log import DEFAULT_MAX_BYTES, SUMMARY, EventLog
 from imdsguard.events.nflog import NfLog
@@ -182,7 +182,7 @@ class Capture:
         }
         self._containers = _ContainerCache()
         # Blocked attempts per (user, exe) for metrics; bounded, overflow folded.
-        self.by_process: dict[str, int] = {}
+        self.by_process: dict[ProcessKey, int] = {}
 
     # -- life cycle
 
@@ -244,7 +244,11 @@ class Capture:
         self._wake()
 
     def stats(self) -> dict[str, Any]:
-        """Counters (packets, events, attributed, suppressed, errors, ...) and state."""
+        """Counters (packets, events, attributed, suppressed, errors, ...) and state.
+
+        JSON-able (it goes to ``state.json`` and the ``daemon_stopped`` line); the
+        per-process counts are :attr:`by_process`, for metrics only.
+        """
         out: dict[str, Any] = dict(self.counters)
         out.update(
             running=bool(self._threads) and self._failed is None,
@@ -254,7 +258,6 @@ class Capture:
             action=self.action,
             flows=len(self._flows),
             folded=self._flows.folded,
-            by_process=dict(self.by_process),
         )
         if self._failed or self._failed_config:
             out["error"] = self._failed or self._failed_config
@@ -417,11 +420,10 @@ class Capture:
         self.counters["events"] += 1
         if event.get("attributed"):
             self.counters["attributed"] += 1
-        key = f"{event.get('user') or event.get('src') or '?'}\0{event.get('exe') or '?'}"
-        if key in self.by_process or len(self.by_process) < MAX_PROCESS_KEYS:
-            self.by_process[key] = self.by_process.get(key, 0) + 1
-        else:
-            self.by_process["other\0other"] = self.by_process.get("other\0other", 0) + 1
+        key = ProcessKey(event["user"] or event.get("src") or "?", event["exe"] or "?")
+        if key not in self.by_process and len(self.by_process) >= MAX_PROCESS_KEYS:
+            key = OTHER_PROCESS
+        self.by_process[key] = self.by_process.get(key, 0) + 1
         self._output(event)
 
     def _output(self, event: Mapping[str, Any]) -> None:
@@ -526,3 +528,7 @@ class CaptureComponent:
     def health(self) -> dict[str, Any]:
         """The capture's counters, for ``status`` and metrics."""
         return self.capture.stats()
+
+    def process_counts(self) -> dict[ProcessKey, int]:
+        """Attempts per (user, exe) this run, for metrics (bounded; the rest is ``other``)."""
+        return dict(self.capture.by_process)

@@ -12,7 +12,7 @@ its bases' keys first, and ``src``/``iface`` are the optional ones.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 BLOCKED = "imds_access_blocked"
 AUDITED = "imds_access_audited"
@@ -66,3 +66,14 @@ class Event(_Body, total=False):
 EVENT_FIELDS: tuple[str, ...] = tuple(Event.__annotations__)
 #: The fields only forwarded traffic has.
 FORWARDED_FIELDS: tuple[str, ...] = tuple(sorted(Event.__optional_keys__))
+
+
+class ProcessKey(NamedTuple):
+    """Whose attempts a per-process count is: user name (or source address) and exe."""
+
+    user: str
+    exe: str
+
+
+#: Where counts go once :data:`~imdsguard.events.capture.MAX_PROCESS_KEYS` pairs are known.
+OTHER_PROCESS = ProcessKey("other", "other")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,16 @@ import pytest
 from imdsguard.config import parse_config
 from imdsguard.domain import Action, Mode
 from imdsguard.errors import ConfigError
+from imdsguard.events import capture as capture_module
 from imdsguard.events.attribution import Attribution, Attributor
 from imdsguard.events.capture import Capture, CaptureComponent, build_event, rfc3339
-from imdsguard.events.event import EVENT_FIELDS, FORWARDED_FIELDS, Event
+from imdsguard.events.event import (
+    EVENT_FIELDS,
+    FORWARDED_FIELDS,
+    OTHER_PROCESS,
+    Event,
+    ProcessKey,
+)
 from imdsguard.events.log import SUMMARY, EventLog, read_events
 from imdsguard.events.nfqueue import QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
@@ -160,6 +168,26 @@ def test_writer_rate_limits_and_summarises(tmp_path: Path) -> None:
     assert len(logger.lines) == 5
 
 
+def test_per_process_counts_are_tuples_kept_out_of_the_health_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(capture_module, "MAX_PROCESS_KEYS", 2)
+    cap = _capture(tmp_path)
+    for user, exe in [("alice", "/usr/bin/curl"), ("alice", "/usr/bin/curl"), (None, None),
+                      ("bob", "/bin/sh"), ("carol", "/bin/sh")]:  # fmt: skip
+        event = build_event(Mode.ENFORCE, SYN, Attribution(user=user, exe=exe), 1.0)
+        cap._write(event, now=0.0)
+    assert cap.by_process == {
+        ProcessKey("alice", "/usr/bin/curl"): 2,
+        ProcessKey("?", "?"): 1,
+        OTHER_PROCESS: 2,  # over the cap: bob and carol
+    }
+    assert ProcessKey("alice", "/usr/bin/curl").user == "alice"
+    # What the daemon logs at daemon_stopped and publishes: JSON, no per-process keys.
+    health = json.dumps(cap.stats())
+    assert "by_process" not in health and "alice" not in health
+
+
 def test_reconfigure_before_start(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap.reconfigure(mode=Mode.AUDIT, action=Action.DROP)
@@ -185,3 +213,20 @@ def test_portless_packets_are_never_folded(tmp_path: Path) -> None:
     (two,) = cap._attribute(second, 1.1)
     assert (one["uid"], two["uid"]) == (1001, 1002)
     assert one["dport"] is None
+
+
+def test_daemon_metrics_read_the_per_process_counts(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from imdsguard.config import Config
+    from imdsguard.daemon import Daemon
+
+    component = CaptureComponent(Config(), FakeLogger(), event_log=EventLog(str(tmp_path / "e")))
+    component.capture._write(
+        build_event(Mode.ENFORCE, SYN, Attribution(user="a", exe="/x"), 1.0), 0
+    )
+    daemon = Daemon(None, logger=None)
+    daemon.config = Config()
+    daemon.backend = SimpleNamespace(name="nftables")  # type: ignore[assignment]
+    daemon._components["capture"] = component
+    assert daemon.metrics_snapshot()["blocked_by"] == {("a", "/x"): 1}
