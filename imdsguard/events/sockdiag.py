@@ -34,7 +34,6 @@ ALL_STATES = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBxI")
 _PORTS = struct.Struct("!HH")
 _TAIL = struct.Struct("=III")  # if, cookie[0], cookie[1]
-_MSG_HEAD = struct.Struct("=BBBB")
 _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 SOCKID_SIZE = _PORTS.size + 32 + _TAIL.size
 
