@@ -5,5 +5,7 @@
 - :mod:`.packet`, :mod:`.nfqueue`, :mod:`.nflog`: the wire formats (netlink
   framing and the netfilter socket are :mod:`imdsguard.netlink`).
 - :mod:`.flows`: folding retransmits into one event, rate limiting.
-- :mod:`.log`: the event log file, its readers, and escaping for people.
+- :mod:`.event`: the event schema (:class:`~.event.Event`) and the line names.
+- :mod:`.log`: the event log file and its readers; :mod:`.render`: events
+  for people (console lines, escaping).
 """

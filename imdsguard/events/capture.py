@@ -46,9 +46,9 @@ from imdsguard._time import rfc3339
 from imdsguard.config import Config
 from imdsguard.domain import Action, Mode
 from imdsguard.events.attribution import Attribution, Attributor
-from imdsguard.events.event import AUDITED, BLOCKED, OTHER_PROCESS, Event, ProcessKey
+from imdsguard.events.event import AUDITED, BLOCKED, OTHER_PROCESS, SUMMARY, Event, ProcessKey
 from imdsguard.events.flows import FlowTable, RateLimiter, flow_key
-from imdsguard.events.log import DEFAULT_MAX_BYTES, SUMMARY, EventLog
+from imdsguard.events.log import DEFAULT_MAX_BYTES, EventLog
 from imdsguard.events.nflog import NfLog
 from imdsguard.events.nfqueue import NF_REPEAT, CaptureError, NfQueue, QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, Packet, PacketError, parse_packet

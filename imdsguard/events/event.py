@@ -16,6 +16,8 @@ from typing import NamedTuple, TypedDict
 
 BLOCKED = "imds_access_blocked"
 AUDITED = "imds_access_audited"
+#: The periodic line saying what the rate limit held back (not an :class:`Event`).
+SUMMARY = "events_suppressed"
 
 
 class Ancestor(TypedDict):

@@ -19,10 +19,11 @@ from imdsguard.events.event import (
     EVENT_FIELDS,
     FORWARDED_FIELDS,
     OTHER_PROCESS,
+    SUMMARY,
     Event,
     ProcessKey,
 )
-from imdsguard.events.log import SUMMARY, EventLog, read_events
+from imdsguard.events.log import EventLog, read_events
 from imdsguard.events.nfqueue import QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 from imdsguard.events.sockdiag import SocketInfo
