@@ -482,7 +482,10 @@ class Daemon:
         broker = components["broker"].health() if "broker" in components else None
         states = dict(self.last_states)
         fine = all(v in (FamilyState.OK, FamilyState.DISABLED) for v in states.values())
-        blocked_by = {tuple(k.split("\0", 1)): v for k, v in capture.get("by_process", {}).items()}
+        from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
+
+        counted = components.get("capture")
+        blocked_by = counted.process_counts() if isinstance(counted, CaptureComponent) else {}
         return {
             "version": __version__,
             "backend": self.backend.name,

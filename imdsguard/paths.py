@@ -1,9 +1,11 @@
 """Where imdsguard keeps its runtime, state and log files.
 
-Defaults follow docs/contract.md ("Files"); ``IMDSGUARD_RUN_DIR``, ``IMDSGUARD_STATE_DIR``
-and ``IMDSGUARD_LOG_DIR`` move them (tests run several daemons side by side,
-each in its own network namespace). Under systemd, ``RuntimeDirectory=``,
-``StateDirectory=`` and ``LogsDirectory=`` create the defaults.
+Defaults follow docs/contract.md ("Files"); ``IMDSGUARD_RUN_DIR`` and ``IMDSGUARD_LOG_DIR``
+move them (tests run several daemons side by side, each in its own network
+namespace). Under systemd, ``RuntimeDirectory=`` and ``LogsDirectory=`` create
+the defaults. Nothing of the daemon's own lives in ``/var/lib/imdsguard``: the
+unit's ``StateDirectory=`` is only the writable place a ``metrics.textfile``
+may go (the rest of the file system is read-only to the service).
 """
 
 from __future__ import annotations
@@ -18,11 +20,6 @@ from imdsguard.errors import ImdsGuardError
 def run_dir() -> str:
     """Sockets, pid and lock files (``/run/imdsguard``)."""
     return os.environ.get("IMDSGUARD_RUN_DIR", "/run/imdsguard")
-
-
-def state_dir() -> str:
-    """Persistent state (``/var/lib/imdsguard``)."""
-    return os.environ.get("IMDSGUARD_STATE_DIR", "/var/lib/imdsguard")
 
 
 def log_dir() -> str:

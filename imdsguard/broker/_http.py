@@ -17,6 +17,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from imdsguard.errors import HttpError as HttpError  # noqa: PLC0414 - raised here
+
 MAX_REQUEST_LINE = 2048
 MAX_HEADER_BYTES = 8192  # request line included
 MAX_HEADERS = 64
@@ -38,15 +40,6 @@ REASONS = {
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
-
-
-class HttpError(Exception):
-    """A request we answer with an error ``status`` and a JSON ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from imdsguard import netlink as nl
 from imdsguard import trust
 from imdsguard.config import BrokerClients
-from imdsguard.events import _netlink as nl
 from imdsguard.events.procfs import Holder, ProcessInfo, read_process, socket_holders
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)

@@ -2,7 +2,10 @@
 
 - :mod:`.capture`: :class:`~.capture.Capture`, what the daemon runs.
 - :mod:`.attribution`, :mod:`.procfs`, :mod:`.sockdiag`: from a packet to a process.
-- :mod:`.packet`, :mod:`.nfqueue`, :mod:`._netlink`: the wire formats.
+- :mod:`.packet`, :mod:`.nfqueue`, :mod:`.nflog`: the wire formats (netlink
+  framing and the netfilter socket are :mod:`imdsguard.netlink`).
 - :mod:`.flows`: folding retransmits into one event, rate limiting.
-- :mod:`.log`: the event log file, its readers, and escaping for people.
+- :mod:`.event`: the event schema (:class:`~.event.Event`) and the line names.
+- :mod:`.log`: the event log file and its readers; :mod:`.render`: events
+  for people (console lines, escaping).
 """

@@ -38,29 +38,25 @@ import select
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from imdsguard import paths
 from imdsguard._time import rfc3339
 from imdsguard.config import Config
+from imdsguard.domain import Action, Mode
 from imdsguard.events.attribution import Attribution, Attributor
-from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
-from imdsguard.events.log import DEFAULT_MAX_BYTES, SUMMARY, EventLog
+from imdsguard.events.event import AUDITED, BLOCKED, OTHER_PROCESS, SUMMARY, Event, ProcessKey
+from imdsguard.events.flows import FlowTable, RateLimiter, flow_key
+from imdsguard.events.log import DEFAULT_MAX_BYTES, EventLog
 from imdsguard.events.nflog import NfLog
-from imdsguard.events.nfqueue import (
-    NF_INET_FORWARD,
-    NF_REPEAT,
-    CaptureError,
-    NfQueue,
-    QueuedPacket,
-)
+from imdsguard.events.nfqueue import NF_REPEAT, CaptureError, NfQueue, QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, Packet, PacketError, parse_packet
 from imdsguard.events.procfs import container_for_address
 from imdsguard.events.sockdiag import SockDiag
+from imdsguard.netlink import NF_INET_FORWARD, NetfilterPacket
 from imdsguard.policy import MARK_SEEN, QUEUE_NUM
 
-MODES = ("enforce", "audit")
-ACTIONS = ("reject", "drop")
 TICK = 0.25  # longest sleep of the capture thread (expiry of folded flows)
 BATCH = 512  # packets handled per wake-up before expiring flows
 MAX_PENDING_EVENTS = 10000
@@ -80,18 +76,18 @@ def _ifname(index: int | None) -> str | None:
 
 
 def build_event(
-    mode: str,
+    mode: Mode,
     pkt: Packet,
     who: Attribution,
     wall: float,
     forwarded: bool = False,
     iface: str | None = None,
-) -> dict[str, Any]:
+) -> Event:
     """An event with docs/contract.md's fields, in its order (attempts/version filled later)."""
     event: dict[str, Any] = {
-        "event": AUDITED if mode == "audit" else BLOCKED,
+        "event": AUDITED if mode == Mode.AUDIT else BLOCKED,
         "timestamp": rfc3339(wall),
-        "mode": mode,
+        "mode": str(mode),
         "family": pkt.family,
     }
     if forwarded:
@@ -106,7 +102,7 @@ def build_event(
     event["imds_version"] = "unknown"
     if forwarded:
         event["iface"] = iface
-    return event
+    return cast(Event, event)  # its keys: tests/unit/test_events_event.py
 
 
 class _ContainerCache:
@@ -140,8 +136,8 @@ class Capture:
         self,
         *,
         queue_num: int,
-        mode: str,
-        action: str,
+        mode: Mode,
+        action: Action,
         event_log: EventLog,
         logger: Any,
         proc_root: str = "/proc",
@@ -151,7 +147,6 @@ class Capture:
         flow_cap: int = 8192,
         hold: bool = True,
     ) -> None:
-        _check(mode, action)
         self.queue_num = queue_num
         self.hold = hold  # False: read an NFLOG group of that number (nothing held)
         self.mode = mode
@@ -169,7 +164,7 @@ class Capture:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._wake_r = self._wake_w = -1  # a pipe while running: wakes the capture thread
-        self._pending_config: tuple[str, str] | None = None
+        self._pending_config: tuple[Mode, Action] | None = None
         self._lock = threading.Lock()
         self._failed: str | None = None
         self._failed_config: str | None = None
@@ -187,7 +182,7 @@ class Capture:
         }
         self._containers = _ContainerCache()
         # Blocked attempts per (user, exe) for metrics; bounded, overflow folded.
-        self.by_process: dict[str, int] = {}
+        self.by_process: dict[ProcessKey, int] = {}
 
     # -- life cycle
 
@@ -196,7 +191,7 @@ class Capture:
         if self._threads:
             return
         if self.hold:
-            self._nfq = NfQueue(self.queue_num, fail_open=self.mode == "audit")
+            self._nfq = NfQueue(self.queue_num, fail_open=self.mode == Mode.AUDIT)
         else:
             self._nfq = NfLog(self.queue_num)
         try:
@@ -240,9 +235,8 @@ class Capture:
             os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def reconfigure(self, *, mode: str, action: str) -> None:
+    def reconfigure(self, *, mode: Mode, action: Action) -> None:
         """Adopt a new mode/action (applied by the capture thread within a tick)."""
-        _check(mode, action)
         with self._lock:
             self._pending_config = (mode, action)
         if not self._threads:
@@ -250,7 +244,11 @@ class Capture:
         self._wake()
 
     def stats(self) -> dict[str, Any]:
-        """Counters (packets, events, attributed, suppressed, errors, ...) and state."""
+        """Counters (packets, events, attributed, suppressed, errors, ...) and state.
+
+        JSON-able (it goes to ``state.json`` and the ``daemon_stopped`` line); the
+        per-process counts are :attr:`by_process`, for metrics only.
+        """
         out: dict[str, Any] = dict(self.counters)
         out.update(
             running=bool(self._threads) and self._failed is None,
@@ -260,7 +258,6 @@ class Capture:
             action=self.action,
             flows=len(self._flows),
             folded=self._flows.folded,
-            by_process=dict(self.by_process),
         )
         if self._failed or self._failed_config:
             out["error"] = self._failed or self._failed_config
@@ -291,12 +288,12 @@ class Capture:
         if pending is None:
             return
         mode, action = pending
-        fail_open_changed = (mode == "audit") != (self.mode == "audit")
+        fail_open_changed = (mode == Mode.AUDIT) != (self.mode == Mode.AUDIT)
         self.mode, self.action = mode, action
         self._flows.reconfigure(mode, action)
         if fail_open_changed and self._nfq is not None:
             try:
-                self._nfq.configure(fail_open=mode == "audit")
+                self._nfq.configure(fail_open=mode == Mode.AUDIT)
             except CaptureError as exc:
                 # The queue keeps its old overflow behaviour; capture goes on.
                 self._failed_config = str(exc)
@@ -335,10 +332,10 @@ class Capture:
             nfq.close()
             self._nfq = None
 
-    def _on_packet(self, nfq: NfQueue | NfLog, qp: QueuedPacket) -> None:
+    def _on_packet(self, nfq: NfQueue | NfLog, qp: NetfilterPacket) -> None:
         self.counters["packets"] += 1
         start = time.perf_counter()
-        events: list[dict[str, Any]] = []
+        events: list[Event] = []
         try:
             events = self._attribute(qp, time.time())
         except Exception as exc:  # noqa: BLE001 - a packet must always get its verdict
@@ -346,14 +343,16 @@ class Capture:
         finally:
             # Back through the hook with our bit set (its connection's conntrack mark has
             # it from the queue rule): the rules deny (enforce) or pass (audit).
-            nfq.verdict(qp.packet_id, NF_REPEAT, qp.mark | MARK_SEEN)
+            # A logged packet (NFLOG) went on through the rules already: nothing to answer.
+            if isinstance(nfq, NfQueue) and isinstance(qp, QueuedPacket):
+                nfq.verdict(qp.packet_id, NF_REPEAT, qp.mark | MARK_SEEN)
             held_us = int((time.perf_counter() - start) * 1e6)
             self.counters["held_us_total"] += held_us
             self.counters["held_us_max"] = max(self.counters["held_us_max"], held_us)
         for event in events:
             self._put(event)
 
-    def _attribute(self, qp: QueuedPacket, wall: float) -> list[dict[str, Any]]:
+    def _attribute(self, qp: NetfilterPacket, wall: float) -> list[Event]:
         attributor = self._attributor
         if attributor is None:
             return []
@@ -411,7 +410,7 @@ class Capture:
                 self._summary()
                 next_summary = now + self.summary_interval
 
-    def _write(self, event: dict[str, Any], now: float) -> None:
+    def _write(self, event: Event, now: float) -> None:
         if not self._limiter.allow((event.get("uid"), event.get("exe")), now):
             self.counters["suppressed"] += 1
             return
@@ -421,14 +420,13 @@ class Capture:
         self.counters["events"] += 1
         if event.get("attributed"):
             self.counters["attributed"] += 1
-        key = f"{event.get('user') or event.get('src') or '?'}\0{event.get('exe') or '?'}"
-        if key in self.by_process or len(self.by_process) < MAX_PROCESS_KEYS:
-            self.by_process[key] = self.by_process.get(key, 0) + 1
-        else:
-            self.by_process["other\0other"] = self.by_process.get("other\0other", 0) + 1
+        key = ProcessKey(event["user"] or event.get("src") or "?", event["exe"] or "?")
+        if key not in self.by_process and len(self.by_process) >= MAX_PROCESS_KEYS:
+            key = OTHER_PROCESS
+        self.by_process[key] = self.by_process.get(key, 0) + 1
         self._output(event)
 
-    def _output(self, event: dict[str, Any]) -> None:
+    def _output(self, event: Mapping[str, Any]) -> None:
         fields = {k: v for k, v in event.items() if k != "event"}
         try:
             self.log.info(event["event"], **fields)
@@ -486,11 +484,6 @@ def _max_bytes() -> int:
         return DEFAULT_MAX_BYTES
 
 
-def _check(mode: str, action: str) -> None:
-    if mode not in MODES or action not in ACTIONS:
-        raise CaptureError(f"capture: bad mode/action {mode!r}/{action!r}")
-
-
 class CaptureComponent:
     """:class:`Capture` as a daemon component (``imdsguard.daemon.Component``).
 
@@ -507,6 +500,7 @@ class CaptureComponent:
     ) -> None:
         self.capture = Capture(
             queue_num=QUEUE_NUM,
+            # Validated by the config (which says what was wrong, and where).
             mode=config.mode,
             action=config.action,
             event_log=event_log or EventLog(paths.events_file(), max_bytes=_max_bytes()),
@@ -534,3 +528,7 @@ class CaptureComponent:
     def health(self) -> dict[str, Any]:
         """The capture's counters, for ``status`` and metrics."""
         return self.capture.stats()
+
+    def process_counts(self) -> dict[ProcessKey, int]:
+        """Attempts per (user, exe) this run, for metrics (bounded; the rest is ``other``)."""
+        return dict(self.capture.by_process)

@@ -25,11 +25,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from imdsguard.domain import Action, Mode
+from imdsguard.events.event import AUDITED, Event
 from imdsguard.events.packet import MAX_REQUEST_BYTES, Packet, imds_version
 from imdsguard.throttle import TokenBuckets
-
-BLOCKED = "imds_access_blocked"
-AUDITED = "imds_access_audited"
 
 FlowKey = tuple[str, int, str, int, str, int]  # family, proto, src, sport, dst, dport
 
@@ -45,7 +44,7 @@ class Flow:
 
     key: FlowKey
     inode: int | None
-    event: dict[str, Any]
+    event: Event | None  # None once emitted: a lingering flow only absorbs packets
     first: float
     last: float
     attempts: int = 1
@@ -60,8 +59,8 @@ class FlowTable:
 
     def __init__(
         self,
-        mode: str,
-        action: str,
+        mode: Mode,
+        action: Action,
         *,
         cap: int = 8192,
         drop_idle: float = 2.5,
@@ -86,7 +85,7 @@ class FlowTable:
     def __len__(self) -> int:
         return len(self._flows)
 
-    def reconfigure(self, mode: str, action: str) -> None:
+    def reconfigure(self, mode: Mode, action: Action) -> None:
         """Adopt a new mode/action for flows from now on."""
         self.mode, self.action = mode, action
 
@@ -94,24 +93,22 @@ class FlowTable:
         """The flow for ``key``, if one is in the table."""
         return self._flows.get(key)
 
-    def fold(self, flow: Flow, pkt: Packet, now: float) -> list[dict[str, Any]]:
+    def fold(self, flow: Flow, pkt: Packet, now: float) -> list[Event]:
         """Another packet of a known flow; returns events that became ready."""
         flow.last = now
         self._flows.move_to_end(flow.key)
         self.folded += 1
-        if not flow.emitted and (pkt.is_syn or self.mode != "audit"):
+        if not flow.emitted and (pkt.is_syn or self.mode != Mode.AUDIT):
             flow.attempts += 1
         return self._after_packet(flow, pkt, now)
 
-    def add(
-        self, pkt: Packet, inode: int | None, event: dict[str, Any], now: float
-    ) -> list[dict[str, Any]]:
+    def add(self, pkt: Packet, inode: int | None, event: Event, now: float) -> list[Event]:
         """A new flow starting with ``pkt``; ``event`` is its event without timing fields.
 
         Returns events that became ready (this one in reject mode, or a
         pending flow evicted to stay under the cap).
         """
-        ready: list[dict[str, Any]] = []
+        ready: list[Event] = []
         key = flow_key(pkt)
         old = self._flows.pop(key, None)
         if old is not None and not old.emitted:
@@ -124,11 +121,11 @@ class FlowTable:
         self._flows[key] = flow
         return ready + self._after_packet(flow, pkt, now)
 
-    def _after_packet(self, flow: Flow, pkt: Packet, now: float) -> list[dict[str, Any]]:
+    def _after_packet(self, flow: Flow, pkt: Packet, now: float) -> list[Event]:
         if flow.emitted:
             return []
-        if self.mode != "audit":
-            return [self._emit(flow)] if self.action == "reject" else []
+        if self.mode != Mode.AUDIT:
+            return [self._emit(flow)] if self.action == Action.REJECT else []
         if pkt.payload and (flow.next_seq is None or pkt.seq == flow.next_seq):
             room = MAX_REQUEST_BYTES - len(flow.request)
             flow.request += pkt.payload[:room]
@@ -140,9 +137,11 @@ class FlowTable:
             return [self._emit(flow)]
         return []
 
-    def _emit(self, flow: Flow) -> dict[str, Any]:
+    def _emit(self, flow: Flow) -> Event:
+        if flow.event is None:
+            raise ValueError("a flow is emitted once")
         flow.emitted = True
-        event = dict(flow.event)
+        event = flow.event.copy()
         event["attempts"] = flow.attempts
         if event.get("event") == AUDITED:
             version = flow.version or imds_version(bytes(flow.request), complete=True)
@@ -150,23 +149,23 @@ class FlowTable:
         else:
             event["imds_version"] = "unknown"  # a denied client never sends a request
         flow.request = bytearray()  # never keep request bytes (a token) longer than needed
-        flow.event = {}  # a lingering flow only absorbs packets: free its event
+        flow.event = None  # a lingering flow only absorbs packets: free its event
         return event
 
     def _deadline(self, flow: Flow) -> float:
         """When ``flow`` is due: its event (pending) or forgetting it (emitted)."""
         if flow.emitted:
-            linger = {"reject": self.reject_linger, "drop": self.drop_linger}[self.action]
-            return flow.last + (self.audit_linger if self.mode == "audit" else linger)
-        if self.mode == "audit":
+            linger = self.drop_linger if self.action == Action.DROP else self.reject_linger
+            return flow.last + (self.audit_linger if self.mode == Mode.AUDIT else linger)
+        if self.mode == Mode.AUDIT:
             return flow.first + self.audit_wait
-        if self.action == "drop":
+        if self.action == Action.DROP:
             return min(flow.last + self.drop_idle, flow.first + self.drop_cap)
         return flow.first
 
-    def expire(self, now: float) -> list[dict[str, Any]]:
+    def expire(self, now: float) -> list[Event]:
         """Events whose time has come; forgets flows that have lingered long enough."""
-        ready: list[dict[str, Any]] = []
+        ready: list[Event] = []
         for key, flow in list(self._flows.items()):
             if self._deadline(flow) > now:
                 continue
@@ -181,7 +180,7 @@ class FlowTable:
         pending = [self._deadline(f) for f in self._flows.values() if not f.emitted]
         return min(pending) if pending else None
 
-    def flush(self) -> list[dict[str, Any]]:
+    def flush(self) -> list[Event]:
         """Emit every pending flow and forget all (at stop)."""
         ready = [self._emit(f) for f in self._flows.values() if not f.emitted]
         self._flows.clear()

@@ -10,9 +10,10 @@ looked up while its socket still exists (with ``action: drop`` the client
 waits in ``connect()``; with ``reject`` a process that exits within a
 fraction of a millisecond can be gone).
 
-Same framing and the same :class:`~imdsguard.events.nfqueue.QueuedPacket`
-as the queue client, so the capture handles both alike; ``packet_id`` is the
-group's sequence number here and nothing ever answers it.
+Same framing and socket (:class:`~imdsguard.netlink.NetfilterSocket`) as the
+queue client; a :class:`LoggedPacket` is a
+:class:`~imdsguard.netlink.NetfilterPacket` like a queued one, so the capture
+attributes both alike, but it has no packet id: nothing ever answers it.
 
 Protocol (``linux/netfilter/nfnetlink_log.h``): config messages bind a group,
 set the copy mode (``NFULNL_COPY_PACKET`` with a range) and a queue
@@ -24,12 +25,12 @@ payload, uid and gid.
 from __future__ import annotations
 
 import errno
-import socket
 import struct
+from dataclasses import dataclass
 
-from imdsguard.errors import PermissionDeniedError
-from imdsguard.events import _netlink as nl
-from imdsguard.events.nfqueue import NFNETLINK_V0, CaptureError, NetfilterSocket, QueuedPacket
+from imdsguard import netlink as nl
+from imdsguard.errors import CaptureError, PermissionDeniedError
+from imdsguard.netlink import NetfilterPacket, NetfilterSocket
 
 NFNL_SUBSYS_ULOG = 4
 
@@ -62,6 +63,13 @@ _BE32 = struct.Struct("!I")
 DEFAULT_COPY_RANGE = 4096
 
 
+@dataclass(frozen=True)
+class LoggedPacket(NetfilterPacket):
+    """A copy of a packet the rules logged; ``seq`` is the group's sequence number."""
+
+    seq: int
+
+
 def _msg_type(msg: int) -> int:
     return (NFNL_SUBSYS_ULOG << 8) | msg
 
@@ -85,13 +93,12 @@ def build_config(
         attrs += nl.attr(NFULA_CFG_QTHRESH, _BE32.pack(qthresh))
     if timeout_cs is not None:
         attrs += nl.attr(NFULA_CFG_TIMEOUT, _BE32.pack(timeout_cs))
-    header = nl.NFGEN_HDR.pack(socket.AF_UNSPEC, NFNETLINK_V0, group)
     return nl.message(
-        _msg_type(NFULNL_MSG_CONFIG), nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, header + attrs
+        _msg_type(NFULNL_MSG_CONFIG), nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, nl.nfgen(group) + attrs
     )
 
 
-def parse_log_message(msg: nl.Message) -> QueuedPacket | None:
+def parse_log_message(msg: nl.Message) -> LoggedPacket | None:
     """The logged packet in a netlink message; None if it is not one."""
     if msg.type != _msg_type(NFULNL_MSG_PACKET) or len(msg.payload) < nl.NFGEN_HDR.size:
         return None
@@ -101,8 +108,7 @@ def parse_log_message(msg: nl.Message) -> QueuedPacket | None:
         return None
     _, hook = _PACKET_HDR.unpack_from(hdr)
 
-    return QueuedPacket(
-        packet_id=nl.be32(attrs, NFULA_SEQ) or 0,
+    return LoggedPacket(
         hook=hook,
         mark=nl.be32(attrs, NFULA_MARK) or 0,
         uid=nl.be32(attrs, NFULA_UID),
@@ -110,15 +116,16 @@ def parse_log_message(msg: nl.Message) -> QueuedPacket | None:
         indev=nl.be32(attrs, NFULA_IFINDEX_INDEV),
         outdev=nl.be32(attrs, NFULA_IFINDEX_OUTDEV),
         payload=attrs.get(NFULA_PAYLOAD, b""),
+        seq=nl.be32(attrs, NFULA_SEQ) or 0,
     )
 
 
-class NfLog(NetfilterSocket):
+class NfLog(NetfilterSocket[LoggedPacket]):
     """One bound NFLOG group: receive copies of packets. Not thread-safe.
 
     The same surface as :class:`~imdsguard.events.nfqueue.NfQueue` (``fileno``,
-    ``receive``, ``verdict``, ``configure``, ``close``) so the capture can use
-    either; ``verdict`` does nothing, since the kernel never waits for one.
+    ``receive``, ``configure``, ``close``) so the capture can use either; there
+    is no ``verdict``: the kernel never waits for one.
     """
 
     def __init__(self, group: int, *, copy_range: int = DEFAULT_COPY_RANGE) -> None:
@@ -158,9 +165,6 @@ class NfLog(NetfilterSocket):
 
     def configure(self, fail_open: bool, copy_range: int = DEFAULT_COPY_RANGE) -> None:
         """Nothing to change with the mode: a log never blocks (``fail_open`` is moot)."""
-
-    def verdict(self, packet_id: int, verdict: int, mark: int | None = None) -> None:
-        """Nothing to answer: the packet went on through the rules already."""
 
     def close(self) -> None:
         """Unbind and close."""

@@ -24,21 +24,18 @@ namespace never sees or disturbs another's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import itertools
-import os
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from imdsguard.errors import ImdsGuardError, PermissionDeniedError
-from imdsguard.events import _netlink as nl
+from imdsguard import netlink as nl
+from imdsguard.errors import CaptureError as CaptureError  # noqa: PLC0414 - imported from here
+from imdsguard.errors import PermissionDeniedError
+from imdsguard.errors import QueueBusyError as QueueBusyError  # noqa: PLC0414
+from imdsguard.netlink import NetfilterPacket, NetfilterSocket
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
-NFNETLINK_V0 = 0
 
 NFQNL_MSG_PACKET = 0
 NFQNL_MSG_VERDICT = 1
@@ -72,47 +69,24 @@ NF_DROP = 0
 NF_ACCEPT = 1
 NF_REPEAT = 4
 
-NF_INET_LOCAL_OUT = 3
-NF_INET_FORWARD = 2
-
 _PACKET_HDR = struct.Struct("!IHB")  # packet_id, hw_protocol, hook
 _BE32 = struct.Struct("!I")
 
 DEFAULT_COPY_RANGE = 4096
 DEFAULT_MAXLEN = 4096
-RCVBUF = 4 * 1024 * 1024
 
 _NFQ_PROC = "/proc/net/netfilter/nfnetlink_queue"
 
 
-class CaptureError(ImdsGuardError):
-    """The packet capture (NFQUEUE) could not be set up or failed."""
-
-
-class QueueBusyError(CaptureError):
-    """Another process (another imdsguard daemon?) already reads our queue."""
-
-
 @dataclass(frozen=True)
-class QueuedPacket:
-    """One packet the kernel holds for us until we give a verdict."""
+class QueuedPacket(NetfilterPacket):
+    """One packet the kernel holds for us until we give a verdict (for ``packet_id``)."""
 
     packet_id: int
-    hook: int
-    mark: int
-    uid: int | None
-    gid: int | None
-    indev: int | None
-    outdev: int | None
-    payload: bytes
 
 
 def _msg_type(msg: int) -> int:
     return (NFNL_SUBSYS_QUEUE << 8) | msg
-
-
-def _nfgen(queue_num: int, family: int = socket.AF_UNSPEC) -> bytes:
-    return nl.NFGEN_HDR.pack(family, NFNETLINK_V0, queue_num)
 
 
 def build_config(
@@ -140,7 +114,7 @@ def build_config(
         _msg_type(NFQNL_MSG_CONFIG),
         nl.NLM_F_REQUEST | nl.NLM_F_ACK,
         seq,
-        _nfgen(queue_num) + attrs,
+        nl.nfgen(queue_num) + attrs,
     )
 
 
@@ -149,7 +123,9 @@ def build_verdict(queue_num: int, packet_id: int, verdict: int, mark: int | None
     attrs = nl.attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
     if mark is not None:
         attrs += nl.attr(NFQA_MARK, _BE32.pack(mark & 0xFFFFFFFF))
-    return nl.message(_msg_type(NFQNL_MSG_VERDICT), nl.NLM_F_REQUEST, 0, _nfgen(queue_num) + attrs)
+    return nl.message(
+        _msg_type(NFQNL_MSG_VERDICT), nl.NLM_F_REQUEST, 0, nl.nfgen(queue_num) + attrs
+    )
 
 
 def parse_packet_message(msg: nl.Message) -> QueuedPacket | None:
@@ -191,98 +167,7 @@ def queue_owner(queue_num: int, proc_file: str = _NFQ_PROC) -> int | None:
     return None
 
 
-class NetfilterSocket:
-    """A ``NETLINK_NETFILTER`` socket that reads one kind of packet message.
-
-    Shared by :class:`NfQueue` and :class:`~imdsguard.events.nflog.NfLog`:
-    opening and tuning the socket, config requests that wait for their
-    acknowledgement (keeping packets that arrive meanwhile), and
-    non-blocking reads. ``parse`` turns a message into a packet or None.
-    """
-
-    def __init__(self, parse: Callable[[nl.Message], QueuedPacket | None]) -> None:
-        self._parse = parse
-        self._seq = itertools.count(1)
-        self._buf = bytearray(65536)
-        self._backlog: list[QueuedPacket] = []  # packets that arrived while awaiting an ACK
-        try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        except OSError as exc:
-            raise CaptureError(f"cannot open a netfilter netlink socket: {exc}") from None
-        try:
-            self.sock.bind((0, 0))
-            self._tune()
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _tune(self) -> None:
-        # A burst must not overflow the socket: overflow drops packets (enforce: denied,
-        # but unattributed). NO_ENOBUFS: an overrun is not an error for us to handle.
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, nl.SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        with contextlib.suppress(OSError):
-            self.sock.setsockopt(nl.SOL_NETLINK, nl.NETLINK_NO_ENOBUFS, 1)
-
-    def _request(self, data: bytes, what: str) -> None:
-        """Send a config message and wait for its acknowledgement."""
-        seq = nl.NLMSG_HDR.unpack_from(data)[3]
-        self.sock.settimeout(2.0)
-        try:
-            self.sock.send(data)
-            while True:
-                got = self.sock.recv(65536)
-                for msg in nl.parse_messages(got):
-                    pkt = self._parse(msg)
-                    if pkt is not None:
-                        self._backlog.append(pkt)  # every held packet must get its verdict
-                    elif msg.type == nl.NLMSG_ERROR and msg.seq == seq:
-                        err = nl.error_code(msg)
-                        if err:
-                            raise OSError(err, os.strerror(err))
-                        return
-        except socket.timeout:
-            raise CaptureError(f"no answer from the kernel to {what}") from None
-        finally:
-            self.sock.settimeout(None)
-
-    def fileno(self) -> int:
-        """For select()."""
-        return self.sock.fileno()
-
-    def receive(self) -> list[QueuedPacket]:
-        """Packets waiting now (empty when none: the socket is non-blocking)."""
-        if self._backlog:
-            packets, self._backlog = self._backlog, []
-            return packets
-        try:
-            n = self.sock.recv_into(self._buf)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:
-                return []  # the kernel dropped some: nothing to answer for those
-            raise
-        packets = []
-        for msg in nl.parse_messages(bytes(memoryview(self._buf)[:n])):
-            pkt = self._parse(msg)
-            if pkt is not None:
-                packets.append(pkt)
-        return packets
-
-    def _close(self, unbind: bytes) -> None:
-        """Send ``unbind`` (best effort) and close."""
-        try:
-            self.sock.setblocking(True)
-            self.sock.send(unbind)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-class NfQueue(NetfilterSocket):
+class NfQueue(NetfilterSocket[QueuedPacket]):
     """One bound NFQUEUE: receive packets, send verdicts. Not thread-safe."""
 
     def __init__(

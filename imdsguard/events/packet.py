@@ -12,6 +12,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from imdsguard.errors import PacketError as PacketError  # noqa: PLC0414 - raised here
+
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
@@ -60,10 +62,6 @@ class Packet:
     def is_close(self) -> bool:
         """A TCP FIN or RST: the connection ends."""
         return self.proto == IPPROTO_TCP and bool(self.flags & (TCP_FIN | TCP_RST))
-
-
-class PacketError(ValueError):
-    """The bytes are not an IPv4/IPv6 packet we can read."""
 
 
 def parse_packet(data: bytes) -> Packet:

@@ -25,18 +25,15 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from imdsguard.events import _netlink as nl
+from imdsguard import netlink as nl
 from imdsguard.events.packet import IPPROTO_TCP, IPPROTO_UDP
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 ALL_STATES = 0xFFFFFFFF
 
 _REQ = struct.Struct("=BBBxI")
 _PORTS = struct.Struct("!HH")
 _TAIL = struct.Struct("=III")  # if, cookie[0], cookie[1]
-_MSG_HEAD = struct.Struct("=BBBB")
 _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 SOCKID_SIZE = _PORTS.size + 32 + _TAIL.size
 
@@ -73,7 +70,7 @@ def build_request(
         + _addr16(dst[0])
         + _TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     )
-    return nl.message(SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, body)
+    return nl.message(nl.SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, seq, body)
 
 
 def parse_response(data: bytes, seq: int | None = None) -> SocketInfo | None:
@@ -83,7 +80,7 @@ def parse_response(data: bytes, seq: int | None = None) -> SocketInfo | None:
             continue
         if msg.type == nl.NLMSG_ERROR:
             return None
-        if msg.type == SOCK_DIAG_BY_FAMILY and len(msg.payload) >= 4 + SOCKID_SIZE + 20:
+        if msg.type == nl.SOCK_DIAG_BY_FAMILY and len(msg.payload) >= 4 + SOCKID_SIZE + 20:
             state = msg.payload[1]
             _, _, _, uid, inode = _MSG_TAIL.unpack_from(msg.payload, 4 + SOCKID_SIZE)
             return SocketInfo(inode=inode, uid=uid, state=state)
@@ -97,7 +94,7 @@ class SockDiag:
     """
 
     def __init__(self, timeout: float = 0.05) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_SOCK_DIAG)
         self._sock.bind((0, 0))
         self._sock.settimeout(timeout)
         self._seq = itertools.count(1)

@@ -30,6 +30,8 @@ import os
 import socket
 import struct
 
+from imdsguard.errors import BlobError as BlobError  # noqa: PLC0414 - raised and caught here
+
 SO_GET_INFO = 64  # IPT_SO_GET_INFO == IP6T_SO_GET_INFO
 SO_GET_ENTRIES = 65
 NAME_LEN = 32
@@ -53,10 +55,6 @@ _libc.getsockopt.argtypes = [
     ctypes.POINTER(ctypes.c_uint32),
 ]
 _libc.getsockopt.restype = ctypes.c_int
-
-
-class BlobError(OSError):
-    """The table could not be read this way (no such table, no permission, odd blob)."""
 
 
 def strip_counters(family: str, entries: bytes) -> bytes:

@@ -2,41 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imdsguard.config import parse_config
+from imdsguard.domain import Action, Mode
+from imdsguard.errors import ConfigError
+from imdsguard.events import capture as capture_module
 from imdsguard.events.attribution import Attribution, Attributor
-from imdsguard.events.capture import Capture, build_event, rfc3339
-from imdsguard.events.log import SUMMARY, EventLog, read_events
-from imdsguard.events.nfqueue import NF_INET_FORWARD, NF_INET_LOCAL_OUT, CaptureError, QueuedPacket
+from imdsguard.events.capture import Capture, CaptureComponent, build_event, rfc3339
+from imdsguard.events.event import (
+    EVENT_FIELDS,
+    FORWARDED_FIELDS,
+    OTHER_PROCESS,
+    SUMMARY,
+    Event,
+    ProcessKey,
+)
+from imdsguard.events.log import EventLog, read_events
+from imdsguard.events.nfqueue import QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 from imdsguard.events.sockdiag import SocketInfo
+from imdsguard.netlink import NF_INET_FORWARD, NF_INET_LOCAL_OUT
 
-CONTRACT_FIELDS = [
-    "event",
-    "timestamp",
-    "mode",
-    "family",
-    "dst",
-    "dport",
-    "uid",
-    "user",
-    "gid",
-    "pid",
-    "ppid",
-    "exe",
-    "cmdline",
-    "comm",
-    "ancestors",
-    "unit",
-    "container",
-    "attempts",
-    "attributed",
-    "imds_version",
-]
+#: What every event has; forwarded traffic adds FORWARDED_FIELDS.
+CONTRACT_FIELDS = [f for f in EVENT_FIELDS if f not in FORWARDED_FIELDS]
 
 SYN = Packet("ipv4", IPPROTO_TCP, "192.0.2.1", "169.254.169.254", 40000, 80, TCP_SYN)
 
@@ -62,6 +56,7 @@ def test_rfc3339() -> None:
 def test_event_has_exactly_the_contract_fields() -> None:
     event = build_event("enforce", SYN, Attribution(uid=1, attributed=False), 1.0)
     assert list(event) == CONTRACT_FIELDS
+    assert set(event) == Event.__required_keys__
     assert event["event"] == "imds_access_blocked"
     assert event["cmdline"] == [] and event["ancestors"] == []
     audit = build_event("audit", SYN, Attribution(), 1.0)
@@ -70,7 +65,7 @@ def test_event_has_exactly_the_contract_fields() -> None:
 
 def test_forwarded_event_adds_src_and_iface() -> None:
     event = build_event("enforce", SYN, Attribution(), 1.0, forwarded=True, iface="docker0")
-    assert set(event) == {*CONTRACT_FIELDS, "src", "iface"}
+    assert list(event) == list(EVENT_FIELDS)  # src after family, iface last
     assert (event["src"], event["iface"], event["uid"], event["pid"]) == (
         "192.0.2.1",
         "docker0",
@@ -79,15 +74,18 @@ def test_forwarded_event_adds_src_and_iface() -> None:
     )
 
 
-def test_bad_mode_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(CaptureError):
-        Capture(
-            queue_num=1,
-            mode="block",
-            action="reject",
-            event_log=EventLog(str(tmp_path / "e")),
-            logger=FakeLogger(),
-        )
+def test_bad_mode_is_refused_at_the_config_boundary(tmp_path: Path) -> None:
+    """The config validates mode/action once; the capture takes the members it made."""
+    with pytest.raises(ConfigError, match="mode"):
+        parse_config("mode: block\n")
+    component = CaptureComponent(
+        parse_config("mode: audit\naction: drop\n"),
+        FakeLogger(),
+        event_log=EventLog(str(tmp_path / "e")),
+    )
+    assert component.capture.mode is Mode.AUDIT and component.capture.action is Action.DROP
+    component.reconfigure(parse_config("mode: enforce\n"))
+    assert component.capture.mode is Mode.ENFORCE and component.capture.action is Action.REJECT
 
 
 def _capture(tmp_path: Path, mode: str = "enforce", action: str = "reject", **kw: Any) -> Capture:
@@ -120,7 +118,7 @@ class Sockets:
 def test_packets_become_events_and_retransmits_fold(tmp_path: Path) -> None:
     cap = _capture(tmp_path, action="drop")
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"), user_name=lambda u: "alice")
-    qp = QueuedPacket(1, NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_syn(40000))
+    qp = QueuedPacket(NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_syn(40000), packet_id=1)
     assert cap._attribute(qp, 1.0) == []  # drop: folded until idle
     assert cap._attribute(qp, 1.0) == []
     (event,) = cap._flows.flush()
@@ -131,7 +129,7 @@ def test_packets_become_events_and_retransmits_fold(tmp_path: Path) -> None:
 def test_forwarded_packets_are_not_attributed(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"))
-    qp = QueuedPacket(1, NF_INET_FORWARD, 0, None, None, 1, 2, _ipv4_syn(40001))
+    qp = QueuedPacket(NF_INET_FORWARD, 0, None, None, 1, 2, _ipv4_syn(40001), packet_id=1)
     (event,) = cap._attribute(qp, 1.0)
     assert event["src"] == "192.0.2.1" and event["uid"] is None and "iface" in event
 
@@ -139,7 +137,10 @@ def test_forwarded_packets_are_not_attributed(tmp_path: Path) -> None:
 def test_garbage_packet_counts_an_error(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"))
-    assert cap._attribute(QueuedPacket(1, 3, 0, None, None, None, None, b"\x00junk"), 1.0) == []
+    assert (
+        cap._attribute(QueuedPacket(3, 0, None, None, None, None, b"\x00junk", packet_id=1), 1.0)
+        == []
+    )
     assert cap.stats()["errors"] == 1
 
 
@@ -168,12 +169,31 @@ def test_writer_rate_limits_and_summarises(tmp_path: Path) -> None:
     assert len(logger.lines) == 5
 
 
+def test_per_process_counts_are_tuples_kept_out_of_the_health_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(capture_module, "MAX_PROCESS_KEYS", 2)
+    cap = _capture(tmp_path)
+    for user, exe in [("alice", "/usr/bin/curl"), ("alice", "/usr/bin/curl"), (None, None),
+                      ("bob", "/bin/sh"), ("carol", "/bin/sh")]:  # fmt: skip
+        event = build_event(Mode.ENFORCE, SYN, Attribution(user=user, exe=exe), 1.0)
+        cap._write(event, now=0.0)
+    assert cap.by_process == {
+        ProcessKey("alice", "/usr/bin/curl"): 2,
+        ProcessKey("?", "?"): 1,
+        OTHER_PROCESS: 2,  # over the cap: bob and carol
+    }
+    assert ProcessKey("alice", "/usr/bin/curl").user == "alice"
+    # What the daemon logs at daemon_stopped and publishes: JSON, no per-process keys.
+    health = json.dumps(cap.stats())
+    assert "by_process" not in health and "alice" not in health
+
+
 def test_reconfigure_before_start(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
-    cap.reconfigure(mode="audit", action="drop")
+    cap.reconfigure(mode=Mode.AUDIT, action=Action.DROP)
     assert (cap.stats()["mode"], cap.stats()["action"]) == ("audit", "drop")
-    with pytest.raises(CaptureError):
-        cap.reconfigure(mode="audit", action="explode")
+    # A bad action never gets here: the config refuses it (test_config, "action: accept").
 
 
 def _ipv4_icmp() -> bytes:
@@ -188,9 +208,26 @@ def _ipv4_icmp() -> bytes:
 def test_portless_packets_are_never_folded(tmp_path: Path) -> None:
     cap = _capture(tmp_path)
     cap._attributor = Attributor(Sockets(), str(tmp_path / "noproc"), user_name=lambda u: None)
-    first = QueuedPacket(1, NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_icmp())
-    second = QueuedPacket(2, NF_INET_LOCAL_OUT, 0, 1002, 1002, None, 2, _ipv4_icmp())
+    first = QueuedPacket(NF_INET_LOCAL_OUT, 0, 1001, 1001, None, 2, _ipv4_icmp(), packet_id=1)
+    second = QueuedPacket(NF_INET_LOCAL_OUT, 0, 1002, 1002, None, 2, _ipv4_icmp(), packet_id=2)
     (one,) = cap._attribute(first, 1.0)
     (two,) = cap._attribute(second, 1.1)
     assert (one["uid"], two["uid"]) == (1001, 1002)
     assert one["dport"] is None
+
+
+def test_daemon_metrics_read_the_per_process_counts(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from imdsguard.config import Config
+    from imdsguard.daemon import Daemon
+
+    component = CaptureComponent(Config(), FakeLogger(), event_log=EventLog(str(tmp_path / "e")))
+    component.capture._write(
+        build_event(Mode.ENFORCE, SYN, Attribution(user="a", exe="/x"), 1.0), 0
+    )
+    daemon = Daemon(None, logger=None)
+    daemon.config = Config()
+    daemon.backend = SimpleNamespace(name="nftables")  # type: ignore[assignment]
+    daemon._components["capture"] = component
+    assert daemon.metrics_snapshot()["blocked_by"] == {("a", "/x"): 1}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imdsguard.events.flows import AUDITED, BLOCKED, FlowTable, RateLimiter, flow_key
+from imdsguard.events.event import AUDITED, BLOCKED
+from imdsguard.events.flows import FlowTable, RateLimiter, flow_key
 from imdsguard.events.packet import IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_SYN, Packet
 
 

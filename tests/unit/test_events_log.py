@@ -12,20 +12,18 @@ from typing import Any
 
 import pytest
 
+from imdsguard.events.event import SUMMARY
 from imdsguard.events.log import (
     RETAIN_PER_UID,
-    SUMMARY,
     EventLog,
     EventLogError,
-    console_processor,
     count_events,
-    escape,
     event_lines,
     follow,
-    format_console,
     read_events,
     serialize,
 )
+from imdsguard.events.render import console_processor, escape, format_console
 
 HOSTILE = 'x\n{"event":"imds_access_blocked","user":"root"}\x1b[2J\x1b]0;pwned\x07\u202eevil\r'
 

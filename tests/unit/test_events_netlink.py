@@ -7,7 +7,7 @@ import socket
 import struct
 from pathlib import Path
 
-from imdsguard.events import _netlink as nl
+from imdsguard import netlink as nl
 from imdsguard.events import nflog
 from imdsguard.events import nfqueue as nfq
 from imdsguard.events import sockdiag as sd
@@ -84,7 +84,7 @@ def _kernel_packet(attrs: bytes, kind: int = (3 << 8) | 0) -> nl.Message:
 
 def test_nfqueue_packet_parse() -> None:
     attrs = (
-        nl.attr(nfq.NFQA_PACKET_HDR, struct.pack("!IHB", 42, 0x0800, nfq.NF_INET_LOCAL_OUT))
+        nl.attr(nfq.NFQA_PACKET_HDR, struct.pack("!IHB", 42, 0x0800, nl.NF_INET_LOCAL_OUT))
         + nl.attr(nfq.NFQA_MARK, struct.pack("!I", 0x20))
         + nl.attr(nfq.NFQA_IFINDEX_OUTDEV, struct.pack("!I", 2))
         + nl.attr(nfq.NFQA_UID, struct.pack("!I", 1001))
@@ -94,7 +94,7 @@ def test_nfqueue_packet_parse() -> None:
     pkt = nfq.parse_packet_message(_kernel_packet(attrs))
     assert pkt == nfq.QueuedPacket(
         packet_id=42,
-        hook=nfq.NF_INET_LOCAL_OUT,
+        hook=nl.NF_INET_LOCAL_OUT,
         mark=0x20,
         uid=1001,
         gid=1002,
@@ -105,10 +105,10 @@ def test_nfqueue_packet_parse() -> None:
 
 
 def test_nfqueue_packet_without_owner() -> None:
-    attrs = nl.attr(nfq.NFQA_PACKET_HDR, struct.pack("!IHB", 1, 0x86DD, nfq.NF_INET_FORWARD))
+    attrs = nl.attr(nfq.NFQA_PACKET_HDR, struct.pack("!IHB", 1, 0x86DD, nl.NF_INET_FORWARD))
     pkt = nfq.parse_packet_message(_kernel_packet(attrs))
     assert pkt is not None
-    assert (pkt.uid, pkt.gid, pkt.mark, pkt.hook) == (None, None, 0, nfq.NF_INET_FORWARD)
+    assert (pkt.uid, pkt.gid, pkt.mark, pkt.hook) == (None, None, 0, nl.NF_INET_FORWARD)
 
 
 def test_nfqueue_non_packet_messages_are_ignored() -> None:
@@ -130,7 +130,7 @@ def test_queue_owner_from_proc(tmp_path: Path) -> None:
 def test_sockdiag_tcp_request_layout() -> None:
     data = sd.build_request("ipv4", IPPROTO_TCP, ("192.0.2.1", 40000), ("169.254.169.254", 80), 9)
     (msg,) = nl.parse_messages(data)
-    assert (msg.type, msg.flags, msg.seq) == (sd.SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, 9)
+    assert (msg.type, msg.flags, msg.seq) == (nl.SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, 9)
     family, proto, _ext, states = struct.unpack_from("=BBBxI", msg.payload)
     assert (family, proto, states) == (socket.AF_INET, IPPROTO_TCP, 0xFFFFFFFF)
     sport, dport = struct.unpack_from("!HH", msg.payload, 8)
@@ -154,7 +154,7 @@ def _diag_answer(seq: int, uid: int, inode: int, state: int = 2) -> bytes:
         + b"\0" * sd.SOCKID_SIZE
         + struct.pack("=IIIII", 0, 0, 0, uid, inode)
     )
-    return nl.message(sd.SOCK_DIAG_BY_FAMILY, 0, seq, body)
+    return nl.message(nl.SOCK_DIAG_BY_FAMILY, 0, seq, body)
 
 
 def test_sockdiag_response_round_trip() -> None:
@@ -192,7 +192,7 @@ def test_nflog_bind_and_mode_messages() -> None:
 
 def test_nflog_packet_parse() -> None:
     attrs = (
-        nl.attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, nfq.NF_INET_LOCAL_OUT))
+        nl.attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x0800, nl.NF_INET_LOCAL_OUT))
         + nl.attr(nflog.NFULA_MARK, struct.pack("!I", 0x20))
         + nl.attr(nflog.NFULA_IFINDEX_OUTDEV, struct.pack("!I", 2))
         + nl.attr(nflog.NFULA_PAYLOAD, b"\x45packet")
@@ -200,19 +200,20 @@ def test_nflog_packet_parse() -> None:
         + nl.attr(nflog.NFULA_GID, struct.pack("!I", 1002))
     )
     pkt = nflog.parse_log_message(_kernel_log(attrs))
-    assert pkt == nfq.QueuedPacket(
-        packet_id=0,
-        hook=nfq.NF_INET_LOCAL_OUT,
+    assert pkt == nflog.LoggedPacket(
+        hook=nl.NF_INET_LOCAL_OUT,
         mark=0x20,
         uid=1001,
         gid=1002,
         indev=None,
         outdev=2,
         payload=b"\x45packet",
+        seq=0,
     )
-    forwarded = nl.attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x86DD, nfq.NF_INET_FORWARD))
+    assert not isinstance(pkt, nfq.QueuedPacket)  # nothing to answer for a logged copy
+    forwarded = nl.attr(nflog.NFULA_PACKET_HDR, struct.pack("!HBx", 0x86DD, nl.NF_INET_FORWARD))
     pkt = nflog.parse_log_message(_kernel_log(forwarded))
-    assert pkt is not None and (pkt.uid, pkt.hook) == (None, nfq.NF_INET_FORWARD)
+    assert pkt is not None and (pkt.uid, pkt.hook) == (None, nl.NF_INET_FORWARD)
     # A queue packet is not a log packet, and a log message without its header is nothing.
     queued = nl.attr(nfq.NFQA_PACKET_HDR, struct.pack("!IHB", 1, 0x0800, 3))
     assert nflog.parse_log_message(_kernel_packet(queued)) is None
