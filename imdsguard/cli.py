@@ -18,6 +18,7 @@ import yaml
 
 from imdsguard import __version__, _locks, cgroups, paths
 from imdsguard.config import DEFAULT_PATH, load_config
+from imdsguard.domain import Capture
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.detect import choose, leftovers, make_backend
 from imdsguard.identity import service_uids
@@ -66,8 +67,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # With a daemon attributing packets, keep its queue in the rules; otherwise
     # rules that need no daemon. The daemon queues only where the backend can
     # (nftables needs CONFIG_NFT_QUEUE): the same test here, or the batch fails.
-    supports_queue = getattr(backend, "supports_queue", lambda: True)
-    queue = QUEUE_NUM if running and supports_queue() else None
+    queue = QUEUE_NUM if running and backend.capabilities().capture == Capture.QUEUE else None
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
         units = cgroups.resolve(config.allow.units)
         ruleset = build_ruleset(

@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 
 from imdsguard import __version__, _locks, _state, cgroups, paths
 from imdsguard.config import Config, load_config
+from imdsguard.domain import Capture
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import choose, leftovers, make_backend
@@ -339,8 +340,10 @@ class Daemon:
         return True
 
     def _quick_check(self) -> Callable[[], bool] | None:
-        check: Callable[[], bool] | None = getattr(self.backend, "quick_check", None)
-        return check
+        """The backend's cheap change test, for a backend the kernel notifies nothing of."""
+        if self.backend.capabilities().notifications:
+            return None  # its watch failed: poll with full checks every interval
+        return self.backend.quick_check
 
     def _quick_changed(self, quick: Callable[[], bool]) -> bool:
         try:
@@ -365,15 +368,11 @@ class Daemon:
 
     def _watch(self) -> socket.socket | None:
         """The backend's change-notification socket, if it has one."""
-        make = getattr(self.backend, "watch", None)
-        if make is None:
-            return None
         try:
-            sock: socket.socket = make()
+            return self.backend.watch()
         except OSError as exc:
             self.log.warning("watch_unavailable", error=str(exc), fallback="polling")
             return None
-        return sock
 
     def _rewatch(self, watch: socket.socket | None) -> socket.socket | None:
         if watch is not None:
@@ -401,7 +400,7 @@ class Daemon:
             if limit not in self._limits_logged:
                 self._limits_logged.add(limit)
                 self.log.warning("protection_limited", backend=self.backend.name, limit=limit)
-        problem = getattr(self.backend, "fast_check_problem", lambda: None)()
+        problem = self.backend.quick_check_problem()
         if problem:
             self.log.warning(
                 "fast_check_unavailable",
@@ -432,8 +431,7 @@ class Daemon:
 
     def _limits(self) -> list[str]:
         """What the backend cannot guard against on this host (shown by ``status``)."""
-        limits: list[str] = list(getattr(self.backend, "limits", list)())
-        return limits
+        return list(self.backend.limits())
 
     def _ruleset(self, config: Config) -> RuleSet:
         # Queue packets for attribution only while our capture listens on the queue.
@@ -461,7 +459,7 @@ class Daemon:
         return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
 
     def _attribution(self) -> dict[str, Any]:
-        held = bool(getattr(self.backend, "supports_queue", lambda: True)())
+        held = self.backend.capabilities().capture == Capture.QUEUE
         if "capture" in self._components:
             if held:
                 return {"available": True, "held": True, "reason": None}
@@ -747,7 +745,7 @@ def _make_components(
     from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
 
     # Where the kernel cannot queue from nftables, the capture reads a log group instead.
-    hold = bool(getattr(backend, "supports_queue", lambda: True)())
+    hold = backend.capabilities().capture == Capture.QUEUE
     capture = existing.get("capture")
     if not isinstance(capture, CaptureComponent) or capture.hold != hold:
         capture = CaptureComponent(config, logger, hold=hold)

@@ -50,10 +50,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imdsguard import _locks
-from imdsguard.domain import BackendName
+from imdsguard.domain import BackendName, Capture
 from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall import _xt_blob
-from imdsguard.firewall.base import Backend, FamilyState, Inspection
+from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
 CHAIN = "IMDSGUARD"
@@ -613,7 +613,11 @@ class IptablesBackend(Backend):
             self._verified.pop(family, None)
         return found
 
-    def fast_check_problem(self) -> str | None:
+    def capabilities(self) -> Capabilities:
+        """Always queue (xt_NFQUEUE); x_tables announces no change: the daemon polls."""
+        return Capabilities(capture=Capture.QUEUE, notifications=False)
+
+    def quick_check_problem(self) -> str | None:
         """Why the cheap table check cannot be used here (then every poll parses), or None."""
         try:
             if "ipv4" not in self._readers:

@@ -77,9 +77,9 @@ from dataclasses import replace
 from typing import Any
 
 from imdsguard import cgroups
-from imdsguard.domain import BackendName
+from imdsguard.domain import BackendName, Capture
 from imdsguard.errors import FirewallError, ImdsGuardError, PermissionDeniedError
-from imdsguard.firewall.base import Backend, FamilyState, Inspection
+from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
 from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
 
 TABLE = "imdsguard"
@@ -645,7 +645,12 @@ class NftablesBackend(Backend):
         self.owner_problem: str | None = None
         self._last: tuple[RuleSet, float, _State] | None = None  # the last inspection's
 
-    def supports_queue(self) -> bool:
+    def capabilities(self) -> Capabilities:
+        """Queue where the kernel has nft_queue, else log; nftables announces changes."""
+        capture = Capture.QUEUE if self._can_queue() else Capture.LOG
+        return Capabilities(capture=capture, notifications=True)
+
+    def _can_queue(self) -> bool:
         """True when the kernel has nft_queue (CONFIG_NFT_QUEUE), checked without changes."""
         if self._queue_supported is None:
             probe = "imdsguard_probe"
@@ -741,7 +746,7 @@ class NftablesBackend(Backend):
         """The plans; ``loading``: they go into the kernel, so the cgroup namespace's
         depth is measured if not known yet (inspection compares without it)."""
         members = expand_groups(ruleset.allow_gids)
-        hold = ruleset.queue_num is None or self.supports_queue()
+        hold = ruleset.queue_num is None or self._can_queue()
         offset = 0
         if ruleset.allow_cgroups:
             offset = self.cgroup_offset() if loading else (self._cgroup_offset or 0)

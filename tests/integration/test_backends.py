@@ -143,7 +143,7 @@ class Refused(_xt_blob.TableReader):
 iptables._xt_blob.TableReader = Refused
 backend = iptables.IptablesBackend()
 ruleset = build_ruleset(parse_config("allow: {users: [root]}"), queue_num=None)
-print(backend.fast_check_problem())
+print(backend.quick_check_problem())
 backend.apply(ruleset)
 print(sorted(i.state for i in backend.inspect(ruleset).values()))
 backend.remove()
