@@ -34,7 +34,7 @@ from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import choose, leftovers, make_backend
 from imdsguard.identity import service_uids
 from imdsguard.notify import Notifier
-from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.policy import RuleSet, build_ruleset, capture_for
 
 #: Components that must run before the rules go in (the capture listens before
 #: the rules that queue packets to it); the others (the broker above all: its
@@ -434,21 +434,21 @@ class Daemon:
         return list(self.backend.limits())
 
     def _ruleset(self, config: Config) -> RuleSet:
-        # Queue packets for attribution only while our capture listens on the queue.
-        queue = QUEUE_NUM if "capture" in self._components else None
+        # Capture packets for attribution only while our capture listens (policy decides how).
         return build_ruleset(
             config,
             extra_uids=service_uids(config),
-            queue_num=queue,
+            capabilities=self.backend.capabilities(),
+            capturing="capture" in self._components,
             unit_cgroups=self._unit_cgroups,
         )
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
         current: RuleSet | None = getattr(self, "ruleset", None)
-        if current is None or current.queue_num is None:
+        if current is None or current.capture == Capture.NONE:
             return
-        self.ruleset = dataclasses.replace(current, queue_num=None)
+        self.ruleset = dataclasses.replace(current, capture=Capture.NONE)
         try:
             self._apply("shutdown")
         except ImdsGuardError as exc:
@@ -459,9 +459,8 @@ class Daemon:
         return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
 
     def _attribution(self) -> dict[str, Any]:
-        held = self.backend.capabilities().capture == Capture.QUEUE
         if "capture" in self._components:
-            if held:
+            if self.ruleset.capture == Capture.QUEUE:
                 return {"available": True, "held": True, "reason": None}
             return {
                 "available": True,
@@ -471,6 +470,7 @@ class Daemon:
                 "process that exits within a millisecond is logged with its user only",
             }
         reason = "the capture could not start (see capture_unavailable in the log)"
+        held = capture_for(self.backend.capabilities(), capturing=True) == Capture.QUEUE
         return {"available": False, "held": held, "reason": reason}
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -684,6 +684,7 @@ class Daemon:
             "mode": self.config.mode,
             "backend": self.backend.name,
             "ruleset": self.ruleset.to_json(),
+            "capture": self.ruleset.capture,
             "rules_restored_total": self.counters.rules_restored,
             "last_problems": self.counters.last_problems,
             "reloads": self.counters.reloads,
@@ -744,8 +745,9 @@ def _make_components(
     wanted: dict[str, Component] = {}
     from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
 
-    # Where the kernel cannot queue from nftables, the capture reads a log group instead.
-    hold = backend.capabilities().capture == Capture.QUEUE
+    # Where the kernel cannot queue from nftables, the capture reads a log group instead
+    # (the rule set it runs with is built the same way: see policy.capture_for).
+    hold = capture_for(backend.capabilities(), capturing=True) == Capture.QUEUE
     capture = existing.get("capture")
     if not isinstance(capture, CaptureComponent) or capture.hold != hold:
         capture = CaptureComponent(config, logger, hold=hold)

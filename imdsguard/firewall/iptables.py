@@ -50,11 +50,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imdsguard import _locks
-from imdsguard.domain import BackendName, Capture
+from imdsguard.domain import Action, BackendName, Capture, Containers
 from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall import _xt_blob
 from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
-from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
+from imdsguard.policy import FAMILIES, MARK_SEEN, QUEUE_NUM, RuleSet
 
 CHAIN = "IMDSGUARD"
 AUDITED = "IMDSGUARD-AUDITED"
@@ -171,9 +171,9 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
     rules.append(TEARDOWN)
     rules += _deny_rules(ruleset, family)
     chains = {CHAIN: rules}
-    if not ruleset.enforcing and ruleset.queue_num is not None:
+    if not ruleset.enforcing and ruleset.capture == Capture.QUEUE:
         chains[AUDITED] = _audited_rules()
-    if ruleset.containers == "deny":
+    if ruleset.containers == Containers.DENY:
         # Forwarded (container) traffic has no local owner: nothing is allowed.
         jumps += [XtRule("FORWARD", FORWARDED, dst=_host(ep)) for ep in ruleset.endpoints(family)]
         chains[FORWARDED] = _deny_rules(ruleset, family, FORWARDED)
@@ -199,7 +199,7 @@ def _unit_rule(unit: str, path: str, inode: int) -> XtRule:
 
 def _deny(ruleset: RuleSet, family: str, mark: bool, chain: str = CHAIN) -> list[XtRule]:
     seen = _seen_match() if mark else ()
-    if ruleset.action == "drop":
+    if ruleset.action == Action.DROP:
         return [XtRule(chain, "DROP", matches=seen)]
     # A TCP reset makes connect() fail at once; anything else gets ICMP. The explicit
     # "-m tcp" is what iptables adds itself, and python-iptables corrupts memory
@@ -226,9 +226,9 @@ _TRACKED = (("conntrack", (("ctstate", "NEW,RELATED,ESTABLISHED"),)),)
 def _deny_rules(ruleset: RuleSet, family: str, chain: str = CHAIN) -> list[XtRule]:
     """Everything after the allow rules.
 
-    Without a queue: the deny (enforce) or nothing (audit).
+    Without capture ``queue``: the deny (enforce) or nothing (audit).
 
-    With a queue: a tracked packet not seen yet gets MARK_SEEN in its
+    With it: a tracked packet not seen yet gets MARK_SEEN in its
     connection's conntrack mark (which no socket can set) and goes to the
     queue; the daemon attributes it and repeats it (NF_REPEAT, with the bit
     added to the packet's own mark), so it comes back seen and is denied
@@ -240,9 +240,9 @@ def _deny_rules(ruleset: RuleSet, family: str, chain: str = CHAIN) -> list[XtRul
     queue-less rules first. In audit mode ``--queue-bypass`` is right, since
     audit must never block.
     """
-    if ruleset.queue_num is None:
+    if ruleset.capture != Capture.QUEUE:  # iptables never offers log (see capabilities)
         return _deny(ruleset, family, False, chain) if ruleset.enforcing else []
-    params: Params = (("queue-num", str(ruleset.queue_num)),)
+    params: Params = (("queue-num", str(QUEUE_NUM)),)
     flag = XtRule(chain, "CONNMARK", matches=_TRACKED, target_params=_set_seen(MARK_SEEN))
     if not ruleset.enforcing:
         return [

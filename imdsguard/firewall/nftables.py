@@ -33,10 +33,12 @@ Layout (``nft list table inet imdsguard``)::
         chain fwd_guard { ... }  # the rules of deny: nothing forwarded is allowed
     }
 
-With capture on (``queue_num`` set), the deny rules are preceded by a
-``queue`` to the daemon and apply to packets back from it (their connection
-flagged in its conntrack mark: no packet mark decides anything), as in
-:mod:`imdsguard.firewall.iptables`.
+With capture ``queue``, the deny rules are preceded by a ``queue`` to the
+daemon and apply to packets back from it (their connection flagged in its
+conntrack mark: no packet mark decides anything), as in
+:mod:`imdsguard.firewall.iptables`. With capture ``log`` (a kernel without
+nft_queue) a ``log group`` rule copies each packet to the daemon first and
+the deny is immediate.
 
 Why this is safe next to other firewalls: an ``accept`` in another table (or
 an iptables-nft rule) only ends *that* table's evaluation; our table still
@@ -77,10 +79,10 @@ from dataclasses import replace
 from typing import Any
 
 from imdsguard import cgroups
-from imdsguard.domain import BackendName, Capture
+from imdsguard.domain import Action, BackendName, Capture, Containers
 from imdsguard.errors import FirewallError, ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
-from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
+from imdsguard.policy import FAMILIES, MARK_SEEN, QUEUE_NUM, RuleSet
 
 TABLE = "imdsguard"
 FAMILY = "inet"
@@ -170,7 +172,7 @@ def _daddr(family: str) -> Cmd:
 
 
 def _deny(ruleset: RuleSet, prefix: Sequence[Cmd] = ()) -> list[list[Cmd]]:
-    if ruleset.action == "drop":
+    if ruleset.action == Action.DROP:
         return [[*prefix, {"drop": None}]]
     return [
         [*prefix, _match({"meta": {"key": "l4proto"}}, "tcp"), {"reject": {"type": "tcp reset"}}],
@@ -178,31 +180,31 @@ def _deny(ruleset: RuleSet, prefix: Sequence[Cmd] = ()) -> list[list[Cmd]]:
     ]
 
 
-def _deny_exprs(ruleset: RuleSet, hold: bool = True) -> list[list[Cmd]]:
+def _deny_exprs(ruleset: RuleSet) -> list[list[Cmd]]:
     """What follows the allow rules (same semantics as the iptables backend).
 
-    ``hold``: the kernel can queue (nft_queue). Without it the capture reads
-    an NFLOG group instead (see :func:`_log_rule`) and the deny is immediate.
+    Only capture ``queue`` holds packets; with ``log`` the capture reads an
+    NFLOG group instead (see :func:`_log_rule`) and the deny is immediate.
     """
-    if ruleset.queue_num is None or not hold:
+    if ruleset.capture != Capture.QUEUE:
         return _deny(ruleset) if ruleset.enforcing else []
     flagged = _ct_mark("|", MARK_SEEN)
     if not ruleset.enforcing:
-        bypass = {"queue": {"num": ruleset.queue_num, "flags": "bypass"}}
+        bypass = {"queue": {"num": QUEUE_NUM, "flags": "bypass"}}
         return [
             [*_seen(), _ct_mark("&", ~MARK_SEEN), _meta_mark_clear(), {"return": None}],
             [_TRACKED, flagged, bypass],
         ]
-    queue: Cmd = {"queue": {"num": ruleset.queue_num}}
+    queue: Cmd = {"queue": {"num": QUEUE_NUM}}
     # Seen: denied. New: flagged and queued. Untracked (never queued): denied at once.
     return [*_deny(ruleset, _seen()), [_TRACKED, flagged, queue], *_deny(ruleset)]
 
 
-def _log_rule(ruleset: RuleSet, hold: bool) -> list[Cmd] | None:
-    """A copy of each packet for the capture where it cannot be queued (never a verdict)."""
-    if ruleset.queue_num is None or hold:
+def _log_rule(ruleset: RuleSet) -> list[Cmd] | None:
+    """Capture ``log``: a copy of each packet for the capture (never a verdict)."""
+    if ruleset.capture != Capture.LOG:
         return None
-    return [{"log": {"group": ruleset.queue_num}}]
+    return [{"log": {"group": QUEUE_NUM}}]
 
 
 def _comment(chain: str, expr: Any) -> str:
@@ -314,12 +316,11 @@ class Plan:
 def render(
     ruleset: RuleSet,
     group_members: Mapping[int, Sequence[int]],
-    hold: bool = True,
     table: str = TABLE,
     priority: int = PRIORITY,
     cgroup_offset: int = 0,
 ) -> Plan:
-    """The table for ``ruleset`` (pure: group membership and queue support are passed in).
+    """The table for ``ruleset`` (pure: group membership is passed in).
 
     ``cgroup_offset`` is how deep our cgroup namespace's root lies (0 on a
     host; inside a container, see :meth:`NftablesBackend.cgroup_offset`):
@@ -332,11 +333,11 @@ def render(
     plan.add_set("allow_uids", "uid", sorted(uids))
     plan.add_set("imds_v4", "ipv4_addr", list(ruleset.endpoints_v4))
     plan.add_set("imds_v6", "ipv6_addr", list(ruleset.endpoints_v6))
-    log = _log_rule(ruleset, hold)
+    log = _log_rule(ruleset)
     plan.add_chain("deny")  # before guard, whose rules go to it
     if log is not None:
         plan.add_rule("deny", log)
-    for expr in _deny_exprs(ruleset, hold):
+    for expr in _deny_exprs(ruleset):
         plan.add_rule("deny", expr, required=True)
     skuid = {"meta": {"key": "skuid"}}
     if ruleset.allow_units:
@@ -361,12 +362,12 @@ def render(
     plan.add_rule("guard", [established, {"accept": None}])
     plan.add_rule("guard", [goto_deny], required=True)
     _hook(plan, ruleset, "output", "guard")
-    if ruleset.containers == "deny":
+    if ruleset.containers == Containers.DENY:
         # Forwarded traffic has no local socket owner: nothing is allowed.
         plan.add_chain("fwd_guard")
         if log is not None:
             plan.add_rule("fwd_guard", log)
-        for expr in _deny_exprs(ruleset, hold):
+        for expr in _deny_exprs(ruleset):
             plan.add_rule("fwd_guard", expr, required=True)
         _hook(plan, ruleset, "forward", "fwd_guard")
     return plan
@@ -382,7 +383,7 @@ def render_backstop(
     """
     if not ruleset.enforcing:
         return None
-    plain = replace(ruleset, queue_num=None)
+    plain = replace(ruleset, capture=Capture.NONE)
     return render(
         plain,
         group_members,
@@ -510,7 +511,7 @@ def combine(
         if not ruleset.endpoints(family):
             result[family] = Inspection(family, FamilyState.DISABLED, ("no endpoint configured",))
             continue
-        states: list[str] = []
+        states: list[FamilyState] = []
         problems: list[str] = []
         for table, inspections in found.items():
             if table not in wanted and inspections is None:
@@ -746,11 +747,10 @@ class NftablesBackend(Backend):
         """The plans; ``loading``: they go into the kernel, so the cgroup namespace's
         depth is measured if not known yet (inspection compares without it)."""
         members = expand_groups(ruleset.allow_gids)
-        hold = ruleset.queue_num is None or self._can_queue()
         offset = 0
         if ruleset.allow_cgroups:
             offset = self.cgroup_offset() if loading else (self._cgroup_offset or 0)
-        main = render(ruleset, members, hold=hold, cgroup_offset=offset)
+        main = render(ruleset, members, cgroup_offset=offset)
         backstop = render_backstop(ruleset, members, cgroup_offset=offset)
         wanted = ([TABLE] if self._expect_main else []) + ([BACKSTOP] if backstop else [])
         return main, backstop, wanted

@@ -142,7 +142,7 @@ class Refused(_xt_blob.TableReader):
 
 iptables._xt_blob.TableReader = Refused
 backend = iptables.IptablesBackend()
-ruleset = build_ruleset(parse_config("allow: {users: [root]}"), queue_num=None)
+ruleset = build_ruleset(parse_config("allow: {users: [root]}"))
 print(backend.quick_check_problem())
 backend.apply(ruleset)
 print(sorted(i.state for i in backend.inspect(ruleset).values()))

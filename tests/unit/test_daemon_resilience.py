@@ -79,7 +79,7 @@ def _daemon(backend: _Backend, log: _Log) -> Daemon:
     daemon = Daemon(None, log, interval=0.01)
     daemon.config = Config()
     daemon.backend = backend
-    daemon.ruleset = build_ruleset(daemon.config, queue_num=None)
+    daemon.ruleset = build_ruleset(daemon.config)
     daemon.trouble.interval = 0.5
     return daemon
 

@@ -100,7 +100,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
 
 
 def _ruleset(text: str = "") -> RuleSet:
-    return build_ruleset(parse_config("allow: {users: [0]}\n" + text, "c.yaml"), queue_num=None)
+    return build_ruleset(parse_config("allow: {users: [0]}\n" + text, "c.yaml"))
 
 
 def _states(backend: nftables.NftablesBackend, ruleset: RuleSet) -> set[str]:
