@@ -140,7 +140,7 @@ class Refused(_xt_blob.TableReader):
     def __init__(self, family, table="filter"):
         raise PermissionError(1, "Operation not permitted")
 
-iptables._xt_blob.TableReader = Refused
+_xt_blob.TableReader = Refused
 backend = iptables.IptablesBackend()
 ruleset = build_ruleset(parse_config("allow: {users: [root]}"))
 print(backend.quick_check_problem())

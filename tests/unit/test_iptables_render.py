@@ -24,9 +24,9 @@ from imdsguard.firewall.iptables import (
     CHAIN,
     DOCKER_USER,
     FORWARDED,
+    Snapshot,
     XtRule,
-    _compare,
-    _Snapshot,
+    compare,
     render,
 )
 from imdsguard.policy import RuleSet, build_ruleset
@@ -172,24 +172,24 @@ def test_importing_the_module_does_not_load_iptc() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-# --- _compare: the kernel's state (a snapshot) against the policy ----------------------
+# --- compare: the kernel's state (a snapshot) against the policy ----------------------
 
 
 HOST_RULE = XtRule("OUTPUT", "ACCEPT", matches=(("owner", (("uid-owner", "0"),)),))
 
 
-def _snapshot(ruleset: RuleSet, family: str = "ipv4") -> _Snapshot:
+def _snapshot(ruleset: RuleSet, family: str = "ipv4") -> Snapshot:
     """What the kernel holds right after apply(), with one host rule after ours."""
     rendered = render(ruleset, family)
-    return _Snapshot(
+    return Snapshot(
         output=[j for j in rendered.jumps if j.chain == "OUTPUT"] + [HOST_RULE],
         chains={name: list(rules) for name, rules in rendered.chains.items()},
         forward=[j for j in rendered.jumps if j.chain == "FORWARD"],
     )
 
 
-def _check(snap: _Snapshot, ruleset: RuleSet, state: str, fragment: str = "") -> Inspection:
-    result = _compare(snap, ruleset, "ipv4")
+def _check(snap: Snapshot, ruleset: RuleSet, state: str, fragment: str = "") -> Inspection:
+    result = compare(snap, ruleset, "ipv4")
     assert result.state == state, result.problems
     assert fragment in " | ".join(result.problems)
     return result
@@ -199,7 +199,7 @@ def _check(snap: _Snapshot, ruleset: RuleSet, state: str, fragment: str = "") ->
 def test_identical_is_ok(case: str) -> None:
     text, capture, family = CASES[case]
     ruleset = _ruleset(text, capture)
-    assert _compare(_snapshot(ruleset, family), ruleset, family) == Inspection(
+    assert compare(_snapshot(ruleset, family), ruleset, family) == Inspection(
         family, FamilyState.OK
     )
 

@@ -196,7 +196,7 @@ class NftablesBackend(Backend):
         return state
 
     @staticmethod
-    def _compare(
+    def _compare_tables(
         ruleset: RuleSet, plans: Mapping[str, Plan | None], listings: Mapping[str, Any]
     ) -> dict[str, dict[str, Inspection] | None]:
         found: dict[str, dict[str, Inspection] | None] = {}
@@ -218,7 +218,7 @@ class NftablesBackend(Backend):
     def inspect(self, ruleset: RuleSet) -> dict[str, Inspection]:
         """See :meth:`imdsguard.firewall.base.Backend.inspect`."""
         main, backstop, wanted, listings = self._state(ruleset)
-        found = self._compare(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
+        found = self._compare_tables(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
         return combine(ruleset, found, wanted)
 
     def apply(self, ruleset: RuleSet) -> bool:
@@ -229,7 +229,7 @@ class NftablesBackend(Backend):
             ruleset, reuse=self._owner is not None, loading=True
         )
         self._last = None  # whatever is written below, the next look lists afresh
-        found = self._compare(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
+        found = self._compare_tables(ruleset, {TABLE: main, BACKSTOP: backstop}, listings)
 
         def fine(table: str) -> bool:
             got = found[table]
