@@ -19,7 +19,7 @@ import yaml
 from imdsguard import __version__, _locks, cgroups, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
-from imdsguard.firewall.detect import choose, leftovers, make_backend
+from imdsguard.firewall.detect import leftovers, make_backend, preview
 from imdsguard.identity import service_uids
 from imdsguard.policy import build_ruleset
 
@@ -184,20 +184,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"# {config.path}: no such file; the defaults (what the daemon uses without it):")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
     if args.rules:
-        from imdsguard.firewall.iptables import render  # noqa: PLC0415
-        from imdsguard.firewall.nftables import expand_groups  # noqa: PLC0415
-        from imdsguard.firewall.nftables import render as nft_render  # noqa: PLC0415
-
         units = cgroups.resolve(config.allow.units)
         ruleset = build_ruleset(config, extra_uids=service_uids(config), unit_cgroups=units)
-        backend = choose(config.backend)
-        if backend == "nftables":
-            print("# nftables batch (nft -j), groups expanded with this host's /etc/group")
-            print("\n".join(nft_render(ruleset, expand_groups(ruleset.allow_gids)).lines()))
-        else:
-            for family in ruleset.families():
-                print(f"# {family} rules (iptables-save form)")
-                print("\n".join(render(ruleset, family).lines()))
+        print("\n".join(preview(config.backend, ruleset)))
     return 0
 
 

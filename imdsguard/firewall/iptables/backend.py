@@ -28,6 +28,7 @@ from imdsguard.firewall.iptables.render import (
     Params,
     XtRule,
     hook_jumps,
+    preview,
     render,
 )
 from imdsguard.policy import FAMILIES, RuleSet
@@ -380,10 +381,7 @@ class IptablesBackend(Backend):
 
     def preview(self, ruleset: RuleSet) -> list[str]:
         """See :meth:`~imdsguard.firewall.base.Backend.preview`: ``iptables-save`` lines."""
-        out: list[str] = []
-        for family in ruleset.families():
-            out += [f"# {family}", *render(ruleset, family).lines()]
-        return out
+        return preview(ruleset)
 
     def limits(self) -> tuple[str, ...]:
         """What this backend cannot guard against (for ``status``)."""

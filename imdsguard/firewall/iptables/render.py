@@ -251,3 +251,16 @@ def hook_jumps(wanted: Rendered, hook: str) -> list[XtRule]:
     """Our jumps at the top of ``hook`` (DOCKER-USER gets the FORWARD ones)."""
     source = "FORWARD" if hook == DOCKER_USER else hook
     return [replace(j, chain=hook) for j in wanted.jumps if j.chain == source]
+
+
+def preview(ruleset: RuleSet) -> list[str]:
+    """``iptables-save`` lines of every family with an endpoint, each under a heading.
+
+    What :meth:`IptablesBackend.preview` and ``check-config --rules`` print.
+    (``render`` takes a family where nftables' takes group members: x_tables
+    has a table per family and matches supplementary groups in the kernel.)
+    """
+    out: list[str] = []
+    for family in ruleset.families():
+        out += [f"# {family} rules (iptables-save form)", *render(ruleset, family).lines()]
+    return out

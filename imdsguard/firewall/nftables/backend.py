@@ -23,6 +23,7 @@ from imdsguard.firewall.nftables.render import (
     Cmd,
     Plan,
     expand_groups,
+    preview,
     render,
     render_backstop,
 )
@@ -293,7 +294,7 @@ class NftablesBackend(Backend):
 
     def preview(self, ruleset: RuleSet) -> list[str]:
         """See :meth:`imdsguard.firewall.base.Backend.preview` (one JSON command per line)."""
-        return self.plan(ruleset).lines()
+        return preview(ruleset, cgroup_offset=self._cgroup_offset or 0)
 
     def limits(self) -> tuple[str, ...]:
         """What this backend cannot guard against here (for ``status``)."""

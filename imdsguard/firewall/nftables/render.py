@@ -325,3 +325,13 @@ def _hook(plan: Plan, ruleset: RuleSet, hook: str, target: str) -> None:
             addresses = "@imds_v4" if family == "ipv4" else "@imds_v6"
             jump = {"jump": {"target": target}}
             plan.add_rule(hook, [_match(_daddr(family), addresses), jump], required=True)
+
+
+def preview(ruleset: RuleSet, cgroup_offset: int = 0) -> list[str]:
+    """Our table's batch, one JSON command per line, under a heading.
+
+    What :meth:`NftablesBackend.preview` and ``check-config --rules`` print;
+    groups are expanded with this host's passwd and group databases.
+    """
+    plan = render(ruleset, expand_groups(ruleset.allow_gids), cgroup_offset=cgroup_offset)
+    return ["# nftables batch (nft -j), groups expanded with this host's /etc/group", *plan.lines()]
