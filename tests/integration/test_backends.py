@@ -145,9 +145,9 @@ backend = iptables.IptablesBackend()
 ruleset = build_ruleset(parse_config("allow: {users: [root]}"))
 print(backend.quick_check_problem())
 backend.apply(ruleset)
-print(sorted(i.state for i in backend.inspect(ruleset).values()))
+print(sorted(str(i.state) for i in backend.inspect(ruleset).values()))
 backend.remove()
-print(sorted(i.state for i in backend.inspect(ruleset).values()))
+print(sorted(str(i.state) for i in backend.inspect(ruleset).values()))
 """
 
 
