@@ -70,7 +70,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         ruleset = build_ruleset(
             config,
             extra_uids=service_uids(config),
-            capabilities=backend.capabilities(),
+            capabilities=backend.capabilities() if running else None,  # no probe needed
             capturing=running,
             unit_cgroups=units,
         )
