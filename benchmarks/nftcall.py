@@ -24,7 +24,7 @@ from imdsguard.firewall.nftables import FAMILY, TABLE, Context, render
 from imdsguard.policy import build_ruleset
 
 rounds = int(sys.argv[1])
-plan = render(build_ruleset(parse_config("allow: {users: [root]}\n"), queue_num=None), {})
+plan = render(build_ruleset(parse_config("allow: {users: [root]}\n")), {})
 batch = json.dumps(plan.batch())
 ctx = Context()
 def timed(fn):

@@ -29,7 +29,7 @@ PROBE = r"""
 import random, subprocess, sys, time
 from imdsguard.config import parse_config
 from imdsguard.firewall.detect import make_backend
-from imdsguard.policy import QUEUE_NUM, build_ruleset
+from imdsguard.policy import build_ruleset
 tampers = {
     "iptables": [
         [["iptables-legacy", "-F", "OUTPUT"]],
@@ -54,7 +54,8 @@ rng = random.Random(4242)
 config = parse_config(open(sys.argv[2]).read())
 # The daemon queues denied packets for attribution where it can: compare
 # with whichever of its two rule sets is in place before the first tamper.
-candidates = [build_ruleset(config, queue_num=q) for q in (QUEUE_NUM, None)]
+caps = backend.capabilities()
+candidates = [build_ruleset(config, capabilities=caps, capturing=c) for c in (True, False)]
 ruleset = next(r for r in candidates if all(
     x.state == "ok" for x in backend.inspect(r).values()))
 for i in range(int(sys.argv[1])):
@@ -79,7 +80,7 @@ from imdsguard.policy import build_ruleset
 backend = make_backend(sys.argv[1])
 for n in (10, 1000):
     users = ", ".join(str(20000 + i) for i in range(n))
-    ruleset = build_ruleset(parse_config("allow: {users: [%s]}" % users), queue_num=None)
+    ruleset = build_ruleset(parse_config("allow: {users: [%s]}" % users))
     backend.remove()
     start = time.monotonic()
     backend.apply(ruleset)

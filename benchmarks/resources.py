@@ -53,7 +53,7 @@ from imdsguard.firewall.detect import make_backend
 from imdsguard.policy import build_ruleset
 holder = {}
 step("+ backend " + sys.argv[1], lambda: holder.update(b=make_backend(sys.argv[1])))
-rules = build_ruleset(parse_config("allow: {users: [root]}"), queue_num=None)
+rules = build_ruleset(parse_config("allow: {users: [root]}"))
 step("+ first apply and inspect", lambda: (holder["b"].apply(rules), holder["b"].inspect(rules)))
 step("+ events capture", lambda: __import__("imdsguard.events.capture"))
 print(json.dumps(steps))

@@ -19,9 +19,9 @@ import yaml
 from imdsguard import __version__, _locks, cgroups, paths
 from imdsguard.config import DEFAULT_PATH, load_config
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
-from imdsguard.firewall.detect import choose, leftovers, make_backend
+from imdsguard.firewall.detect import leftovers, make_backend, preview
 from imdsguard.identity import service_uids
-from imdsguard.policy import QUEUE_NUM, build_ruleset
+from imdsguard.policy import build_ruleset
 
 # Heavier modules (structlog, the rule renderers) are imported by the commands
 # that need them: `imdsguard credentials` runs on every SDK credential refresh.
@@ -63,15 +63,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     running = _locks.is_held(paths.daemon_lock())
     backend = make_backend(config.backend, daemon_running=running)
     paths.ensure_dir(paths.run_dir())
-    # With a daemon attributing packets, keep its queue in the rules; otherwise
-    # rules that need no daemon. The daemon queues only where the backend can
-    # (nftables needs CONFIG_NFT_QUEUE): the same test here, or the batch fails.
-    supports_queue = getattr(backend, "supports_queue", lambda: True)
-    queue = QUEUE_NUM if running and supports_queue() else None
+    # With a daemon attributing packets, keep its capture in the rules (as it
+    # builds them: policy decides queue or log); otherwise rules that need no daemon.
     with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
         units = cgroups.resolve(config.allow.units)
         ruleset = build_ruleset(
-            config, extra_uids=service_uids(config), queue_num=queue, unit_cgroups=units
+            config,
+            extra_uids=service_uids(config),
+            capabilities=backend.capabilities() if running else None,  # no probe needed
+            capturing=running,
+            unit_cgroups=units,
         )
         changed = backend.apply(ruleset)
     print(f"rules {'applied' if changed else 'already in place'} ({backend.name} backend)")
@@ -183,22 +184,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"# {config.path}: no such file; the defaults (what the daemon uses without it):")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
     if args.rules:
-        from imdsguard.firewall.iptables import render  # noqa: PLC0415
-        from imdsguard.firewall.nftables import expand_groups  # noqa: PLC0415
-        from imdsguard.firewall.nftables import render as nft_render  # noqa: PLC0415
-
         units = cgroups.resolve(config.allow.units)
-        ruleset = build_ruleset(
-            config, extra_uids=service_uids(config), queue_num=None, unit_cgroups=units
-        )
-        backend = choose(config.backend)
-        if backend == "nftables":
-            print("# nftables batch (nft -j), groups expanded with this host's /etc/group")
-            print("\n".join(nft_render(ruleset, expand_groups(ruleset.allow_gids)).lines()))
-        else:
-            for family in ruleset.families():
-                print(f"# {family} rules (iptables-save form)")
-                print("\n".join(render(ruleset, family).lines()))
+        ruleset = build_ruleset(config, extra_uids=service_uids(config), unit_cgroups=units)
+        print("\n".join(preview(config.backend, ruleset)))
     return 0
 
 

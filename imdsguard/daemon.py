@@ -28,12 +28,13 @@ from typing import Any, Callable, Protocol
 
 from imdsguard import __version__, _locks, _state, cgroups, paths
 from imdsguard.config import Config, load_config
+from imdsguard.domain import Capture
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import choose, leftovers, make_backend
 from imdsguard.identity import service_uids
 from imdsguard.notify import Notifier
-from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.policy import RuleSet, build_ruleset, capture_for
 
 #: Components that must run before the rules go in (the capture listens before
 #: the rules that queue packets to it); the others (the broker above all: its
@@ -339,8 +340,10 @@ class Daemon:
         return True
 
     def _quick_check(self) -> Callable[[], bool] | None:
-        check: Callable[[], bool] | None = getattr(self.backend, "quick_check", None)
-        return check
+        """The backend's cheap change test, for a backend the kernel notifies nothing of."""
+        if self.backend.capabilities().notifications:
+            return None  # its watch failed: poll with full checks every interval
+        return self.backend.quick_check
 
     def _quick_changed(self, quick: Callable[[], bool]) -> bool:
         try:
@@ -365,15 +368,11 @@ class Daemon:
 
     def _watch(self) -> socket.socket | None:
         """The backend's change-notification socket, if it has one."""
-        make = getattr(self.backend, "watch", None)
-        if make is None:
-            return None
         try:
-            sock: socket.socket = make()
+            return self.backend.watch()
         except OSError as exc:
             self.log.warning("watch_unavailable", error=str(exc), fallback="polling")
             return None
-        return sock
 
     def _rewatch(self, watch: socket.socket | None) -> socket.socket | None:
         if watch is not None:
@@ -401,7 +400,7 @@ class Daemon:
             if limit not in self._limits_logged:
                 self._limits_logged.add(limit)
                 self.log.warning("protection_limited", backend=self.backend.name, limit=limit)
-        problem = getattr(self.backend, "fast_check_problem", lambda: None)()
+        problem = self.backend.quick_check_problem()
         if problem:
             self.log.warning(
                 "fast_check_unavailable",
@@ -432,25 +431,24 @@ class Daemon:
 
     def _limits(self) -> list[str]:
         """What the backend cannot guard against on this host (shown by ``status``)."""
-        limits: list[str] = list(getattr(self.backend, "limits", list)())
-        return limits
+        return list(self.backend.limits())
 
     def _ruleset(self, config: Config) -> RuleSet:
-        # Queue packets for attribution only while our capture listens on the queue.
-        queue = QUEUE_NUM if "capture" in self._components else None
+        # Capture packets for attribution only while our capture listens (policy decides how).
         return build_ruleset(
             config,
             extra_uids=service_uids(config),
-            queue_num=queue,
+            capabilities=self.backend.capabilities(),
+            capturing="capture" in self._components,
             unit_cgroups=self._unit_cgroups,
         )
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
         current: RuleSet | None = getattr(self, "ruleset", None)
-        if current is None or current.queue_num is None:
+        if current is None or current.capture == Capture.NONE:
             return
-        self.ruleset = dataclasses.replace(current, queue_num=None)
+        self.ruleset = dataclasses.replace(current, capture=Capture.NONE)
         try:
             self._apply("shutdown")
         except ImdsGuardError as exc:
@@ -461,9 +459,8 @@ class Daemon:
         return {f: i.state for f, i in self.backend.inspect(self.ruleset).items()}
 
     def _attribution(self) -> dict[str, Any]:
-        held = bool(getattr(self.backend, "supports_queue", lambda: True)())
         if "capture" in self._components:
-            if held:
+            if self.ruleset.capture == Capture.QUEUE:
                 return {"available": True, "held": True, "reason": None}
             return {
                 "available": True,
@@ -473,6 +470,7 @@ class Daemon:
                 "process that exits within a millisecond is logged with its user only",
             }
         reason = "the capture could not start (see capture_unavailable in the log)"
+        held = capture_for(self.backend.capabilities(), capturing=True) == Capture.QUEUE
         return {"available": False, "held": held, "reason": reason}
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -689,6 +687,7 @@ class Daemon:
             "mode": self.config.mode,
             "backend": self.backend.name,
             "ruleset": self.ruleset.to_json(),
+            "capture": self.ruleset.capture,
             "rules_restored_total": self.counters.rules_restored,
             "last_problems": self.counters.last_problems,
             "reloads": self.counters.reloads,
@@ -749,8 +748,9 @@ def _make_components(
     wanted: dict[str, Component] = {}
     from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
 
-    # Where the kernel cannot queue from nftables, the capture reads a log group instead.
-    hold = bool(getattr(backend, "supports_queue", lambda: True)())
+    # Where the kernel cannot queue from nftables, the capture reads a log group instead
+    # (the rule set it runs with is built the same way: see policy.capture_for).
+    hold = capture_for(backend.capabilities(), capturing=True) == Capture.QUEUE
     capture = existing.get("capture")
     if not isinstance(capture, CaptureComponent) or capture.hold != hold:
         capture = CaptureComponent(config, logger, hold=hold)

@@ -11,13 +11,19 @@ import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from imdsguard.cgroups import UnitCgroup
 from imdsguard.config import Config
+from imdsguard.domain import Action, Capture, Containers, Mode
+
+if TYPE_CHECKING:  # the backend contract imports RuleSet from here
+    from imdsguard.firewall.base import Capabilities
 
 FAMILIES = ("ipv4", "ipv6")
 
-#: NFQUEUE queue the daemon reads denied (or, in audit mode, audited) packets from.
+#: NFQUEUE queue (capture ``queue``) or NFLOG group (``log``) the daemon reads denied
+#: (or, in audit mode, audited) packets from.
 QUEUE_NUM = 5421
 
 #: Mark bit that tells a packet back from the queue (NF_REPEAT) from a new one,
@@ -51,10 +57,12 @@ class RuleSet:
     was built (see :mod:`imdsguard.cgroups`: the inode tells a restarted
     unit's new cgroup from the old one). A unit without a cgroup gets no rule.
     Everything else to ``endpoints`` is denied with ``action`` in enforce
-    mode; in audit mode nothing is denied. With ``queue_num`` set (only while
-    a daemon listens on that queue) packets go through NFQUEUE first so the
-    daemon can attribute them; see imdsguard.firewall.iptables for how that
-    stays fail-closed. ``containers == "deny"`` also denies IMDS traffic that
+    mode; in audit mode nothing is denied. ``capture`` is how denied (audit:
+    audited) packets reach a running daemon (see :class:`~imdsguard.domain.Capture`):
+    ``queue`` through NFQUEUE :data:`QUEUE_NUM` first, so the daemon can
+    attribute them (see imdsguard.firewall.iptables for how that stays
+    fail-closed); ``log`` a copy to NFLOG group :data:`QUEUE_NUM`; ``none``
+    without a daemon. ``containers == deny`` also denies IMDS traffic that
     the host forwards (from local bridges: Docker, CNI, podman), where no
     owner is known.
     """
@@ -63,17 +71,17 @@ class RuleSet:
     endpoints_v6: tuple[str, ...]
     allow_uids: tuple[int, ...]
     allow_gids: tuple[int, ...]
-    action: str = "reject"
-    mode: str = "enforce"
-    queue_num: int | None = None
-    containers: str = "allow"
+    action: Action = Action.REJECT
+    mode: Mode = Mode.ENFORCE
+    capture: Capture = Capture.NONE
+    containers: Containers = Containers.DENY
     allow_units: tuple[str, ...] = ()
     allow_cgroups: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def enforcing(self) -> bool:
         """True when denied traffic is actually blocked (not audit mode)."""
-        return self.mode == "enforce"
+        return self.mode == Mode.ENFORCE
 
     def endpoints(self, family: str) -> tuple[str, ...]:
         """The endpoint addresses of one family (``ipv4`` or ``ipv6``)."""
@@ -94,17 +102,26 @@ class RuleSet:
 
     @classmethod
     def from_json(cls, text: str) -> RuleSet:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`; also reads older records.
+
+        Before ``capture`` a record had ``queue_num`` (a number: queued, read
+        as ``queue``; null: ``none``); before ``containers`` nothing forwarded
+        was denied (``allow``).
+        """
         data = json.loads(text)
+        if "capture" in data:
+            capture = Capture.parse(data["capture"])
+        else:
+            capture = Capture.NONE if data.get("queue_num") is None else Capture.QUEUE
         return cls(
             endpoints_v4=tuple(data["endpoints_v4"]),
             endpoints_v6=tuple(data["endpoints_v6"]),
             allow_uids=tuple(data["allow_uids"]),
             allow_gids=tuple(data["allow_gids"]),
-            action=data["action"],
-            mode=data["mode"],
-            queue_num=data.get("queue_num"),
-            containers=data.get("containers", "allow"),
+            action=Action.parse(data["action"]),
+            mode=Mode.parse(data["mode"]),
+            capture=capture,
+            containers=Containers.parse(data.get("containers", Containers.ALLOW)),
             allow_units=tuple(data.get("allow_units", ())),
             allow_cgroups=tuple(
                 (str(u), str(p), int(i)) for u, p, i in data.get("allow_cgroups", ())
@@ -112,18 +129,34 @@ class RuleSet:
         )
 
 
+def capture_for(capabilities: Capabilities | None, capturing: bool) -> Capture:
+    """How denied packets are captured: the one place that decides.
+
+    ``capturing``: the daemon's capture component runs (it listens on
+    :data:`QUEUE_NUM`); then the backend's own way (``queue`` where the
+    kernel can queue from it, else ``log``), otherwise ``none``: rules that
+    need no daemon.
+    """
+    if not capturing or capabilities is None:
+        return Capture.NONE
+    return capabilities.capture
+
+
 def build_ruleset(
     config: Config,
     *,
     extra_uids: tuple[int, ...] = (),
-    queue_num: int | None = QUEUE_NUM,
+    capabilities: Capabilities | None = None,
+    capturing: bool = False,
     unit_cgroups: Mapping[str, UnitCgroup | None] | None = None,
 ) -> RuleSet:
     """The rule set for ``config``.
 
     ``extra_uids`` are identities the daemon itself needs (the broker's
     system user, :func:`imdsguard.identity.service_uids`) and are allowed in
-    addition to the configured users. ``unit_cgroups`` is where each of ``allow.units`` runs now
+    addition to the configured users. ``capabilities`` (the backend's) and
+    ``capturing`` decide :attr:`RuleSet.capture` (see :func:`capture_for`).
+    ``unit_cgroups`` is where each of ``allow.units`` runs now
     (:func:`imdsguard.cgroups.resolve`); a unit missing from it or None
     there is not running and gets no rule.
     """
@@ -142,10 +175,10 @@ def build_ruleset(
         endpoints_v6=tuple(v6),
         allow_uids=tuple(uids),
         allow_gids=tuple(gids),
-        action=config.action,
-        mode=config.mode,
-        queue_num=queue_num,
-        containers=config.containers,
+        action=Action(config.action),
+        mode=Mode(config.mode),
+        capture=capture_for(capabilities, capturing),
+        containers=Containers(config.containers),
         allow_units=config.allow.units,
         allow_cgroups=cgroups,
     )

@@ -7,16 +7,18 @@ are compared with what the firewall holds right now.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from imdsguard import _locks, _state, cgroups, paths
-from imdsguard.config import load_config
+from imdsguard.config import Config, load_config
+from imdsguard.domain import Capture, Mode
 from imdsguard.errors import ImdsGuardError, PermissionDeniedError
 from imdsguard.firewall.base import FamilyState
 from imdsguard.firewall.detect import leftovers, make_backend
 from imdsguard.identity import service_uids
-from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.policy import RuleSet, build_ruleset
 
 _FINE = (FamilyState.OK, FamilyState.DISABLED)
 EXIT = {"protected": 0, "degraded": 1, "unprotected": 2, "unknown": 3}
@@ -24,10 +26,8 @@ RECENT = 5  # blocked attempts shown by ``status``
 
 
 def _blocked(limit: int = RECENT) -> dict[str, Any]:
-    try:
-        from imdsguard.events.log import count_events, read_events  # noqa: PLC0415
-    except ImportError:
-        return {"total": 0, "recent": []}
+    from imdsguard.events.log import count_events, read_events  # noqa: PLC0415 - status only
+
     path = paths.events_file()
     try:
         return {"total": count_events(path), "recent": read_events(path, limit)}
@@ -50,33 +50,54 @@ def _units(ruleset: RuleSet) -> dict[str, str]:
     return {u: "running" if u in running else "not running" for u in ruleset.allow_units}
 
 
+def expected_rulesets(
+    state: dict[str, Any] | None,
+    daemon_running: bool,
+    config: Config | None,
+    extra_uids: tuple[int, ...] = (),
+    unit_cgroups: Mapping[str, cgroups.UnitCgroup | None] | None = None,
+) -> list[RuleSet]:
+    """What should be in the kernel, most likely first.
+
+    With a daemon running: the rule set it applied, as ``state.json`` records
+    it (capture included), and nothing else. Without one: the config's policy
+    as ``apply`` leaves it (capture ``none``) and, when the last daemon's
+    record says it captured (it was killed before handing over), with that
+    capture too. No state file and no config: nothing to check.
+    """
+    recorded = RuleSet.from_json(state["ruleset"]) if state and state.get("ruleset") else None
+    if daemon_running and recorded is not None:
+        return [recorded]
+    if config is None:
+        return []
+    plain = build_ruleset(config, extra_uids=extra_uids, unit_cgroups=unit_cgroups)
+    out = [plain]
+    if recorded is not None and recorded.capture != Capture.NONE:
+        out.append(dataclasses.replace(plain, capture=recorded.capture))
+    return out
+
+
 def gather(config_path: str | None) -> dict[str, Any]:
     """The status document (docs/contract.md lists its keys)."""
     reasons: list[str] = []
     daemon_running = _locks.is_held(paths.daemon_lock())
-    state = _state.read_state() if daemon_running else None
+    record = _state.read_state()  # a stopped daemon's too: what it last captured with
+    state = record if daemon_running else None
     config = None
     try:
         config = load_config(config_path, trust=False)
     except ImdsGuardError as exc:
         reasons.append(f"config: {exc}")
 
-    # What should be in the kernel: what the daemon applied, or else the config's
-    # policy, either as `apply` leaves it or as a killed daemon left it (queued).
-    candidates: list[RuleSet] = []
-    if state and state.get("ruleset"):
-        candidates.append(RuleSet.from_json(state["ruleset"]))
-    elif config is not None:
+    extra: tuple[int, ...] = ()
+    units = None
+    if config is not None and not (daemon_running and record and record.get("ruleset")):
         try:
             extra = service_uids(config)
         except ImdsGuardError as exc:
             reasons.append(str(exc))
-            extra = ()
         units = cgroups.resolve(config.allow.units)
-        candidates += [
-            build_ruleset(config, extra_uids=extra, queue_num=q, unit_cgroups=units)
-            for q in (None, QUEUE_NUM)
-        ]
+    candidates = expected_rulesets(record, daemon_running, config, extra, units)
     ruleset = candidates[0] if candidates else None
     mode = (state or {}).get("mode") or (config.mode if config else None)
     backend_name = (state or {}).get("backend") or (config.backend if config else "auto")
@@ -142,7 +163,7 @@ def gather(config_path: str | None) -> dict[str, Any]:
     if not daemon_running:
         reasons.append("daemon is not running: rules are not watched or repaired")
     reasons.extend((state or {}).get("degraded", []))
-    if mode == "audit":
+    if mode == Mode.AUDIT:
         reasons.append("audit mode: access is logged, not blocked")
 
     if broker_enabled:
@@ -233,8 +254,3 @@ def render_text(doc: dict[str, Any]) -> str:
 def exit_code(doc: dict[str, Any]) -> int:
     """0 protected, 1 degraded, 2 unprotected, 3 unknown."""
     return EXIT[doc["state"]]
-
-
-def is_root() -> bool:
-    """True when running with root's effective uid."""
-    return os.geteuid() == 0

@@ -127,7 +127,8 @@ def _pick_backend(topo: Topology) -> str:
         "from imdsguard.firewall.detect import choose\n"
         "from imdsguard.firewall.nftables import NftablesBackend\n"
         "b = choose('auto')\n"
-        "print('iptables' if b == 'nftables' and not NftablesBackend().supports_queue() else b)\n"
+        "queue = NftablesBackend().capabilities().capture == 'queue'\n"
+        "print('iptables' if b == 'nftables' and not queue else b)\n"
     )
     chosen = topo.run(topo.host, [sys.executable, "-c", probe], check=True).stdout.strip()
     if chosen == "iptables":

@@ -25,7 +25,7 @@ class Inspection:
     """How one family's kernel rules compare with a rule set."""
 
     family: str
-    state: str
+    state: FamilyState
     problems: tuple[str, ...] = ()
 
     @property

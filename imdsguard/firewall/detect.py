@@ -22,6 +22,7 @@ import subprocess
 
 from imdsguard.errors import FirewallError
 from imdsguard.firewall.base import Backend
+from imdsguard.policy import RuleSet
 
 BACKENDS = ("nftables", "iptables")
 
@@ -110,3 +111,19 @@ def leftovers(
         else:
             backend.close()
     return found
+
+
+def preview(name: str, ruleset: RuleSet) -> list[str]:
+    """What backend ``name`` (``auto`` resolved) would load for ``ruleset``, without one.
+
+    The same lines as :meth:`Backend.preview`, rendered without opening the
+    firewall (``check-config --rules`` runs unprivileged).
+    """
+    chosen = choose(name)
+    if chosen == "nftables":
+        from imdsguard.firewall.nftables.render import preview as nft_preview  # noqa: PLC0415
+
+        return nft_preview(ruleset)
+    from imdsguard.firewall.iptables.render import preview as xt_preview  # noqa: PLC0415
+
+    return xt_preview(ruleset)

@@ -140,14 +140,14 @@ class Refused(_xt_blob.TableReader):
     def __init__(self, family, table="filter"):
         raise PermissionError(1, "Operation not permitted")
 
-iptables._xt_blob.TableReader = Refused
+_xt_blob.TableReader = Refused
 backend = iptables.IptablesBackend()
-ruleset = build_ruleset(parse_config("allow: {users: [root]}"), queue_num=None)
-print(backend.fast_check_problem())
+ruleset = build_ruleset(parse_config("allow: {users: [root]}"))
+print(backend.quick_check_problem())
 backend.apply(ruleset)
-print(sorted(i.state for i in backend.inspect(ruleset).values()))
+print(sorted(str(i.state) for i in backend.inspect(ruleset).values()))
 backend.remove()
-print(sorted(i.state for i in backend.inspect(ruleset).values()))
+print(sorted(str(i.state) for i in backend.inspect(ruleset).values()))
 """
 
 

@@ -9,6 +9,7 @@ import secrets
 
 import pytest
 
+from imdsguard.domain import Capture
 from imdsguard.firewall.nftables import NftablesBackend
 from imdsguard_testing.netns import scaled
 from tests.conftest import require_kernel
@@ -108,7 +109,10 @@ def test_container_attempt_is_logged_with_src_iface_and_container_id(
     daemon: DaemonHandle, workdir: str
 ) -> None:
     if daemon.backend == "nftables":  # events need the queue
-        require_kernel("nft_queue (CONFIG_NFT_QUEUE)", NftablesBackend().supports_queue())
+        require_kernel(
+            "nft_queue (CONFIG_NFT_QUEUE)",
+            NftablesBackend().capabilities().capture == Capture.QUEUE,
+        )
     container = daemon.topo.add_container()
     # A long-lived process in the "container", in a docker-shaped cgroup.
     cid = secrets.token_hex(32)  # 64 hex digits, like a docker id; unique to this run

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from imdsguard.domain import Capture
 from imdsguard.events.log import format_console
 from imdsguard.firewall.nftables import NftablesBackend
 from imdsguard_testing.netns import IMDS_V4, IMDS_V6, HttpResult, Topology, User, scaled, wait_for
@@ -133,7 +134,10 @@ def queued(guard: Guard, request: Any) -> Guard:
     guard.backend = str(request.param)
     if guard.backend == "nftables":
         # A check-only nft batch (nft -c): nothing is changed in any namespace.
-        require_kernel("nft_queue (CONFIG_NFT_QUEUE)", NftablesBackend().supports_queue())
+        require_kernel(
+            "nft_queue (CONFIG_NFT_QUEUE)",
+            NftablesBackend().capabilities().capture == Capture.QUEUE,
+        )
     return guard
 
 
@@ -336,7 +340,7 @@ def test_a_second_capture_is_refused(guard: Guard) -> None:
 @pytest.fixture
 def no_nft_queue(guard: Guard) -> None:
     # A check-only nft batch (nft -c): nothing is changed in any namespace.
-    if NftablesBackend().supports_queue():
+    if NftablesBackend().capabilities().capture == Capture.QUEUE:
         pytest.skip("this kernel has nft_queue: the NFLOG fallback is not used here")
     guard.backend, guard.source = "nftables", "nflog"
 

@@ -159,7 +159,7 @@ def oneshot_ruleset(daemon: DaemonHandle) -> RuleSet:
     """What ``apply`` without a daemon, or a cleanly stopped daemon, leaves."""
     with open(daemon.config_path) as fh:
         config = parse_config(fh.read(), daemon.config_path)
-    return build_ruleset(config, queue_num=None)
+    return build_ruleset(config)
 
 
 def _xt_ours(text: str) -> tuple[collections.Counter[str], collections.Counter[str]]:

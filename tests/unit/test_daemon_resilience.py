@@ -14,7 +14,8 @@ import pytest
 from imdsguard import _state, paths
 from imdsguard.config import Config
 from imdsguard.daemon import Daemon
-from imdsguard.firewall.base import FamilyState, Inspection
+from imdsguard.domain import BackendName, Capture
+from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
 from imdsguard.policy import build_ruleset
 
 
@@ -29,10 +30,14 @@ class _Log:
         return [f for _, e, f in self.calls if e == name]
 
 
-class _Backend:
-    """Inspection fails with ``error`` while ``failing`` is set, then all is well."""
+class _Backend(Backend):
+    """Inspection fails with ``error`` while ``failing`` is set, then all is well.
 
-    name = "fake"
+    It says it notifies changes but has no watch socket (like nftables whose
+    watch failed): the loop checks in full every interval.
+    """
+
+    name = BackendName.NFTABLES
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -52,6 +57,15 @@ class _Backend:
     def remove(self) -> bool:
         return False
 
+    def present(self) -> tuple[str, ...]:
+        return ()
+
+    def preview(self, _ruleset: Any) -> list[str]:
+        return []
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(capture=Capture.LOG, notifications=True)
+
 
 @pytest.fixture
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -64,8 +78,8 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _daemon(backend: _Backend, log: _Log) -> Daemon:
     daemon = Daemon(None, log, interval=0.01)
     daemon.config = Config()
-    daemon.backend = backend  # type: ignore[assignment]
-    daemon.ruleset = build_ruleset(daemon.config, queue_num=None)
+    daemon.backend = backend
+    daemon.ruleset = build_ruleset(daemon.config)
     daemon.trouble.interval = 0.5
     return daemon
 

@@ -17,18 +17,19 @@ import pytest
 from imdsguard import cgroups
 from imdsguard.cgroups import UnitCgroup
 from imdsguard.config import parse_config
-from imdsguard.firewall.base import FamilyState, Inspection
+from imdsguard.domain import Capture
+from imdsguard.firewall.base import Capabilities, FamilyState, Inspection
 from imdsguard.firewall.iptables import (
     AUDITED,
     CHAIN,
     DOCKER_USER,
     FORWARDED,
+    Snapshot,
     XtRule,
-    _compare,
-    _Snapshot,
+    compare,
     render,
 )
-from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.policy import RuleSet, build_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"
 MULTI = "endpoints: [169.254.169.254, 169.254.170.2, 'fd00:ec2::254', 169.254.170.23]\n"
@@ -44,38 +45,48 @@ UNIT_CGROUPS = {
 }
 
 
-def _ruleset(text: str = "", queue_num: int | None = QUEUE_NUM) -> RuleSet:
+def _ruleset(text: str = "", capture: Capture = Capture.QUEUE) -> RuleSet:
     # Numeric ids only (and root), so the output does not depend on /etc/passwd;
     # a broker's system user is a fixed uid here (the daemon passes its real one).
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cgroups, "unified_problem", lambda: None)
         config = parse_config(text, "cfg.yaml")
     extra = (990,) if config.broker.enabled else ()
-    return build_ruleset(config, extra_uids=extra, queue_num=queue_num, unit_cgroups=UNIT_CGROUPS)
+    return build_ruleset(
+        config,
+        extra_uids=extra,
+        capabilities=Capabilities(capture, notifications=False),
+        capturing=capture != Capture.NONE,
+        unit_cgroups=UNIT_CGROUPS,
+    )
 
 
-# name -> (config text, queue_num, family)
-CASES: dict[str, tuple[str, int | None, str]] = {
-    "enforce_reject_ipv4": ("", QUEUE_NUM, "ipv4"),
-    "enforce_reject_ipv6": ("", QUEUE_NUM, "ipv6"),
-    "enforce_drop_ipv4": ("action: drop\n", QUEUE_NUM, "ipv4"),
-    "audit_ipv4": ("mode: audit\n", QUEUE_NUM, "ipv4"),
-    "audit_no_queue_ipv4": ("mode: audit\n", None, "ipv4"),
-    "no_queue_ipv4": ("", None, "ipv4"),
-    "no_queue_ipv6": ("", None, "ipv6"),
-    "no_queue_drop_ipv4": ("action: drop\n", None, "ipv4"),
-    "allow_groups_ipv4": ("allow: {users: [root, 4242], groups: [4343, 0]}\n", None, "ipv4"),
-    "broker_ipv4": ("broker: {enabled: true}\ncontainers: allow\n", QUEUE_NUM, "ipv4"),
-    "containers_allow_ipv4": ("containers: allow\n", None, "ipv4"),
-    "multiple_endpoints_ipv4": (MULTI, None, "ipv4"),
-    "units_ipv4": (UNITS, QUEUE_NUM, "ipv4"),
+# name -> (config text, capture, family)
+CASES: dict[str, tuple[str, int | Capture.NONE, str]] = {
+    "enforce_reject_ipv4": ("", Capture.QUEUE, "ipv4"),
+    "enforce_reject_ipv6": ("", Capture.QUEUE, "ipv6"),
+    "enforce_drop_ipv4": ("action: drop\n", Capture.QUEUE, "ipv4"),
+    "audit_ipv4": ("mode: audit\n", Capture.QUEUE, "ipv4"),
+    "audit_no_queue_ipv4": ("mode: audit\n", Capture.NONE, "ipv4"),
+    "no_queue_ipv4": ("", Capture.NONE, "ipv4"),
+    "no_queue_ipv6": ("", Capture.NONE, "ipv6"),
+    "no_queue_drop_ipv4": ("action: drop\n", Capture.NONE, "ipv4"),
+    "allow_groups_ipv4": (
+        "allow: {users: [root, 4242], groups: [4343, 0]}\n",
+        Capture.NONE,
+        "ipv4",
+    ),
+    "broker_ipv4": ("broker: {enabled: true}\ncontainers: allow\n", Capture.QUEUE, "ipv4"),
+    "containers_allow_ipv4": ("containers: allow\n", Capture.NONE, "ipv4"),
+    "multiple_endpoints_ipv4": (MULTI, Capture.NONE, "ipv4"),
+    "units_ipv4": (UNITS, Capture.QUEUE, "ipv4"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_render_matches_golden_file(case: str) -> None:
-    text, queue_num, family = CASES[case]
-    got = "\n".join(render(_ruleset(text, queue_num), family).lines()) + "\n"
+    text, capture, family = CASES[case]
+    got = "\n".join(render(_ruleset(text, capture), family).lines()) + "\n"
     golden = GOLDEN / f"iptables_{case}.txt"
     if os.environ.get("UPDATE_GOLDEN") == "1":
         golden.parent.mkdir(exist_ok=True)
@@ -106,8 +117,8 @@ def test_multiple_endpoints_jump_in_order() -> None:
 
 
 def test_audit_mode_never_denies() -> None:
-    for queue_num in (QUEUE_NUM, None):
-        lines = render(_ruleset("mode: audit\n", queue_num), "ipv4").lines()
+    for capture in (Capture.QUEUE, Capture.NONE):
+        lines = render(_ruleset("mode: audit\n", capture), "ipv4").lines()
         assert not [line for line in lines if "REJECT" in line or "DROP" in line]
 
 
@@ -161,24 +172,24 @@ def test_importing_the_module_does_not_load_iptc() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-# --- _compare: the kernel's state (a snapshot) against the policy ----------------------
+# --- compare: the kernel's state (a snapshot) against the policy ----------------------
 
 
 HOST_RULE = XtRule("OUTPUT", "ACCEPT", matches=(("owner", (("uid-owner", "0"),)),))
 
 
-def _snapshot(ruleset: RuleSet, family: str = "ipv4") -> _Snapshot:
+def _snapshot(ruleset: RuleSet, family: str = "ipv4") -> Snapshot:
     """What the kernel holds right after apply(), with one host rule after ours."""
     rendered = render(ruleset, family)
-    return _Snapshot(
+    return Snapshot(
         output=[j for j in rendered.jumps if j.chain == "OUTPUT"] + [HOST_RULE],
         chains={name: list(rules) for name, rules in rendered.chains.items()},
         forward=[j for j in rendered.jumps if j.chain == "FORWARD"],
     )
 
 
-def _check(snap: _Snapshot, ruleset: RuleSet, state: str, fragment: str = "") -> Inspection:
-    result = _compare(snap, ruleset, "ipv4")
+def _check(snap: Snapshot, ruleset: RuleSet, state: str, fragment: str = "") -> Inspection:
+    result = compare(snap, ruleset, "ipv4")
     assert result.state == state, result.problems
     assert fragment in " | ".join(result.problems)
     return result
@@ -186,9 +197,9 @@ def _check(snap: _Snapshot, ruleset: RuleSet, state: str, fragment: str = "") ->
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_identical_is_ok(case: str) -> None:
-    text, queue_num, family = CASES[case]
-    ruleset = _ruleset(text, queue_num)
-    assert _compare(_snapshot(ruleset, family), ruleset, family) == Inspection(
+    text, capture, family = CASES[case]
+    ruleset = _ruleset(text, capture)
+    assert compare(_snapshot(ruleset, family), ruleset, family) == Inspection(
         family, FamilyState.OK
     )
 
@@ -219,7 +230,7 @@ def test_chain_flushed() -> None:
 
 
 def test_forward_chain_flushed() -> None:
-    ruleset = _ruleset(queue_num=None)
+    ruleset = _ruleset(capture=Capture.NONE)
     snap = _snapshot(ruleset)
     snap.chains[FORWARDED] = []
     _check(snap, ruleset, FamilyState.MISSING, "chain IMDSGUARD-FWD lacks '-A IMDSGUARD-FWD -p tcp")
@@ -261,7 +272,7 @@ def test_return_inserted_at_the_top_of_our_chain() -> None:
 
 def test_foreign_rule_after_our_deny_only_drifts() -> None:
     # Never reached: the deny above it ends every packet's way through the chain.
-    ruleset = _ruleset(queue_num=None)
+    ruleset = _ruleset(capture=Capture.NONE)
     snap = _snapshot(ruleset)
     snap.chains[CHAIN].append(XtRule(CHAIN, "ACCEPT"))
     _check(snap, ruleset, FamilyState.DRIFTED, "chain IMDSGUARD differs")
@@ -339,7 +350,7 @@ def test_audit_jump_instead_of_goto_drifts() -> None:
 
 
 def test_missing_jump_for_an_endpoint() -> None:
-    ruleset = _ruleset(MULTI, queue_num=None)
+    ruleset = _ruleset(MULTI, capture=Capture.NONE)
     snap = _snapshot(ruleset)
     snap.output = [r for r in snap.output if r.dst != "169.254.170.2/32"]
     result = _check(
@@ -368,7 +379,7 @@ def test_a_restarted_unit_renders_a_different_rule() -> None:
     """Same path, new cgroup (inode): the rule differs, so the daemon loads it again."""
     before = render(_ruleset(UNITS), "ipv4")
     cg = UnitCgroup("amazon-ssm-agent.service", "system.slice/amazon-ssm-agent.service", 9001)
-    config = build_ruleset(parse_config("allow: {users: []}\n", "cfg.yaml"), queue_num=None)
+    config = build_ruleset(parse_config("allow: {users: []}\n", "cfg.yaml"))
     after = render(
         dataclasses.replace(
             _ruleset(UNITS), allow_cgroups=(("amazon-ssm-agent.service", cg.path, cg.inode),)

@@ -95,12 +95,12 @@ class FakeNftables:
 def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     fake = FakeKernel()
     FakeNftables.kernel = fake
-    monkeypatch.setattr(nftables, "load_binding", FakeNftables)
+    monkeypatch.setattr(nftables.context, "load_binding", FakeNftables)
     return fake
 
 
 def _ruleset(text: str = "") -> RuleSet:
-    return build_ruleset(parse_config("allow: {users: [0]}\n" + text, "c.yaml"), queue_num=None)
+    return build_ruleset(parse_config("allow: {users: [0]}\n" + text, "c.yaml"))
 
 
 def _states(backend: nftables.NftablesBackend, ruleset: RuleSet) -> set[str]:
@@ -158,6 +158,6 @@ def test_missing_binding_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     def refuse(name: str) -> None:
         raise ImportError(name)
 
-    monkeypatch.setattr(nftables.importlib, "import_module", refuse)
+    monkeypatch.setattr(nftables.context.importlib, "import_module", refuse)
     with pytest.raises(FirewallError, match="install python3-nftables"):
         nftables.NftablesBackend()

@@ -17,7 +17,8 @@ import pytest
 from imdsguard import cgroups
 from imdsguard.cgroups import UnitCgroup
 from imdsguard.config import parse_config
-from imdsguard.firewall.base import FamilyState
+from imdsguard.domain import Capture
+from imdsguard.firewall.base import Capabilities, FamilyState
 from imdsguard.firewall.nftables import (
     BACKSTOP,
     BACKSTOP_PRIORITY,
@@ -30,7 +31,7 @@ from imdsguard.firewall.nftables import (
     render,
     render_backstop,
 )
-from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.policy import RuleSet, build_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"
 GROUPS = {4343: (5001, 5002), 0: (0,)}
@@ -44,16 +45,19 @@ UNIT_CGROUPS = {
 }
 
 
-#: Name -> (config, queue number); the kernel can queue.
-CASES: dict[str, tuple[str, int | None]] = {
-    "enforce_reject": ("", None),
-    "enforce_drop": ("action: drop\n", None),
-    "enforce_queue": ("", QUEUE_NUM),
-    "audit_queue": ("mode: audit\n", QUEUE_NUM),
-    "groups_expanded": ("allow: {users: [4242], groups: [4343]}\ncontainers: allow\n", None),
-    "broker_uid": ("broker: {enabled: true}\n", None),
-    "ipv4_only": ("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n", None),
-    "units": (UNITS, QUEUE_NUM),
+#: Name -> (config, capture).
+CASES: dict[str, tuple[str, Capture]] = {
+    "enforce_reject": ("", Capture.NONE),
+    "enforce_drop": ("action: drop\n", Capture.NONE),
+    "enforce_queue": ("", Capture.QUEUE),
+    "audit_queue": ("mode: audit\n", Capture.QUEUE),
+    "groups_expanded": (
+        "allow: {users: [4242], groups: [4343]}\ncontainers: allow\n",
+        Capture.NONE,
+    ),
+    "broker_uid": ("broker: {enabled: true}\n", Capture.NONE),
+    "ipv4_only": ("endpoints: [169.254.169.254]\nendpoints_acknowledged: true\n", Capture.NONE),
+    "units": (UNITS, Capture.QUEUE),
 }
 #: Capture on, but the kernel cannot queue from nftables: log group, then deny at once.
 LOG_CASES: dict[str, str] = {
@@ -66,14 +70,20 @@ LOG_CASES: dict[str, str] = {
 BROKER_UID = 990
 
 
-def _ruleset(text: str, queue_num: int | None = None) -> RuleSet:
+def _ruleset(text: str, capture: Capture = Capture.NONE) -> RuleSet:
     # Numeric ids only (and root), so the output does not depend on /etc/passwd;
     # a broker's system user is a fixed uid here (the daemon passes its real one).
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cgroups, "unified_problem", lambda: None)
         config = parse_config(text, "cfg.yaml")
     extra = (BROKER_UID,) if config.broker.enabled else ()
-    return build_ruleset(config, extra_uids=extra, queue_num=queue_num, unit_cgroups=UNIT_CGROUPS)
+    return build_ruleset(
+        config,
+        extra_uids=extra,
+        capabilities=Capabilities(capture, notifications=True),
+        capturing=capture != Capture.NONE,
+        unit_cgroups=UNIT_CGROUPS,
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -88,8 +98,8 @@ def test_render_matches_golden_file(case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(LOG_CASES))
 def test_render_without_nft_queue_matches_golden_file(case: str) -> None:
-    ruleset = _ruleset(LOG_CASES[case], QUEUE_NUM)
-    got = "\n".join(render(ruleset, GROUPS, hold=False).lines()) + "\n"
+    ruleset = _ruleset(LOG_CASES[case], Capture.LOG)
+    got = "\n".join(render(ruleset, GROUPS).lines()) + "\n"
     golden = GOLDEN / f"nftables_{case}.jsonl"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(got)
@@ -99,8 +109,8 @@ def test_render_without_nft_queue_matches_golden_file(case: str) -> None:
 
 def test_the_log_rule_is_not_what_protects() -> None:
     # Flushing the log rule loses events, not protection: drifted, not missing.
-    ruleset = _ruleset("", QUEUE_NUM)
-    plan = render(ruleset, GROUPS, hold=False)
+    ruleset = _ruleset("", Capture.LOG)
+    plan = render(ruleset, GROUPS)
     listing = _listing(plan)
     no_log = [o for o in listing if "log" not in json.dumps(o.get("rule", {}).get("expr", []))]
     assert len(no_log) == len(listing) - 2  # guard and fwd_guard
@@ -113,11 +123,11 @@ def _exprs(plan: Plan) -> list[list[dict[str, Any]]]:
 
 @pytest.mark.parametrize("mode", ["enforce", "audit"])
 @pytest.mark.parametrize("action", ["reject", "drop"])
-@pytest.mark.parametrize("hold", [True, False])
-def test_no_packet_mark_admits_or_skips_the_queue(mode: str, action: str, hold: bool) -> None:
+@pytest.mark.parametrize("capture", [Capture.QUEUE, Capture.LOG])
+def test_no_packet_mark_admits_or_skips_the_queue(mode: str, action: str, capture: Capture) -> None:
     """As for iptables: a packet mark (SO_MARK, CAP_NET_RAW) never decides on its own."""
     config = f"mode: {mode}\naction: {action}\ncontainers: deny\n"
-    plan = render(_ruleset(config, QUEUE_NUM), GROUPS, hold=hold)
+    plan = render(_ruleset(config, capture), GROUPS)
     meta_mark = {"meta": {"key": "mark"}}
     ct_mark = {"&": [{"ct": {"key": "mark"}}, 0x1000]}
     for expr in _exprs(plan):
@@ -132,7 +142,7 @@ def test_no_packet_mark_admits_or_skips_the_queue(mode: str, action: str, hold: 
             assert expr[0] == {"match": {"op": "in", "left": ct_state, "right": tracked}}
             assert expr[1] == {"mangle": {"key": ct, "value": {"|": [ct, 0x1000]}}}
     queues = [e for e in _exprs(plan) if any("queue" in x for x in e)]
-    assert len(queues) == (2 if hold else 0)  # deny and fwd_guard
+    assert len(queues) == (2 if capture == Capture.QUEUE else 0)  # deny and fwd_guard
 
 
 def test_batch_replaces_the_table_atomically() -> None:
@@ -235,7 +245,7 @@ def test_ipv6_disabled_by_config_is_reported_disabled() -> None:
 
 def test_backstop_matches_golden_file() -> None:
     """The daemon-less copy: same allow and deny as our table, no queue or log, hooked after it."""
-    ruleset = _ruleset("", QUEUE_NUM)
+    ruleset = _ruleset("", Capture.QUEUE)
     backstop = render_backstop(ruleset, GROUPS)
     assert backstop is not None
     got = "\n".join(backstop.lines()) + "\n"
@@ -248,7 +258,7 @@ def test_backstop_matches_golden_file() -> None:
     assert backstop.sets["allow_uids"] == main.sets["allow_uids"]  # allowed users pass both
     assert {c["prio"] for c in backstop.chains.values() if c} == {BACKSTOP_PRIORITY}
     assert BACKSTOP_PRIORITY > PRIORITY  # the capture sees a denied packet first
-    assert render_backstop(_ruleset("mode: audit\n", QUEUE_NUM), GROUPS) is None
+    assert render_backstop(_ruleset("mode: audit\n", Capture.QUEUE), GROUPS) is None
 
 
 def test_replace_in_place_keeps_the_owned_table() -> None:

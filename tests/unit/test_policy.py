@@ -7,18 +7,26 @@ import json
 import pytest
 
 from imdsguard.config import Config, parse_config
+from imdsguard.domain import Capture, Containers
 from imdsguard.errors import ImdsGuardError
-from imdsguard.policy import QUEUE_NUM, RuleSet, build_ruleset
+from imdsguard.firewall.base import Capabilities
+from imdsguard.policy import RuleSet, build_ruleset, capture_for
 
 
 def _ruleset(
-    text: str, *, extra_uids: tuple[int, ...] = (), queue_num: int | None = QUEUE_NUM
+    text: str, *, extra_uids: tuple[int, ...] = (), capture: Capture = Capture.QUEUE
 ) -> RuleSet:
-    return build_ruleset(parse_config(text, "cfg.yaml"), extra_uids=extra_uids, queue_num=queue_num)
+    return build_ruleset(
+        parse_config(text, "cfg.yaml"),
+        extra_uids=extra_uids,
+        capabilities=Capabilities(capture, notifications=False),
+        capturing=capture != Capture.NONE,
+    )
 
 
 def test_defaults() -> None:
     rs = build_ruleset(Config())
+    assert rs == RuleSet(("169.254.169.254",), ("fd00:ec2::254",), (0,), ())  # same defaults
     assert rs == RuleSet(
         endpoints_v4=("169.254.169.254",),
         endpoints_v6=("fd00:ec2::254",),
@@ -26,8 +34,8 @@ def test_defaults() -> None:
         allow_gids=(),
         action="reject",
         mode="enforce",
-        queue_num=QUEUE_NUM,
-        containers="deny",
+        capture=Capture.NONE,
+        containers=Containers.DENY,
     )
     assert rs.enforcing
     assert rs.families() == ("ipv4", "ipv6")
@@ -57,10 +65,13 @@ def test_no_users_means_no_uid_allowed() -> None:
     assert _ruleset("allow: {users: []}", extra_uids=(999,)).allow_uids == (999,)
 
 
-def test_queue_num() -> None:
-    assert build_ruleset(Config()).queue_num == QUEUE_NUM
-    assert build_ruleset(Config(), queue_num=None).queue_num is None
-    assert build_ruleset(Config(), queue_num=7).queue_num == 7
+def test_capture_is_the_backends_while_a_capture_runs_else_none() -> None:
+    queue, log = Capabilities(Capture.QUEUE, False), Capabilities(Capture.LOG, True)
+    assert build_ruleset(Config()).capture == Capture.NONE
+    assert build_ruleset(Config(), capabilities=queue).capture == Capture.NONE
+    assert build_ruleset(Config(), capabilities=queue, capturing=True).capture == Capture.QUEUE
+    assert build_ruleset(Config(), capabilities=log, capturing=True).capture == Capture.LOG
+    assert capture_for(None, capturing=True) == Capture.NONE
 
 
 def test_mode_action_containers_carried_over() -> None:
@@ -113,9 +124,9 @@ def test_families(endpoints: str, families: tuple[str, ...]) -> None:
         "allow: {users: [], groups: [4, 5]}\n",
     ],
 )
-@pytest.mark.parametrize("queue_num", [QUEUE_NUM, None])
-def test_json_round_trip(text: str, queue_num: int | None) -> None:
-    rs = _ruleset(text, queue_num=queue_num)
+@pytest.mark.parametrize("capture", list(Capture))
+def test_json_round_trip(text: str, capture: Capture) -> None:
+    rs = _ruleset(text, capture=capture)
     text_json = rs.to_json()
     assert RuleSet.from_json(text_json) == rs
     assert RuleSet.from_json(text_json).to_json() == text_json
@@ -132,5 +143,15 @@ def test_from_json_fills_keys_older_records_lack() -> None:
         "mode": "enforce",
     }
     rs = RuleSet.from_json(json.dumps({**old, "allow_mark": 0x2000}))  # a record of 0.1
-    assert (rs.queue_num, rs.containers) == (None, "allow")
+    assert (rs.capture, rs.containers) == (Capture.NONE, Containers.ALLOW)
     assert rs.families() == ("ipv4",)
+
+
+def test_from_json_reads_queue_num_records() -> None:
+    """Records before ``capture``: a queue number meant queued, null meant no capture."""
+    rs = _ruleset("", capture=Capture.QUEUE)
+    old = json.loads(rs.to_json())
+    del old["capture"]
+    assert RuleSet.from_json(json.dumps({**old, "queue_num": 5421})).capture == Capture.QUEUE
+    assert RuleSet.from_json(json.dumps({**old, "queue_num": None})).capture == Capture.NONE
+    assert json.loads(rs.to_json())["capture"] == "queue"

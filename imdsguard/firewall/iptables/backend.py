@@ -1,40 +1,4 @@
-"""The iptables backend, through python-iptables (libiptc, the legacy x_tables API).
-
-Layout, per family (``filter`` table of iptables and ip6tables)::
-
-    -A OUTPUT -d 169.254.169.254/32 -j IMDSGUARD        (first rules of OUTPUT)
-    -A FORWARD -d 169.254.169.254/32 -j IMDSGUARD-FWD   (containers: deny; also
-                                                         first in DOCKER-USER)
-    -A IMDSGUARD -m owner --uid-owner 0 -j RETURN
-    -A IMDSGUARD -m owner --gid-owner 1001 --suppl-groups -j RETURN
-    -A IMDSGUARD -m cgroup --path system.slice/amazon-ssm-agent.service
-                 -m comment --comment "imdsguard unit amazon-ssm-agent.service cgroup 8812"
-                 -j RETURN                               (allow.units, running ones only)
-    -A IMDSGUARD -m owner ! --uid-owner 0-4294967294 -m conntrack --ctstate RELATED,ESTABLISHED
-                 -j RETURN                               (TEARDOWN: owner-less packets
-                                                          of allowed connections)
-    -A IMDSGUARD -p tcp -m tcp -m connmark --mark 0x1000/0x1000 -m mark --mark 0x1000/0x1000
-                 -j REJECT --reject-with tcp-reset       (seen: back from the queue)
-    -A IMDSGUARD -m connmark --mark 0x1000/0x1000 -m mark --mark 0x1000/0x1000
-                 -j REJECT --reject-with icmp-port-unreachable
-    -A IMDSGUARD -m conntrack --ctstate NEW,RELATED,ESTABLISHED
-                 -j CONNMARK --set-xmark 0x1000/0x1000   (capture on: flag the connection,
-    -A IMDSGUARD -m conntrack --ctstate NEW,RELATED,ESTABLISHED
-                 -j NFQUEUE --queue-num 5421              the daemon attributes, repeats)
-    -A IMDSGUARD -p tcp -m tcp -j REJECT --reject-with tcp-reset   (untracked: at once)
-    -A IMDSGUARD -j REJECT --reject-with icmp-port-unreachable
-
-Without capture there are only the last two REJECTs. The queue has no
-``--queue-bypass`` in enforce mode: with nobody listening the packet is
-dropped, never admitted. No packet mark decides anything: a socket's
-``SO_MARK`` (which CAP_NET_RAW alone allows) can neither admit a packet nor
-keep it from the queue, see :data:`imdsguard.policy.MARK_SEEN`.
-
-Allowed traffic RETURNs rather than ACCEPTs: we never open anything the host's
-own rules would close. Every change is made on one libiptc handle and
-committed once, which replaces the whole table in a single setsockopt, so a
-reload never lets a denied packet through.
-"""
+"""The iptables :class:`~imdsguard.firewall.base.Backend`: python-iptables (libiptc) I/O."""
 
 from __future__ import annotations
 
@@ -46,27 +10,29 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from imdsguard import _locks
-from imdsguard.domain import BackendName
+from imdsguard.domain import BackendName, Capture
 from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall import _xt_blob
-from imdsguard.firewall.base import Backend, FamilyState, Inspection
-from imdsguard.policy import FAMILIES, MARK_SEEN, RuleSet
+from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
+from imdsguard.firewall.iptables.compare import Snapshot, compare
+from imdsguard.firewall.iptables.render import (
+    AUDITED,
+    CHAIN,
+    DOCKER_USER,
+    HOOKS,
+    OUR_CHAINS,
+    Params,
+    XtRule,
+    hook_jumps,
+    preview,
+    render,
+)
+from imdsguard.policy import FAMILIES, RuleSet
 
-CHAIN = "IMDSGUARD"
-AUDITED = "IMDSGUARD-AUDITED"
-FORWARDED = "IMDSGUARD-FWD"
-OUR_CHAINS = (CHAIN, AUDITED, FORWARDED)
-#: Built-in chains we hook into, and the chain of ours each one jumps to.
-HOOKS = {"OUTPUT": CHAIN, "FORWARD": FORWARDED}
-#: Docker's chain for the host's own rules: Docker evaluates it before its own
-#: (and puts its jump back on top of FORWARD each time it starts), so our forward
-#: jumps also go first in it when it exists. Docker owns the chain; we never
-#: create or delete it.
-DOCKER_USER = "DOCKER-USER"
 #: Rules found in order are re-parsed at least this often even if the table's
 #: blob is unchanged (belt and braces; the blob check runs on every poll).
 FULL_CHECK_EVERY = 30.0
@@ -74,218 +40,6 @@ FULL_CHECK_EVERY = 30.0
 #: and how often it compares the whole table (the blob fingerprint) regardless.
 QUICK_INTERVAL = 0.025
 FULL_INTERVAL = 0.25
-
-Params = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class XtRule:
-    """One x_tables rule in a normal form that both rendering and reading produce."""
-
-    chain: str
-    target: str
-    dst: str | None = None
-    protocol: str | None = None
-    matches: tuple[tuple[str, Params], ...] = ()
-    target_params: Params = ()
-    goto: bool = False  # "-g": a RETURN in the target chain goes back to *our* caller
-
-    def save(self) -> str:
-        """The rule as ``iptables-save`` would print it."""
-        parts = [f"-A {self.chain}"]
-        if self.dst:
-            parts.append(f"-d {self.dst}")
-        if self.protocol:
-            parts.append(f"-p {self.protocol}")
-        for name, params in self.matches:
-            parts.append(f"-m {name}")
-            parts.extend(_params_text(params))
-        parts.append(f"{'-g' if self.goto else '-j'} {self.target}")
-        parts.extend(_params_text(self.target_params))
-        return " ".join(parts)
-
-
-def _params_text(params: Params) -> list[str]:
-    # An inverted parameter reads back as "! value"; iptables-save puts the "!" first.
-    return [f"! --{k} {v[2:]}" if v.startswith("! ") else f"--{k} {v}".rstrip() for k, v in params]
-
-
-def _reject_icmp(family: str) -> str:
-    return "icmp-port-unreachable" if family == "ipv4" else "icmp6-port-unreachable"
-
-
-def _host(addr: str) -> str:
-    return f"{addr}/32" if ipaddress.ip_address(addr).version == 4 else f"{addr}/128"
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """Our rules for one family: the jumps (OUTPUT, FORWARD) and each chain of ours."""
-
-    jumps: list[XtRule]
-    chains: dict[str, list[XtRule]]
-
-    def lines(self) -> list[str]:
-        """``iptables-save`` lines (used by golden tests and ``check-config``)."""
-        out = [f"-N {name}" for name in self.chains]
-        out += [r.save() for r in self.jumps]
-        for rules in self.chains.values():
-            out += [r.save() for r in rules]
-        return out
-
-
-#: The last packets of an allowed connection: once its process has closed the
-#: socket (FIN and ACK from an orphaned socket, TIME_WAIT's ACK from the kernel's
-#: own socket) no process owns them, so no owner rule matches. A connection is
-#: established only if its SYN got through, so letting an established
-#: connection's owner-less packets pass opens nothing; without this every
-#: allowed connection ended in a reset and a "blocked" event for its user.
-#: ``! --uid-owner 0-4294967294`` matches exactly the packets without an owning
-#: file; live sockets are judged by the owner rules above and the deny below.
-TEARDOWN = XtRule(
-    CHAIN,
-    "RETURN",
-    matches=(
-        ("owner", (("uid-owner", "! 0-4294967294"),)),
-        ("conntrack", (("ctstate", "RELATED,ESTABLISHED"),)),
-    ),
-)
-
-
-def render(ruleset: RuleSet, family: str) -> Rendered:
-    """What ``ruleset`` asks for in ``family``."""
-    jumps = [XtRule("OUTPUT", CHAIN, dst=_host(ep)) for ep in ruleset.endpoints(family)]
-    rules = [
-        XtRule(CHAIN, "RETURN", matches=(("owner", (("uid-owner", str(uid)),)),))
-        for uid in ruleset.allow_uids
-    ]
-    rules += [
-        XtRule(
-            CHAIN,
-            "RETURN",
-            matches=(("owner", (("gid-owner", str(gid)), ("suppl-groups", ""))),),
-        )
-        for gid in ruleset.allow_gids
-    ]
-    rules += [_unit_rule(unit, path, inode) for unit, path, inode in ruleset.allow_cgroups]
-    rules.append(TEARDOWN)
-    rules += _deny_rules(ruleset, family)
-    chains = {CHAIN: rules}
-    if not ruleset.enforcing and ruleset.queue_num is not None:
-        chains[AUDITED] = _audited_rules()
-    if ruleset.containers == "deny":
-        # Forwarded (container) traffic has no local owner: nothing is allowed.
-        jumps += [XtRule("FORWARD", FORWARDED, dst=_host(ep)) for ep in ruleset.endpoints(family)]
-        chains[FORWARDED] = _deny_rules(ruleset, family, FORWARDED)
-    return Rendered(jumps, chains)
-
-
-def _unit_rule(unit: str, path: str, inode: int) -> XtRule:
-    """A running unit's sockets pass (xt_cgroup revision 1+, cgroup v2 path; Linux 4.5).
-
-    The kernel looks ``path`` up when the table is loaded and holds that
-    cgroup; the comment carries its inode, so a unit restarted into a new
-    cgroup renders a different rule, which the daemon then loads.
-    """
-    return XtRule(
-        CHAIN,
-        "RETURN",
-        matches=(
-            ("cgroup", (("path", path),)),
-            ("comment", (("comment", f"imdsguard unit {unit} cgroup {inode}"),)),
-        ),
-    )
-
-
-def _deny(ruleset: RuleSet, family: str, mark: bool, chain: str = CHAIN) -> list[XtRule]:
-    seen = _seen_match() if mark else ()
-    if ruleset.action == "drop":
-        return [XtRule(chain, "DROP", matches=seen)]
-    # A TCP reset makes connect() fail at once; anything else gets ICMP. The explicit
-    # "-m tcp" is what iptables adds itself, and python-iptables corrupts memory
-    # building a "-p tcp" rule without it after an owner-match rule.
-    return [
-        XtRule(
-            chain,
-            "REJECT",
-            protocol="tcp",
-            matches=(("tcp", ()), *seen),
-            target_params=(("reject-with", "tcp-reset"),),
-        ),
-        XtRule(
-            chain, "REJECT", matches=seen, target_params=(("reject-with", _reject_icmp(family)),)
-        ),
-    ]
-
-
-#: Packets that conntrack tracks: only their conntrack entry can carry MARK_SEEN,
-#: so only they are queued (an untracked one would come back unmarked, forever).
-_TRACKED = (("conntrack", (("ctstate", "NEW,RELATED,ESTABLISHED"),)),)
-
-
-def _deny_rules(ruleset: RuleSet, family: str, chain: str = CHAIN) -> list[XtRule]:
-    """Everything after the allow rules.
-
-    Without a queue: the deny (enforce) or nothing (audit).
-
-    With a queue: a tracked packet not seen yet gets MARK_SEEN in its
-    connection's conntrack mark (which no socket can set) and goes to the
-    queue; the daemon attributes it and repeats it (NF_REPEAT, with the bit
-    added to the packet's own mark), so it comes back seen and is denied
-    (enforce) or has the bits cleared and RETURNs (audit). Untracked packets
-    (a host NOTRACK rule) cannot carry the bit: denied at once (enforce),
-    passed (audit). The enforce queue has no ``--queue-bypass`` (which would
-    ACCEPT when nobody listens): if the daemon dies, queued packets are
-    dropped, so the host stays closed, and a clean stop swaps in the
-    queue-less rules first. In audit mode ``--queue-bypass`` is right, since
-    audit must never block.
-    """
-    if ruleset.queue_num is None:
-        return _deny(ruleset, family, False, chain) if ruleset.enforcing else []
-    params: Params = (("queue-num", str(ruleset.queue_num)),)
-    flag = XtRule(chain, "CONNMARK", matches=_TRACKED, target_params=_set_seen(MARK_SEEN))
-    if not ruleset.enforcing:
-        return [
-            # goto, not jump: AUDITED's RETURN must leave our chain (back to OUTPUT or
-            # FORWARD), not fall through to the NFQUEUE rule and queue the packet again.
-            XtRule(chain, AUDITED, matches=_seen_match(), goto=True),
-            flag,
-            XtRule(
-                chain, "NFQUEUE", matches=_TRACKED, target_params=(*params, ("queue-bypass", ""))
-            ),
-        ]
-    return [
-        *_deny(ruleset, family, True, chain),
-        flag,
-        XtRule(chain, "NFQUEUE", matches=_TRACKED, target_params=params),
-        *_deny(ruleset, family, False, chain),
-    ]
-
-
-def _set_seen(value: int) -> Params:
-    return (("set-xmark", f"{value:#x}/{MARK_SEEN:#x}"),)
-
-
-def _seen_match() -> tuple[tuple[str, Params], ...]:
-    """Back from the queue: our bit in the conntrack mark and the packet's (see MARK_SEEN)."""
-    bit = f"{MARK_SEEN:#x}/{MARK_SEEN:#x}"
-    return (("connmark", (("mark", bit),)), ("mark", (("mark", bit),)))
-
-
-def _audited_rules() -> list[XtRule]:
-    """The audit-mode sub-chain: clear our bit (connection and packet), back to OUTPUT."""
-    return [
-        XtRule(AUDITED, "CONNMARK", target_params=_set_seen(0)),
-        XtRule(AUDITED, "MARK", target_params=_set_seen(0)),
-        XtRule(AUDITED, "RETURN"),
-    ]
-
-
-def _required(ruleset: RuleSet, family: str, chain: str) -> list[XtRule]:
-    """The rules without which ``chain`` does not deny at all."""
-    if not ruleset.enforcing or chain not in (CHAIN, FORWARDED):
-        return []
-    return _deny_rules(ruleset, family, chain)
 
 
 # --- talking to libiptc ----------------------------------------------------------
@@ -390,31 +144,6 @@ def _without_distutils() -> Iterator[None]:
         for name in blocked:
             if name in sys.modules and sys.modules[name] is None:
                 del sys.modules[name]
-
-
-def _canonical(rule: XtRule) -> XtRule:
-    return XtRule(
-        chain=rule.chain,
-        target=rule.target,
-        dst=rule.dst,
-        protocol=rule.protocol,
-        matches=tuple((name, tuple(sorted(p))) for name, p in rule.matches),
-        target_params=tuple(sorted(rule.target_params)),
-        goto=rule.goto,
-    )
-
-
-@dataclass
-class _Snapshot:
-    """What the kernel has of ours in one family's filter table."""
-
-    output: list[XtRule]
-    chains: dict[str, list[XtRule]]  # our chains that exist
-    forward: list[XtRule] = field(default_factory=list)
-    docker_user: list[XtRule] | None = None  # None: no DOCKER-USER chain
-
-    def builtin(self, name: str) -> list[XtRule]:
-        return self.output if name == "OUTPUT" else self.forward
 
 
 @dataclass(frozen=True)
@@ -531,7 +260,7 @@ class IptablesBackend(Backend):
             table.refresh()
         return table
 
-    def _snapshot(self, table: Any) -> _Snapshot:
+    def _snapshot(self, table: Any) -> Snapshot:
         iptc = self._iptc
         output = [_from_iptc(r, "OUTPUT") for r in iptc.Chain(table, "OUTPUT").rules]
         forward = [_from_iptc(r, "FORWARD") for r in iptc.Chain(table, "FORWARD").rules]
@@ -543,7 +272,7 @@ class IptablesBackend(Backend):
         docker_user = None
         if table.is_chain(DOCKER_USER):
             docker_user = [_from_iptc(r, DOCKER_USER) for r in iptc.Chain(table, DOCKER_USER).rules]
-        return _Snapshot(output, chains, forward, docker_user)
+        return Snapshot(output, chains, forward, docker_user)
 
     def _build(self, family: str, rule: XtRule) -> Any:
         iptc = self._iptc
@@ -603,7 +332,7 @@ class IptablesBackend(Backend):
             return known.inspection
         with self._errors(f"read the {family} rules"):
             snap = self._snapshot(self._table(family))
-        found = _compare(snap, ruleset, family)
+        found = compare(snap, ruleset, family)
         # Remembered only if nothing changed while we parsed, and only when in order.
         if found.state == FamilyState.OK and before is not None:
             info = self._info(family)
@@ -613,7 +342,11 @@ class IptablesBackend(Backend):
             self._verified.pop(family, None)
         return found
 
-    def fast_check_problem(self) -> str | None:
+    def capabilities(self) -> Capabilities:
+        """Always queue (xt_NFQUEUE); x_tables announces no change: the daemon polls."""
+        return Capabilities(capture=Capture.QUEUE, notifications=False)
+
+    def quick_check_problem(self) -> str | None:
         """Why the cheap table check cannot be used here (then every poll parses), or None."""
         try:
             if "ipv4" not in self._readers:
@@ -648,10 +381,7 @@ class IptablesBackend(Backend):
 
     def preview(self, ruleset: RuleSet) -> list[str]:
         """See :meth:`~imdsguard.firewall.base.Backend.preview`: ``iptables-save`` lines."""
-        out: list[str] = []
-        for family in ruleset.families():
-            out += [f"# {family}", *render(ruleset, family).lines()]
-        return out
+        return preview(ruleset)
 
     def limits(self) -> tuple[str, ...]:
         """What this backend cannot guard against (for ``status``)."""
@@ -685,7 +415,7 @@ class IptablesBackend(Backend):
                     continue
                 table = self._table(family)
                 with self._errors(f"apply the {family} rules"):
-                    if _compare(self._snapshot(table), ruleset, family).state == FamilyState.OK:
+                    if compare(self._snapshot(table), ruleset, family).state == FamilyState.OK:
                         continue
                     self._rewrite(table, ruleset, family)
                     table.commit()
@@ -706,22 +436,27 @@ class IptablesBackend(Backend):
                 self._add(chain, family, rule)
         stale = [n for n in OUR_CHAINS if n not in wanted.chains and table.is_chain(n)]
         hooks = [*HOOKS, *([DOCKER_USER] if table.is_chain(DOCKER_USER) else [])]
-        for hook in hooks:  # jumps to a stale chain must go before the chain can
-            builtin = iptc.Chain(table, hook)
-            for rule in list(builtin.rules):
-                if rule.target is not None and rule.target.name in stale:
-                    builtin.delete_rule(rule)
-        for name in stale:
-            iptc.Chain(table, name).flush()
-        for name in stale:
-            table.delete_chain(name)
+        self._delete_chains(table, [iptc.Chain(table, hook) for hook in hooks], stale)
         for hook in hooks:
             builtin = iptc.Chain(table, hook)
-            for rule in list(builtin.rules):
-                if rule.target is not None and rule.target.name in OUR_CHAINS:
-                    builtin.delete_rule(rule)
-            for rule in reversed(_hook_jumps(wanted, hook)):
+            _delete_jumps(builtin, OUR_CHAINS)
+            for rule in reversed(hook_jumps(wanted, hook)):
                 self._add(builtin, family, rule, position=0)
+
+    def _delete_chains(self, table: Any, callers: list[Any], names: list[str]) -> bool:
+        """Delete chains ``names`` of ours and the jumps to them in ``callers``.
+
+        The jumps go first (a chain still jumped to cannot be deleted), then
+        each chain is flushed, then deleted. True when anything was there.
+        """
+        found = False
+        for caller in callers:
+            found |= _delete_jumps(caller, names)
+        for name in names:
+            self._iptc.Chain(table, name).flush()
+        for name in names:
+            table.delete_chain(name)
+        return found or bool(names)
 
     def _add(self, chain: Any, family: str, rule: XtRule, position: int | None = None) -> None:
         built = self._build(family, rule)
@@ -767,109 +502,21 @@ class IptablesBackend(Backend):
     def _remove_family(self, family: str) -> bool:
         if not legacy_table_exists(family):
             return False  # no table, so nothing of ours; opening it would create it
-        iptc = self._iptc
         table = self._table(family)
         with self._errors(f"remove the {family} rules"):
-            found = False
-            for chain in table.chains:
-                for rule in list(chain.rules):
-                    if rule.target is not None and rule.target.name in OUR_CHAINS:
-                        chain.delete_rule(rule)
-                        found = True
             present = [name for name in OUR_CHAINS if table.is_chain(name)]
-            for name in present:
-                iptc.Chain(table, name).flush()
-            for name in present:
-                table.delete_chain(name)
-            found = found or bool(present)
+            found = self._delete_chains(table, table.chains, present)
             if found:
                 table.commit()
                 table.refresh()
         return found
 
 
-def _hook_jumps(wanted: Rendered, hook: str) -> list[XtRule]:
-    """Our jumps at the top of ``hook`` (DOCKER-USER gets the FORWARD ones)."""
-    source = "FORWARD" if hook == DOCKER_USER else hook
-    return [replace(j, chain=hook) for j in wanted.jumps if j.chain == source]
-
-
-def _bypass(
-    rules: list[XtRule],
-    ours: list[XtRule],
-    needed: list[XtRule],
-    guards: tuple[str, ...] = (),
-) -> str | None:
-    """The first rule not in ``ours`` that IMDS traffic meets before all of ``needed``.
-
-    Such a rule can accept (or RETURN, or jump somewhere that accepts) before
-    our deny (or our jump) is reached, so with it in place we cannot vouch for
-    the family. ``guards`` are targets that send everything through our rules
-    first (DOCKER-USER when it starts with our jumps).
-    """
-    known = {_canonical(r) for r in ours}
-    seen = [_canonical(r) for r in rules]
-    firsts = [seen.index(c) for c in map(_canonical, needed) if c in seen]
-    for rule in rules[: max(firsts, default=0)]:
-        if _canonical(rule) in known:
-            continue
-        if rule.target in guards and not (rule.dst or rule.protocol or rule.matches):
-            return None
-        return rule.save()
-    return None
-
-
-def _in_front(rules: list[XtRule], jumps: list[XtRule]) -> bool:
-    return [_canonical(r) for r in rules[: len(jumps)]] == [_canonical(j) for j in jumps]
-
-
-def _compare(snap: _Snapshot, ruleset: RuleSet, family: str) -> Inspection:
-    wanted = render(ruleset, family)
-    missing: list[str] = []
-    drift: list[str] = []
-    for name, rules in wanted.chains.items():
-        have = snap.chains.get(name)
-        if have is None:
-            missing.append(f"chain {name} does not exist")
-        elif [_canonical(r) for r in have] != [_canonical(r) for r in rules]:
-            present = {_canonical(r) for r in have}
-            required = _required(ruleset, family, name)
-            absent = [r for r in required if _canonical(r) not in present]
-            intruder = _bypass(have, rules, required)
-            if absent:
-                missing.append(f"chain {name} lacks '{absent[0].save()}' (flushed or edited)")
-            elif intruder:
-                missing.append(f"'{intruder}' comes before our deny: it can admit IMDS traffic")
-            else:
-                drift.append(f"chain {name} differs from the policy")
-    for name in snap.chains:
-        if name not in wanted.chains:
-            drift.append(f"stale chain {name}")
-    docker = _hook_jumps(wanted, DOCKER_USER) if snap.docker_user is not None else []
-    docker_first = bool(docker) and _in_front(snap.docker_user or [], docker)
-    for hook, target in HOOKS.items():
-        rules = snap.builtin(hook)
-        current = [_canonical(r) for r in rules if r.target in OUR_CHAINS]
-        jumps = [_canonical(j) for j in wanted.jumps if j.chain == hook]
-        for jump in jumps:
-            if jump not in current:
-                missing.append(f"{hook} has no jump for {jump.dst} to {target}")
-        if missing:
-            continue
-        guards = (DOCKER_USER,) if hook == "FORWARD" and docker_first else ()
-        intruder = _bypass(rules, jumps, jumps, guards) if ruleset.enforcing else None
-        if intruder:
-            missing.append(
-                f"'{intruder}' comes before our jump in {hook}: it can admit IMDS traffic"
-            )
-        elif not _in_front(rules, jumps):
-            drift.append(f"the jumps to {target} are not the first rules of {hook}")
-        if current != jumps:
-            drift.append(f"{hook} has extra or duplicate jumps to our chains")
-    if docker and not docker_first:
-        drift.append(f"our jumps are not the first rules of {DOCKER_USER}")
-    if missing:
-        return Inspection(family, FamilyState.MISSING, tuple(missing + drift))
-    if drift:
-        return Inspection(family, FamilyState.DRIFTED, tuple(drift))
-    return Inspection(family, FamilyState.OK)
+def _delete_jumps(chain: Any, targets: tuple[str, ...] | list[str]) -> bool:
+    """Delete the rules of ``chain`` that jump to one of ``targets``; True when there were any."""
+    found = False
+    for rule in list(chain.rules):
+        if rule.target is not None and rule.target.name in targets:
+            chain.delete_rule(rule)
+            found = True
+    return found
