@@ -209,8 +209,6 @@ def identify(sock: socket.socket, accepted_ticks: int, proc_root: str = "/proc")
 
 # -- the connection's holders
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
 UDIAG_SHOW_PEER = 0x4
 UNIX_DIAG_PEER = 2
 _NO_COOKIE = 0xFFFFFFFF
@@ -231,20 +229,20 @@ def peer_inode(sock: socket.socket) -> int | None:
     )
     try:
         diag = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, nl.NETLINK_SOCK_DIAG
         )
     except OSError:
         return None
     try:
         diag.settimeout(1.0)
-        diag.send(nl.message(SOCK_DIAG_BY_FAMILY, 0x1, 1, req))  # NLM_F_REQUEST
+        diag.send(nl.message(nl.SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST, 1, req))
         data = diag.recv(8192)
     except OSError:
         return None
     finally:
         diag.close()
     for msg in nl.parse_messages(data):
-        if msg.type != SOCK_DIAG_BY_FAMILY or len(msg.payload) < _UNIX_MSG.size:
+        if msg.type != nl.SOCK_DIAG_BY_FAMILY or len(msg.payload) < _UNIX_MSG.size:
             continue
         if _UNIX_MSG.unpack_from(msg.payload)[3] != own:
             continue

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from imdsguard import cgroups
+from imdsguard import netlink as nl
 from imdsguard.domain import BackendName, Capture
 from imdsguard.errors import FirewallError, PermissionDeniedError
 from imdsguard.firewall.base import Backend, Capabilities, FamilyState, Inspection
@@ -31,10 +32,6 @@ from imdsguard.policy import FAMILIES, RuleSet
 
 #: How long the daemon's apply may act on the listing its inspect just made.
 REUSE = 0.1
-_NETLINK_NETFILTER = 12
-_NFNLGRP_NFTABLES = 7
-_SOL_NETLINK = 270
-_NETLINK_ADD_MEMBERSHIP = 1
 _PROBE_TABLE = "imdsguard_cgprobe"
 
 #: What to write (our table, the backstop, the tables wanted) and what was listed.
@@ -343,9 +340,9 @@ class NftablesBackend(Backend):
     def watch(self) -> socket.socket:
         """A netlink socket that becomes readable whenever any nftables object changes."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             _NETLINK_NETFILTER)  # fmt: skip
+                             nl.NETLINK_NETFILTER)  # fmt: skip
         sock.bind((0, 0))
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, _NFNLGRP_NFTABLES)
+        sock.setsockopt(nl.SOL_NETLINK, nl.NETLINK_ADD_MEMBERSHIP, nl.NFNLGRP_NFTABLES)
         sock.setblocking(False)
         return sock
 
