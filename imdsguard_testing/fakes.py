@@ -18,54 +18,46 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
+import structlog
+
+from imdsguard._log import Logger
+from imdsguard.config import Config
+from imdsguard.daemon import Component, Daemon, Wiring
 from imdsguard.domain import BackendName, Capture, FamilyState
-from imdsguard.errors import FirewallError
+from imdsguard.errors import FirewallError, ImdsGuardError
 from imdsguard.firewall.base import Backend, Capabilities, Inspection
 from imdsguard.policy import RuleSet
 
-__all__ = ["FakeBackend", "FakeIptablesBackend"]
+__all__ = [
+    "FakeBackend",
+    "FakeComponent",
+    "FakeComponents",
+    "FakeIptablesBackend",
+    "fake_daemon",
+    "logged",
+]
 
 FAMILIES = ("ipv4", "ipv6")
 
 
-class FakeBackend(Backend):
-    """A backend whose kernel is this object (see module docstring).
+class _Failing:
+    """Counts calls per method and raises at the ones :meth:`fail` chose."""
 
-    ``installed`` is the rule set in force (None: nothing of ours); ``applied``
-    every rule set :meth:`apply` put in place, in order; ``calls`` counts each
-    method called (``calls["apply"]``), failed calls included.
-    """
+    error: type[ImdsGuardError] = ImdsGuardError
 
-    name: ClassVar[BackendName] = BackendName.NFTABLES
-
-    def __init__(
-        self,
-        capture: Capture = Capture.QUEUE,
-        notifications: bool = False,
-        limits: tuple[str, ...] = (),
-    ) -> None:
-        self.installed: RuleSet | None = None
-        self.applied: list[RuleSet] = []
-        self.removed = 0  # how many remove() calls found something to take out
-        self.closed = 0
+    def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
-        self._capabilities = Capabilities(capture=capture, notifications=notifications)
-        self._limits = limits
-        self._flushed = False
-        self._drift: dict[str, str] = {}
         self._failures: dict[str, set[int]] = {}
         self._always: set[str] = set()
 
-    # -- what the test controls
-
     def fail(self, method: str, on_call: int | None = None, *, always: bool = False) -> None:
-        """Make ``method`` (``apply``, ``inspect``, ``remove``, ``present``) raise FirewallError.
+        """Make ``method`` raise (the class's ``error``).
 
-        ``on_call``: only its Nth call from now on counting from 1 over the
-        object's life (``calls[method] + 1`` is the next one); ``always``:
-        every call until :meth:`heal`. With neither: the next call only.
+        ``on_call``: only its Nth call, counting from 1 over the object's
+        life (``calls[method] + 1`` is the next one); ``always``: every call
+        until :meth:`heal`. With neither: the next call only.
         """
         if always:
             self._always.add(method)
@@ -83,6 +75,44 @@ class FakeBackend(Backend):
             self._always.discard(method)
             self._failures.pop(method, None)
 
+    def _call(self, method: str) -> None:
+        self.calls[method] += 1
+        if method in self._always or self.calls[method] in self._failures.get(method, ()):
+            raise self.error(f"{self}: {method} failed (call {self.calls[method]})")
+
+
+class FakeBackend(_Failing, Backend):
+    """A backend whose kernel is this object (see module docstring).
+
+    ``installed`` is the rule set in force (None: nothing of ours); ``applied``
+    every rule set :meth:`apply` put in place, in order; ``calls`` counts each
+    method called (``calls["apply"]``), failed calls included.
+    """
+
+    name: ClassVar[BackendName] = BackendName.NFTABLES
+    error = FirewallError
+
+    def __init__(
+        self,
+        capture: Capture = Capture.QUEUE,
+        notifications: bool = False,
+        limits: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.installed: RuleSet | None = None
+        self.applied: list[RuleSet] = []
+        self.removed = 0  # how many remove() calls found something to take out
+        self.closed = 0
+        self._capabilities = Capabilities(capture=capture, notifications=notifications)
+        self._limits = limits
+        self._flushed = False
+        self._drift: dict[str, str] = {}
+
+    def __str__(self) -> str:
+        return f"fake {self.name}"
+
+    # -- what the test controls (and fail/heal: ``apply``, ``inspect``, ``remove``, ``present``)
+
     def flush(self) -> None:
         """Simulate an outside flush: our rules are gone (inspect says ``missing``)."""
         self._flushed = True
@@ -92,11 +122,6 @@ class FakeBackend(Backend):
         self._drift[family] = problem
 
     # -- the contract
-
-    def _call(self, method: str) -> None:
-        self.calls[method] += 1
-        if method in self._always or self.calls[method] in self._failures.get(method, ()):
-            raise FirewallError(f"fake {self.name}: {method} failed (call {self.calls[method]})")
 
     def apply(self, ruleset: RuleSet) -> bool:
         self._call("apply")
@@ -159,3 +184,127 @@ class FakeIptablesBackend(FakeBackend):
     """:class:`FakeBackend` under the other backend's name (for backend switches)."""
 
     name: ClassVar[BackendName] = BackendName.IPTABLES
+
+
+class FakeComponent(_Failing):
+    """A daemon component (``imdsguard.daemon.Component``) that only records.
+
+    ``configs`` is every config it was started with or reconfigured to, in
+    order; ``running`` whether it is started. :meth:`fail` ``start``,
+    ``reconfigure`` or ``stop`` to see the daemon cope.
+    """
+
+    def __init__(self, name: str, config: Config) -> None:
+        super().__init__()
+        self.name = name
+        self.configs = [config]
+        self.running = False
+
+    def __str__(self) -> str:
+        return f"fake component {self.name}"
+
+    def start(self) -> None:
+        self._call("start")
+        self.running = True
+
+    def stop(self) -> None:
+        self._call("stop")
+        self.running = False
+
+    def reconfigure(self, config: Config) -> None:
+        self._call("reconfigure")
+        self.configs.append(config)
+
+    def health(self) -> dict[str, Any]:
+        return {"running": self.running, "mode": str(self.configs[-1].mode)}
+
+    def write_now(self) -> None:
+        """What the daemon calls on its ``metrics`` component after each publish."""
+        self.calls["write_now"] += 1
+
+
+class FakeComponents:
+    """A component factory for :class:`imdsguard.daemon.Wiring`: always ``names``.
+
+    As the real factory: a new :class:`FakeComponent` per name unless the
+    daemon passes a running one in ``existing`` (the daemon keeps the ones
+    it started in ``daemon._components``; ``made`` lists every one made).
+    ``capture`` is among the components the daemon starts before the rules.
+    """
+
+    def __init__(self, *names: str) -> None:
+        self.names = names or ("capture", "broker")
+        self.made: list[FakeComponent] = []
+        self._fail: dict[str, list[tuple[str, bool]]] = {}
+
+    def fail(self, name: str, method: str, *, always: bool = False) -> None:
+        """Every ``name`` component made from now on fails its first ``method`` call
+        (every one: ``always``). For a running one, call its own :meth:`FakeComponent.fail`."""
+        self._fail.setdefault(name, []).append((method, always))
+
+    def __call__(
+        self,
+        config: Config,
+        _logger: Logger,
+        _backend: Backend,
+        _collect: Callable[[], dict[str, Any]],
+        existing: dict[str, Component] | None,
+    ) -> dict[str, Component]:
+        out: dict[str, Component] = {}
+        for name in self.names:
+            current = (existing or {}).get(name)
+            if current is None:
+                made = FakeComponent(name, config)
+                for method, always in self._fail.get(name, []):
+                    made.fail(method, always=always)
+                self.made.append(made)
+                current = made
+            out[name] = current
+        return out
+
+
+def fake_daemon(
+    config: Config | None = None,
+    logger: Logger | None = None,
+    *,
+    backend: Backend | None = None,
+    others: tuple[Backend, ...] = (),
+    components: FakeComponents | None = None,
+    load: Callable[[str | None], Config] | None = None,
+    interval: float = 0.01,
+) -> Daemon:
+    """A :class:`Daemon` wired to fakes: no root, kernel or host files needed.
+
+    ``backend`` (a :class:`FakeBackend` by default) is the backend of every
+    config unless a config names the other one, which gets a
+    :class:`FakeIptablesBackend` (``daemon.backend`` says which; pass it in
+    ``others`` to hold it beforehand). ``load``
+    is what a reload reads (default: the first config again). Point
+    ``$IMDSGUARD_RUN_DIR``/``STATE_DIR`` at a temporary directory first: the
+    daemon takes its firewall lock and writes ``state.json`` there.
+    """
+    config = config or Config()
+    first = backend or FakeBackend()
+    by_name: dict[str, Backend] = {b.name: b for b in others}
+    by_name[first.name] = first
+
+    def backend_for(wanted: Config, current: Backend | None) -> Backend:
+        name = first.name if wanted.backend == BackendName.AUTO else BackendName(wanted.backend)
+        if current is not None and current.name == name:
+            return current
+        if name not in by_name:
+            by_name[name] = FakeIptablesBackend() if name == BackendName.IPTABLES else FakeBackend()
+        return by_name[name]
+
+    wiring = Wiring(
+        load_config=load or (lambda _path: config),
+        backend_for=backend_for,
+        components=components or FakeComponents(),
+        leftovers=lambda _name: [],
+    )
+    return Daemon(config, logger or structlog.get_logger(), interval, wiring=wiring)
+
+
+def logged(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    """The lines of ``event`` in ``structlog.testing.capture_logs()``'s list."""
+    return [line for line in logs if line.get("event") == event]
