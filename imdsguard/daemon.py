@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Optional, Protocol
 
-from imdsguard import __version__, _locks, _state, cgroups, paths
+from imdsguard import __version__, _locks, _state, cgroups, paths, transaction
 from imdsguard._log import Logger
 from imdsguard.config import Config, load_config
 from imdsguard.errors import ImdsGuardError
@@ -573,29 +573,44 @@ class Daemon:
         then the rules, then the other components (the broker's first IMDS
         request needs the new rules' allowance for its uid).
         """
-        try:
-            config = self.wiring.load_config(self.config_path)
-            backend = self.wiring.backend_for(config, self.backend)
-        except ImdsGuardError as exc:  # ConfigError, or the backend is unusable here
-            self._reload_failed("load", exc)
-            self._publish()
-            return
         previous = (self.config, self.backend, self.ruleset)
-        stage, applied = "components", False  # applied: the kernel's rules were touched
-        try:
+        loaded: list[tuple[Config, Backend]] = []  # what the "load" stage read
+        # Components go back before the rules they serve (the capture before
+        # rules that queue to it), whichever stage failed: one shared undo.
+        components_back = transaction.once(lambda: self._roll_back_components(previous))
+
+        def load() -> None:  # ConfigError, or the backend is unusable here
+            config = self.wiring.load_config(self.config_path)
+            loaded.append((config, self.wiring.backend_for(config, self.backend)))
+
+        def switch() -> None:
+            config, backend = loaded[0]
             self.config, self.backend = config, backend
             self._reconfigure_components(config, before=True)
             self._unit_cgroups = self._resolve_units(config)
             self.ruleset = self._ruleset(config)
-            stage, applied = "apply", True
-            self._apply_resolving("reload")
-            stage = "components"
-            self._reconfigure_components(config, before=False)
-        except ImdsGuardError as exc:
-            self._reload_failed(stage, exc)
-            self._roll_back(previous, applied)
+
+        def rules_back() -> None:
+            components_back()
+            self._roll_back_rules(tried=loaded[0][1])
+
+        failure = transaction.run(
+            [
+                transaction.Stage("load", load),
+                transaction.Stage("components", switch, undo=components_back),
+                transaction.Stage("apply", lambda: self._apply_resolving("reload"), rules_back),
+                transaction.Stage(
+                    "components",
+                    lambda: self._reconfigure_components(self.config, before=False),
+                    undo=components_back,
+                ),
+            ],
+            on_failure=self._reload_failed,
+        )
+        if failure is not None:
             self._publish()
             return
+        config, backend = loaded[0]
         if backend is not previous[1]:
             try:
                 previous[1].remove()  # only after the new backend's rules are in place
@@ -612,9 +627,8 @@ class Daemon:
         self.counters.reload_failures += 1
         self.log.error("config_reload_failed", stage=stage, error=str(exc), kept="previous policy")
 
-    def _roll_back(self, previous: tuple[Config, Backend, RuleSet], applied: bool) -> None:
-        """Put back the config, components and (if a new apply was tried) rules of before."""
-        tried = self.backend
+    def _roll_back_components(self, previous: tuple[Config, Backend, RuleSet]) -> None:
+        """Put back the config and policy of before, and its components."""
         self.config, self.backend, self.ruleset = previous
         self._unit_cgroups = {}  # the next check looks the previous config's units up again
         try:
@@ -623,8 +637,9 @@ class Daemon:
             # The rules do not depend on the components: protection stays as it was.
             self.rollback_problem = f"a component of the previous config did not restart: {exc}"
             self.log.error("reload_rollback_incomplete", error=str(exc))
-        if not applied:
-            return  # the kernel was not touched
+
+    def _roll_back_rules(self, tried: Backend) -> None:
+        """Put back the rules of before (a new apply was tried with ``tried``)."""
         if tried is not self.backend:
             try:
                 tried.remove()  # whatever part of the new backend's rules got in

@@ -308,6 +308,9 @@ def test_reload_whose_broker_cannot_reconfigure_rolls_back_rules_and_components(
         assert failed["stage"] == "components"
         reasons = [e["reason"] for e in rig.events("rules_applied")]
         assert reasons[-2:] == ["reload", "reload_rolled_back"]
+        names = [e["event"] for e in rig.logs]
+        last_apply = len(names) - 1 - names[::-1].index("rules_applied")
+        assert names.index("config_reload_failed") < last_apply  # what failed, then the undo
         _unchanged(rig, before, applies + 2)
         assert rig.daemon.rollback_problem is None
 
