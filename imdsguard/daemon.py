@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, cast
 
 from imdsguard import __version__, _locks, _state, cgroups, paths, transaction
 from imdsguard._log import Logger
@@ -66,8 +66,8 @@ class Component(Protocol):
     def reconfigure(self, config: Config) -> None:
         """Adopt a new valid configuration."""
 
-    def health(self) -> dict[str, Any]:
-        """A JSON-able summary for ``status`` (never secrets)."""
+    def health(self) -> _state.ComponentHealth:
+        """A JSON-able summary for ``status`` (never secrets, see ``_state.ComponentHealth``)."""
 
 
 @dataclass
@@ -699,7 +699,7 @@ class Daemon:
 
     # -- published state
 
-    def _write_state(self, state: dict[str, Any]) -> None:
+    def _write_state(self, state: _state.StateDocument) -> None:
         """Write state.json; out of file descriptors, spend the reserved one on it."""
         try:
             _state.write_state(state)
@@ -714,7 +714,7 @@ class Daemon:
 
     def _publish(self) -> None:
         components = {n: c.health() for n, c in self._components.items()}
-        state = {
+        state: _state.StateDocument = {
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
@@ -733,7 +733,7 @@ class Daemon:
             + self.trouble.reasons()
             + _component_problems(components),
             "units": {u: None if cg is None else cg.path for u, cg in self._unit_cgroups.items()},
-            "attribution": self._attribution(),
+            "attribution": cast(_state.Attribution, self._attribution()),
             "limits": self._limits(),
         }
         try:
@@ -753,7 +753,7 @@ def _reserve() -> int | None:
         return None
 
 
-def _component_problems(health: dict[str, dict[str, Any]]) -> list[str]:
+def _component_problems(health: dict[str, _state.ComponentHealth]) -> list[str]:
     """What components say is wrong (their health's ``degraded`` line), for ``status``."""
     return [f"{name}: {h['degraded']}" for name, h in sorted(health.items()) if h.get("degraded")]
 
