@@ -510,7 +510,7 @@ class Daemon:
         broker = components["broker"].health() if "broker" in components else None
         states = dict(self.last_states)
         fine = all(v in (FamilyState.OK, FamilyState.DISABLED) for v in states.values())
-        blocked_by = {tuple(k.split("\0", 1)): v for k, v in capture.get("by_process", {}).items()}
+        blocked_by = {(e["user"], e["exe"]): e["count"] for e in capture.get("by_process", [])}
         return {
             "version": __version__,
             "backend": self.backend.name,

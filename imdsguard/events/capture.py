@@ -187,7 +187,7 @@ class Capture:
         }
         self._containers = _ContainerCache()
         # Blocked attempts per (user, exe) for metrics; bounded, overflow folded.
-        self.by_process: dict[str, int] = {}
+        self.by_process: dict[tuple[str, str], int] = {}  # (user, exe) -> attempts
 
     # -- life cycle
 
@@ -260,7 +260,9 @@ class Capture:
             action=self.action,
             flows=len(self._flows),
             folded=self._flows.folded,
-            by_process=dict(self.by_process),
+            by_process=[
+                {"user": user, "exe": exe, "count": n} for (user, exe), n in self.by_process.items()
+            ],
         )
         if self._failed or self._failed_config:
             out["error"] = self._failed or self._failed_config
@@ -421,11 +423,10 @@ class Capture:
         self.counters["events"] += 1
         if event.get("attributed"):
             self.counters["attributed"] += 1
-        key = f"{event.get('user') or event.get('src') or '?'}\0{event.get('exe') or '?'}"
-        if key in self.by_process or len(self.by_process) < MAX_PROCESS_KEYS:
-            self.by_process[key] = self.by_process.get(key, 0) + 1
-        else:
-            self.by_process["other\0other"] = self.by_process.get("other\0other", 0) + 1
+        key = (str(event.get("user") or event.get("src") or "?"), str(event.get("exe") or "?"))
+        if key not in self.by_process and len(self.by_process) >= MAX_PROCESS_KEYS:
+            key = ("other", "other")
+        self.by_process[key] = self.by_process.get(key, 0) + 1
         self._output(event)
 
     def _output(self, event: dict[str, Any]) -> None:

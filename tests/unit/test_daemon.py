@@ -346,3 +346,18 @@ def test_state_document() -> None:
         }
         assert state["attribution"] == {"available": True, "held": True, "reason": None}
         assert state["started"] <= state["updated"] and state["pid"] > 0
+
+
+def test_blocked_by_process_is_keyed_by_user_and_exe() -> None:
+    """The capture's health lists (user, exe) counts as objects: no joined key to split
+    (or to leak into daemon_stopped); metrics get tuples."""
+
+    class Capture(FakeComponent):
+        def health(self) -> dict[str, Any]:
+            by = [{"user": "app", "exe": "/usr/bin/curl", "count": 3}]
+            return {"events": 3, "suppressed": 0, "dropped": 0, "by_process": by}
+
+    daemon = fake_daemon(OLD)
+    daemon._components["capture"] = Capture("capture", OLD)
+    snap = daemon.metrics_snapshot()
+    assert snap["blocked_by"] == {("app", "/usr/bin/curl"): 3} and snap["blocked_total"] == 3
