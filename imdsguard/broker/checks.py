@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from imdsguard._log import Logger
 from imdsguard.broker.peer import ClientPolicy, Decision, Peer, check_connection
 from imdsguard.events.attribution import Attribution, redact_args
 from imdsguard.events.procfs import ancestors
@@ -115,7 +116,7 @@ class Verdict:
 class RefusalLog:
     """``broker_refused`` lines with attribution, bounded per (uid, exe) and in all."""
 
-    def __init__(self, logger: Any, proc_root: str = "/proc") -> None:
+    def __init__(self, logger: Logger, proc_root: str = "/proc") -> None:
         self.log = logger
         self._proc_root = proc_root
         self._refusals: collections.OrderedDict[tuple[int, str | None], tuple[float, int]] = (
@@ -181,7 +182,7 @@ class RefusalLog:
 class Decider:
     """``broker.clients`` applied to connections, refusals logged: the privileged part."""
 
-    def __init__(self, policy: ClientPolicy, logger: Any, proc_root: str = "/proc") -> None:
+    def __init__(self, policy: ClientPolicy, logger: Logger, proc_root: str = "/proc") -> None:
         self.policy = policy
         self.refusals = RefusalLog(logger, proc_root)
         self._proc_root = proc_root

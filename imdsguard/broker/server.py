@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from imdsguard import paths
+from imdsguard._log import Logger
 from imdsguard.broker import _http
 from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
 from imdsguard.broker.checks import ChannelChecker, Decider, InlineChecker, Verdict
@@ -150,7 +151,7 @@ class Broker:
     def __init__(
         self,
         config: Config,
-        logger: Any,
+        logger: Logger,
         *,
         imds: ImdsClient | None = None,
         refresh: RefreshPolicy | None = None,
@@ -648,7 +649,7 @@ def _clients_doc(config: Config) -> dict[str, list[str]]:
     }
 
 
-def check_exes(config: Config, logger: Any) -> None:
+def check_exes(config: Config, logger: Logger) -> None:
     """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
     for exe in config.broker.clients.exes:
         problem = exe_trust_problem(exe)

@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 from imdsguard import paths
+from imdsguard._log import Logger
 from imdsguard._time import rfc3339
 from imdsguard.config import Config
 from imdsguard.events.attribution import Attribution, Attributor
@@ -143,7 +144,7 @@ class Capture:
         mode: str,
         action: str,
         event_log: EventLog,
-        logger: Any,
+        logger: Logger,
         proc_root: str = "/proc",
         rate_burst: float = 300,
         rate_per_second: float = 1.0,
@@ -502,7 +503,7 @@ class CaptureComponent:
     def __init__(
         self,
         config: Config,
-        logger: Any,
+        logger: Logger,
         event_log: EventLog | None = None,
         hold: bool = True,
     ) -> None:
