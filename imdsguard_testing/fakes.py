@@ -16,6 +16,7 @@ Tell it to fail::
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections import Counter
 from typing import Any, Callable, ClassVar
@@ -35,6 +36,7 @@ __all__ = [
     "FakeComponent",
     "FakeComponents",
     "FakeIptablesBackend",
+    "RecordingLogger",
     "fake_daemon",
     "logged",
 ]
@@ -308,3 +310,37 @@ def fake_daemon(
 def logged(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
     """The lines of ``event`` in ``structlog.testing.capture_logs()``'s list."""
     return [line for line in logs if line.get("event") == event]
+
+
+class RecordingLogger:
+    """A structlog logger (debug included) that keeps its lines in memory.
+
+    For a logger handed to objects whose threads outlive a
+    ``structlog.testing.capture_logs()`` block (a module-scoped server), or
+    when a test runs beside others' logging: ``lines`` is (level, event,
+    fields) per call, in order, from a real filtering bound logger.
+    """
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        self._capture = structlog.testing.LogCapture()
+        bound: Any = structlog.wrap_logger(
+            structlog.ReturnLogger(),
+            processors=[self._capture],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+        )
+        self.debug = bound.debug
+        self.info = bound.info
+        self.warning = bound.warning
+        self.error = bound.error
+
+    @property
+    def lines(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every line so far: (level, event, the other fields)."""
+        return [
+            (
+                str(e["log_level"]),
+                str(e["event"]),
+                {k: v for k, v in e.items() if k not in ("event", "log_level")},
+            )
+            for e in list(self._capture.entries)
+        ]

@@ -14,6 +14,7 @@ from imdsguard.events.log import SUMMARY, EventLog, read_events
 from imdsguard.events.nfqueue import NF_INET_FORWARD, NF_INET_LOCAL_OUT, CaptureError, QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 from imdsguard.events.sockdiag import SocketInfo
+from imdsguard_testing.fakes import RecordingLogger
 
 CONTRACT_FIELDS = [
     "event",
@@ -39,20 +40,6 @@ CONTRACT_FIELDS = [
 ]
 
 SYN = Packet("ipv4", IPPROTO_TCP, "192.0.2.1", "169.254.169.254", 40000, 80, TCP_SYN)
-
-
-class FakeLogger:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def info(self, event: str, **kw: Any) -> None:
-        self.lines.append(("info", event, kw))
-
-    def warning(self, event: str, **kw: Any) -> None:
-        self.lines.append(("warning", event, kw))
-
-    def error(self, event: str, **kw: Any) -> None:
-        self.lines.append(("error", event, kw))
 
 
 def test_rfc3339() -> None:
@@ -86,7 +73,7 @@ def test_bad_mode_is_refused(tmp_path: Path) -> None:
             mode="block",
             action="reject",
             event_log=EventLog(str(tmp_path / "e")),
-            logger=FakeLogger(),
+            logger=RecordingLogger(),
         )
 
 
@@ -96,7 +83,7 @@ def _capture(tmp_path: Path, mode: str = "enforce", action: str = "reject", **kw
         mode=mode,
         action=action,
         event_log=EventLog(str(tmp_path / "events.jsonl")),
-        logger=FakeLogger(),
+        logger=RecordingLogger(),
         **kw,
     )
 
@@ -155,7 +142,7 @@ def test_writer_rate_limits_and_summarises(tmp_path: Path) -> None:
     stats = cap.stats()
     assert (stats["events"], stats["attributed"], stats["suppressed"]) == (4, 3, 2)
     logger = cap.log
-    assert isinstance(logger, FakeLogger)
+    assert isinstance(logger, RecordingLogger)
     names = [name for _, name, _ in logger.lines]
     assert names == ["imds_access_blocked"] * 4 + [SUMMARY]
     summary = logger.lines[-1][2]
