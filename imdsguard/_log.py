@@ -19,11 +19,31 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Protocol, TextIO
 
 import structlog
 
 from imdsguard._time import rfc3339
+
+
+class Logger(Protocol):
+    """What the package calls on a logger: structlog's bound loggers (and
+    ``structlog.testing.capture_logs``) fit it. One keyword per field, never
+    a preformatted message: the event name is the first argument.
+    """
+
+    def debug(self, event: str, **fields: Any) -> Any:
+        """Log ``event`` at debug level."""
+
+    def info(self, event: str, **fields: Any) -> Any:
+        """Log ``event`` at info level."""
+
+    def warning(self, event: str, **fields: Any) -> Any:
+        """Log ``event`` at warning level."""
+
+    def error(self, event: str, **fields: Any) -> Any:
+        """Log ``event`` at error level."""
+
 
 #: Keys whose values are never logged, whatever a caller passes by mistake.
 SECRET_KEYS = frozenset(
@@ -129,6 +149,7 @@ def configure(
     )
 
 
-def get_logger(**initial: Any) -> Any:
+def get_logger(**initial: Any) -> Logger:
     """A bound structlog logger."""
-    return structlog.get_logger(**initial)
+    logger: Logger = structlog.get_logger(**initial)
+    return logger

@@ -37,7 +37,7 @@ def _need_root(what: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Foreground daemon."""
     from imdsguard import _log  # noqa: PLC0415 - keep one-shot commands light
-    from imdsguard.daemon import Daemon  # noqa: PLC0415
+    from imdsguard.daemon import serve  # noqa: PLC0415
 
     _need_root("run")
     config = load_config(args.config)  # validate before anything else, for the exit code
@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         errors=sys.stdout.errors,
     )
     _log.configure(config.log_format)
-    return Daemon(args.config, _log.get_logger()).run()
+    return serve(args.config, _log.get_logger())
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ config on SIGHUP is logged and the old policy stays.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -24,11 +25,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol, cast
 
-from imdsguard import __version__, _locks, _state, cgroups, paths
+from imdsguard import __version__, _locks, _state, cgroups, paths, transaction
+from imdsguard._log import Logger
 from imdsguard.config import Config, load_config
-from imdsguard.domain import Capture
+from imdsguard.domain import Capture, Mode
 from imdsguard.errors import ImdsGuardError
 from imdsguard.firewall.base import Backend, FamilyState
 from imdsguard.firewall.detect import choose, leftovers, make_backend
@@ -65,8 +67,8 @@ class Component(Protocol):
     def reconfigure(self, config: Config) -> None:
         """Adopt a new valid configuration."""
 
-    def health(self) -> dict[str, Any]:
-        """A JSON-able summary for ``status`` (never secrets)."""
+    def health(self) -> _state.ComponentHealth:
+        """A JSON-able summary for ``status`` (never secrets, see ``_state.ComponentHealth``)."""
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Trouble:
     clears it.
     """
 
-    def __init__(self, logger: Any, interval: float = 30.0) -> None:
+    def __init__(self, logger: Logger, interval: float = 30.0) -> None:
         self.log = logger
         self.interval = interval
         self._open: dict[str, dict[str, Any]] = {}
@@ -140,33 +142,76 @@ class Trouble:
 _EFFECT = "the rules in the kernel stay; the daemon retries on its next tick"
 
 
+class Signals:
+    """SIGTERM/SIGINT (stop) and SIGHUP (reload) as two events, and a pipe that
+    wakes the daemon's ``select()`` when one arrives (or is requested)."""
+
+    def __init__(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+
+    def install(self) -> None:
+        """Handle the signals in this process (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        signal.set_wakeup_fd(self.wake_w)  # a signal wakes the select() in the loop
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        (self.reload if signum == signal.SIGHUP else self.stop).set()
+
+    def request(self, event: threading.Event) -> None:
+        """Set ``event`` (``stop`` or ``reload``) and wake the loop, as a signal would."""
+        event.set()
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: it wakes anyway
+            os.write(self.wake_w, b"w")
+
+
 class Daemon:
-    """The long-running guard (see module docstring)."""
+    """The long-running guard (see module docstring), built from a loaded config.
+
+    ``config_path`` is what a reload reads again (None: the default file).
+    ``wiring`` says how the daemon reaches the host (config loader, backend,
+    components, other backends' leftovers): the default is the real thing,
+    unit tests pass fakes (:mod:`imdsguard_testing.fakes`). Every attribute
+    is set here: the backend is made and the first rule set built, but
+    nothing touches the kernel before :meth:`run`.
+    """
 
     def __init__(
-        self, config_path: str | None, logger: Any, interval: float = DEFAULT_INTERVAL
+        self,
+        config: Config,
+        logger: Logger,
+        interval: float = DEFAULT_INTERVAL,
+        *,
+        config_path: str | None = None,
+        wiring: Wiring | None = None,
+        signals: Signals | None = None,
     ) -> None:
         self.config_path = config_path
         self.log = logger
         self.interval = interval
+        self.wiring = wiring or Wiring()
+        self.signals = signals or Signals()
         self.started = time.time()
         self.counters = _Counters()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._wake_r = self.signals.wake_r
+        self._stop = self.signals.stop
+        self._reload = self.signals.reload
         self._components: dict[str, Component] = {}
         self.degraded: list[str] = []  # reasons protection is in place but something is off
         self.rollback_problem: str | None = None  # until the next good reload
         self.last_states: dict[str, str] = {}
         self.trouble = Trouble(logger)
         self._reserve_fd = _reserve()
-        self._unit_cgroups: dict[str, cgroups.UnitCgroup | None] = {}
         self._units_searched = 0.0  # monotonic time of the last full search for units
-        self.config: Config
-        self.ruleset: RuleSet
-        self.backend: Backend
         self._notify = Notifier(on_error=self._notify_failed)
         self._limits_logged: set[str] = set()
+        self.config: Config = config
+        self.backend: Backend = self.wiring.backend_for(config, None)
+        self._unit_cgroups: dict[str, cgroups.UnitCgroup | None] = {}
+        self._unit_cgroups = self._resolve_units(config)
+        self.ruleset: RuleSet = self._ruleset(config)
 
     def _notify_failed(self, address: str, error: str) -> None:
         self.log.warning(
@@ -176,30 +221,14 @@ class Daemon:
             effect="systemd is not told about readiness; protection is not affected",
         )
 
-    # -- signals
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        (self._reload if signum == signal.SIGHUP else self._stop).set()
-
     # -- life cycle
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT; the process exit code."""
-        paths.ensure_dir(paths.run_dir())
-        lock_fd = _locks.try_hold_forever(paths.daemon_lock())
-        if lock_fd is None:
-            state = _state.read_state() or {}
-            raise ImdsGuardError(
-                f"another imdsguard daemon is running (pid {state.get('pid', '?')}); "
-                "stop it first (systemctl stop imdsguard)"
-            )
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-        signal.set_wakeup_fd(self._wake_w)  # a signal wakes the select() in the loop
-        self.config = load_config(self.config_path)
-        self.backend = make_backend(self.config.backend, hold=True)
-        self._unit_cgroups = self._resolve_units(self.config)
-        self.ruleset = self._ruleset(self.config)
+        """Protect until ``signals.stop`` (SIGTERM/SIGINT); the exit code.
+
+        The process-wide parts (the daemon lock, signal handlers) are
+        :func:`serve`'s: ``run`` alone is what unit tests drive.
+        """
         self.log.info(
             "daemon_starting",
             version=__version__,
@@ -225,7 +254,6 @@ class Daemon:
             final = {n: c.health() for n, c in self._components.items()}
             self._stop_components()
             self.log.info("daemon_stopped", rules_left_in_place=True, components=final)
-            os.close(lock_fd)
         return 0
 
     def _loop(self) -> None:
@@ -417,7 +445,7 @@ class Daemon:
         """
         try:
             with _locks.hold(paths.firewall_lock(), what="the imdsguard firewall lock"):
-                for other, families in leftovers(self.backend.name):
+                for other, families in self.wiring.leftovers(self.backend.name):
                     try:
                         other.remove()
                     finally:
@@ -445,8 +473,8 @@ class Daemon:
 
     def _hand_over(self) -> None:
         """Before exiting, swap in rules that need no daemon (they stay: fail closed)."""
-        current: RuleSet | None = getattr(self, "ruleset", None)
-        if current is None or current.capture == Capture.NONE:
+        current = self.ruleset
+        if current.capture == Capture.NONE:
             return
         self.ruleset = dataclasses.replace(current, capture=Capture.NONE)
         try:
@@ -488,7 +516,7 @@ class Daemon:
             "version": __version__,
             "backend": self.backend.name,
             "mode": self.config.mode,
-            "protected": bool(states) and fine and self.config.mode == "enforce",
+            "protected": bool(states) and fine and self.config.mode == Mode.ENFORCE,
             "rules": states,
             "rules_restored_total": self.counters.rules_restored,
             "reload_failures": self.counters.reload_failures,
@@ -546,35 +574,44 @@ class Daemon:
         then the rules, then the other components (the broker's first IMDS
         request needs the new rules' allowance for its uid).
         """
-        try:
-            config = load_config(self.config_path)
-            # Compare what the names resolve to: "auto" and "nftables" are the same
-            # backend here, and a second nftables owner would be refused our own table.
-            backend = (
-                self.backend
-                if choose(config.backend) == self.backend.name
-                else make_backend(config.backend, hold=True)
-            )
-        except ImdsGuardError as exc:  # ConfigError, or the backend is unusable here
-            self._reload_failed("load", exc)
-            self._publish()
-            return
         previous = (self.config, self.backend, self.ruleset)
-        stage, applied = "components", False  # applied: the kernel's rules were touched
-        try:
+        loaded: list[tuple[Config, Backend]] = []  # what the "load" stage read
+        # Components go back before the rules they serve (the capture before
+        # rules that queue to it), whichever stage failed: one shared undo.
+        components_back = transaction.once(lambda: self._roll_back_components(previous))
+
+        def load() -> None:  # ConfigError, or the backend is unusable here
+            config = self.wiring.load_config(self.config_path)
+            loaded.append((config, self.wiring.backend_for(config, self.backend)))
+
+        def switch() -> None:
+            config, backend = loaded[0]
             self.config, self.backend = config, backend
             self._reconfigure_components(config, before=True)
             self._unit_cgroups = self._resolve_units(config)
             self.ruleset = self._ruleset(config)
-            stage, applied = "apply", True
-            self._apply_resolving("reload")
-            stage = "components"
-            self._reconfigure_components(config, before=False)
-        except ImdsGuardError as exc:
-            self._reload_failed(stage, exc)
-            self._roll_back(previous, applied)
+
+        def rules_back() -> None:
+            components_back()
+            self._roll_back_rules(tried=loaded[0][1])
+
+        failure = transaction.run(
+            [
+                transaction.Stage("load", load),
+                transaction.Stage("components", switch, undo=components_back),
+                transaction.Stage("apply", lambda: self._apply_resolving("reload"), rules_back),
+                transaction.Stage(
+                    "components",
+                    lambda: self._reconfigure_components(self.config, before=False),
+                    undo=components_back,
+                ),
+            ],
+            on_failure=self._reload_failed,
+        )
+        if failure is not None:
             self._publish()
             return
+        config, backend = loaded[0]
         if backend is not previous[1]:
             try:
                 previous[1].remove()  # only after the new backend's rules are in place
@@ -591,9 +628,8 @@ class Daemon:
         self.counters.reload_failures += 1
         self.log.error("config_reload_failed", stage=stage, error=str(exc), kept="previous policy")
 
-    def _roll_back(self, previous: tuple[Config, Backend, RuleSet], applied: bool) -> None:
-        """Put back the config, components and (if a new apply was tried) rules of before."""
-        tried = self.backend
+    def _roll_back_components(self, previous: tuple[Config, Backend, RuleSet]) -> None:
+        """Put back the config and policy of before, and its components."""
         self.config, self.backend, self.ruleset = previous
         self._unit_cgroups = {}  # the next check looks the previous config's units up again
         try:
@@ -602,8 +638,9 @@ class Daemon:
             # The rules do not depend on the components: protection stays as it was.
             self.rollback_problem = f"a component of the previous config did not restart: {exc}"
             self.log.error("reload_rollback_incomplete", error=str(exc))
-        if not applied:
-            return  # the kernel was not touched
+
+    def _roll_back_rules(self, tried: Backend) -> None:
+        """Put back the rules of before (a new apply was tried with ``tried``)."""
         if tried is not self.backend:
             try:
                 tried.remove()  # whatever part of the new backend's rules got in
@@ -618,8 +655,8 @@ class Daemon:
     # -- components
 
     def _start_components(self, config: Config, before: bool | None = None) -> None:
-        for name, component in _make_components(
-            config, self.log, self.backend, self.metrics_snapshot
+        for name, component in self.wiring.components(
+            config, self.log, self.backend, self.metrics_snapshot, None
         ).items():
             if _in_phase(name, before):
                 self._start_one(name, component)
@@ -637,8 +674,8 @@ class Daemon:
         self._components[name] = component
 
     def _reconfigure_components(self, config: Config, before: bool | None = None) -> None:
-        wanted = _make_components(
-            config, self.log, self.backend, self.metrics_snapshot, existing=self._components
+        wanted = self.wiring.components(
+            config, self.log, self.backend, self.metrics_snapshot, self._components
         )
         wanted = {name: c for name, c in wanted.items() if _in_phase(name, before)}
         for name in [n for n in self._components if _in_phase(n, before)]:
@@ -663,7 +700,7 @@ class Daemon:
 
     # -- published state
 
-    def _write_state(self, state: dict[str, Any]) -> None:
+    def _write_state(self, state: _state.StateDocument) -> None:
         """Write state.json; out of file descriptors, spend the reserved one on it."""
         try:
             _state.write_state(state)
@@ -678,7 +715,7 @@ class Daemon:
 
     def _publish(self) -> None:
         components = {n: c.health() for n, c in self._components.items()}
-        state = {
+        state: _state.StateDocument = {
             "version": __version__,
             "pid": os.getpid(),
             "started": self.started,
@@ -698,7 +735,7 @@ class Daemon:
             + self.trouble.reasons()
             + _component_problems(components),
             "units": {u: None if cg is None else cg.path for u, cg in self._unit_cgroups.items()},
-            "attribution": self._attribution(),
+            "attribution": cast(_state.Attribution, self._attribution()),
             "limits": self._limits(),
         }
         try:
@@ -718,7 +755,7 @@ def _reserve() -> int | None:
         return None
 
 
-def _component_problems(health: dict[str, dict[str, Any]]) -> list[str]:
+def _component_problems(health: dict[str, _state.ComponentHealth]) -> list[str]:
     """What components say is wrong (their health's ``degraded`` line), for ``status``."""
     return [f"{name}: {h['degraded']}" for name, h in sorted(health.items()) if h.get("degraded")]
 
@@ -738,7 +775,7 @@ def _drain(fd: int | socket.socket) -> None:
 
 def _make_components(
     config: Config,
-    logger: Any,
+    logger: Logger,
     backend: Backend,
     collect: Callable[[], dict[str, Any]],
     existing: dict[str, Component] | None = None,
@@ -766,3 +803,58 @@ def _make_components(
             config.metrics, collect, logger
         )
     return wanted
+
+
+def _backend_for(config: Config, current: Backend | None) -> Backend:
+    """The backend ``config`` names: ``current`` when it is that one already."""
+    # Compare what the names resolve to: "auto" and "nftables" are the same
+    # backend here, and a second nftables owner would be refused our own table.
+    if current is not None and choose(config.backend) == current.name:
+        return current
+    return make_backend(config.backend, hold=True)
+
+
+ConfigLoader = Callable[[Optional[str]], Config]
+BackendFactory = Callable[[Config, Optional[Backend]], Backend]
+ComponentFactory = Callable[
+    [Config, Logger, Backend, Callable[[], dict[str, Any]], Optional[dict[str, Component]]],
+    dict[str, Component],
+]
+LeftoverFinder = Callable[[str], list[tuple[Backend, tuple[str, ...]]]]
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """How a :class:`Daemon` reaches the host; unit tests replace each part with a fake.
+
+    ``load_config(path)`` reads the config on reload; ``backend_for(config,
+    current)`` is the backend ``config`` names (``current`` when unchanged);
+    ``components(config, logger, backend, collect, existing)`` the components
+    ``config`` asks for (reusing ``existing``); ``leftovers(name)`` the other
+    backends holding rules of ours.
+    """
+
+    load_config: ConfigLoader = load_config
+    backend_for: BackendFactory = _backend_for
+    components: ComponentFactory = _make_components
+    leftovers: LeftoverFinder = leftovers
+
+
+def serve(config_path: str | None, logger: Logger, interval: float = DEFAULT_INTERVAL) -> int:
+    """``imdsguard run``: hold the daemon lock, handle the signals, load the config, run."""
+    paths.ensure_dir(paths.run_dir())
+    lock_fd = _locks.try_hold_forever(paths.daemon_lock())
+    if lock_fd is None:
+        state = _state.read_state() or {}
+        raise ImdsGuardError(
+            f"another imdsguard daemon is running (pid {state.get('pid', '?')}); "
+            "stop it first (systemctl stop imdsguard)"
+        )
+    try:
+        signals = Signals()
+        signals.install()
+        config = load_config(config_path)
+        daemon = Daemon(config, logger, interval, config_path=config_path, signals=signals)
+        return daemon.run()
+    finally:
+        os.close(lock_fd)

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from imdsguard._log import Logger
 from imdsguard.broker import _http
 from imdsguard.config import MetricsConfig
 from imdsguard.errors import ImdsGuardError
@@ -279,7 +280,7 @@ def write_textfile(path: str, text: str) -> None:
 class MetricsExporter:
     """Daemon component: keeps the textfile fresh and/or serves ``/metrics``."""
 
-    def __init__(self, config: MetricsConfig, collect: Collect, logger: Any) -> None:
+    def __init__(self, config: MetricsConfig, collect: Collect, logger: Logger) -> None:
         self.collect = collect
         self.log = logger
         self.interval = 15.0
@@ -424,7 +425,7 @@ class MetricsServer:
         self,
         listen: tuple[str, int],
         text: Callable[[], str],
-        logger: Any,
+        logger: Logger,
         *,
         max_connections: int = MAX_CONNECTIONS,
         max_per_uid: int = MAX_PER_UID,

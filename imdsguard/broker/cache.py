@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from imdsguard._log import Logger
 from imdsguard.errors import ImdsGuardError
 from imdsguard.imds import Credentials, format_time
 
@@ -61,7 +62,7 @@ class CredentialCache:
         fetch: Callable[[], Credentials],
         policy: RefreshPolicy | None = None,
         *,
-        logger: Any = None,
+        logger: Logger | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -247,7 +248,7 @@ class CredentialCache:
 class Refresher:
     """The thread that keeps a :class:`CredentialCache` fresh."""
 
-    def __init__(self, cache: CredentialCache, logger: Any = None) -> None:
+    def __init__(self, cache: CredentialCache, logger: Logger | None = None) -> None:
         self.cache = cache
         self._log = logger
         self._stop = threading.Event()

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from imdsguard._log import Logger
 from imdsguard.broker.peer import (
     ClientPolicy,
     Decision,
@@ -122,7 +123,7 @@ class Verdict:
 class RefusalLog:
     """``broker_refused`` lines with attribution, bounded per (uid, exe) and in all."""
 
-    def __init__(self, logger: Any, proc_root: str = "/proc") -> None:
+    def __init__(self, logger: Logger, proc_root: str = "/proc") -> None:
         self.log = logger
         self._proc_root = proc_root
         self._throttle = IntervalLimiter(
@@ -176,7 +177,7 @@ class RefusalLog:
 class Decider:
     """``broker.clients`` applied to connections, refusals logged: the privileged part."""
 
-    def __init__(self, policy: ClientPolicy, logger: Any, proc_root: str = "/proc") -> None:
+    def __init__(self, policy: ClientPolicy, logger: Logger, proc_root: str = "/proc") -> None:
         self.policy = policy
         self.refusals = RefusalLog(logger, proc_root)
         self._proc_root = proc_root
@@ -300,7 +301,7 @@ def clients_doc(config: Config) -> dict[str, list[str]]:
     }
 
 
-def check_exes(config: Config, logger: Any) -> None:
+def check_exes(config: Config, logger: Logger) -> None:
     """Warn about allowed exes that cannot be trusted (processes running them are refused)."""
     for exe in config.broker.clients.exes:
         problem = exe_trust_problem(exe)

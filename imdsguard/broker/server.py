@@ -44,6 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from imdsguard._log import Logger
 from imdsguard.broker import _http
 from imdsguard.broker.cache import CredentialCache, Refresher, RefreshPolicy
 from imdsguard.broker.checks import (
@@ -132,7 +133,7 @@ class Broker:
     def __init__(
         self,
         config: Config,
-        logger: Any,
+        logger: Logger,
         *,
         imds: ImdsClient | None = None,
         refresh: RefreshPolicy | None = None,

@@ -59,6 +59,7 @@ from typing import Any
 
 import imdsguard
 from imdsguard import paths
+from imdsguard._log import Logger
 from imdsguard.broker.checks import MAX_MESSAGE, Decider, check_exes, clients_doc, send_message
 from imdsguard.broker.peer import ClientPolicy
 from imdsguard.broker.process import BOOT, HEALTH_INTERVAL, settings
@@ -88,7 +89,7 @@ def _runs_with(config: Config) -> tuple[Any, ...]:
 class BrokerSupervisor:
     """The ``broker`` daemon component (start/stop/reconfigure/health); see the module docstring."""
 
-    def __init__(self, config: Config, logger: Any, proc_root: str = "/proc") -> None:
+    def __init__(self, config: Config, logger: Logger, proc_root: str = "/proc") -> None:
         self.config = config
         self.log = logger
         self.decider = Decider(ClientPolicy(config.broker.clients), logger, proc_root)

@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from imdsguard import paths
+from imdsguard._log import Logger
 from imdsguard._time import rfc3339
 from imdsguard.config import Config
 from imdsguard.domain import Action, Mode
@@ -139,7 +140,7 @@ class Capture:
         mode: Mode,
         action: Action,
         event_log: EventLog,
-        logger: Any,
+        logger: Logger,
         proc_root: str = "/proc",
         rate_burst: float = 300,
         rate_per_second: float = 1.0,
@@ -494,7 +495,7 @@ class CaptureComponent:
     def __init__(
         self,
         config: Config,
-        logger: Any,
+        logger: Logger,
         event_log: EventLog | None = None,
         hold: bool = True,
     ) -> None:

@@ -23,7 +23,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
-from typing import Any, Union
+from typing import Union
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -34,6 +34,7 @@ from imdsguard.broker.client import _parse
 from imdsguard.broker.server import CREDENTIALS_ROUTE, HEALTH_ROUTE, Broker
 from imdsguard.config import parse_config
 from imdsguard.imds import ImdsClient
+from imdsguard_testing.fakes import RecordingLogger
 from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
 
 EXAMPLES = int(os.environ.get("IMDSGUARD_FUZZ_EXAMPLES", "300"))
@@ -229,30 +230,8 @@ def test_blank_lines_alone_are_no_request_yet(data: bytes) -> None:
 # --- through the running broker -------------------------------------------------------
 
 
-class Recorder:
-    """A logger that keeps what the broker logs (level, event, fields)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _add(self, level: str, event: str, **fields: Any) -> None:
-        self.lines.append((level, event, fields))
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._add("debug", event, **fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._add("info", event, **fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._add("warning", event, **fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._add("error", event, **fields)
-
-
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[str, Recorder]]:
+def served() -> Iterator[tuple[str, RecordingLogger]]:
     """A broker (this uid is its client) in front of the simulated IMDS on loopback."""
     sim = ImdsSimulator(SimConfig(http_tokens="required"))
     [(host, port)] = sim.serve([("127.0.0.1", 0)])
@@ -263,7 +242,7 @@ def served() -> Iterator[tuple[str, Recorder]]:
             f"  clients: {{users: [{os.geteuid()}]}}\nimds:\n  url: http://{host}:{port}\n",
             os.path.join(tmp, "config.yaml"),
         )
-        log = Recorder()
+        log = RecordingLogger()
         broker = Broker(config, log, imds=ImdsClient(config.imds_url, timeout=0.5))
         broker.start()
         try:
@@ -307,7 +286,9 @@ def expected_status(parsed: Outcome) -> int | None:
 @example(VALID[0])
 @example(b"GET /v1/health HTTP/1.1\r\n" + b"X: y\r\n" * 3000)
 @example(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a TLS ClientHello
-def test_the_broker_answers_every_input_cleanly(served: tuple[str, Recorder], data: bytes) -> None:
+def test_the_broker_answers_every_input_cleanly(
+    served: tuple[str, RecordingLogger], data: bytes
+) -> None:
     path, log = served
     want = expected_status(outcome(data))
     reply = exchange(path, data)
@@ -326,7 +307,7 @@ def test_the_broker_answers_every_input_cleanly(served: tuple[str, Recorder], da
     assert not errors, errors
 
 
-def test_the_broker_still_serves_after_the_fuzzing(served: tuple[str, Recorder]) -> None:
+def test_the_broker_still_serves_after_the_fuzzing(served: tuple[str, RecordingLogger]) -> None:
     path, log = served
     status, body = _parse(exchange(path, VALID[0]))
     assert status == 200 and json.loads(body)["Version"] == 1

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from imdsguard import cli, notify, status
-from imdsguard.daemon import Daemon
 from imdsguard.events.log import format_console
+from imdsguard_testing.fakes import fake_daemon
 
 
 def _config(tmp_path: Path, text: str) -> str:
@@ -117,16 +118,6 @@ def test_check_config_rules_for_nftables(
     assert '"hook": "output"' in out and '"name": "allow_uids"' in out
 
 
-class _Log:
-    """Records structlog-style calls: (level, event, fields)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **fields: self.calls.append((level, event, fields))
-
-
 @pytest.mark.parametrize("address", ["stale.sock", "@imdsguard-test-no-such-socket", "file"])
 def test_unreachable_notify_socket_warns_once_and_never_raises(
     address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -137,12 +128,12 @@ def test_unreachable_notify_socket_warns_once_and_never_raises(
         address = str(tmp_path / address)
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     assert notify.notify("READY=1") is False  # the plain function does not raise either
-    log = _Log()
-    daemon = Daemon(None, log)
-    assert daemon._notify("READY=1", "STATUS=protecting IMDS") is False
-    assert daemon._notify("STOPPING=1") is False
-    assert [(lvl, ev) for lvl, ev, _ in log.calls] == [("warning", "sd_notify_failed")]
-    assert log.calls[0][2]["socket"] == address and log.calls[0][2]["error"]
+    daemon = fake_daemon()
+    with capture_logs() as logs:
+        assert daemon._notify("READY=1", "STATUS=protecting IMDS") is False
+        assert daemon._notify("STOPPING=1") is False
+    assert [(e["log_level"], e["event"]) for e in logs] == [("warning", "sd_notify_failed")]
+    assert logs[0]["socket"] == address and logs[0]["error"]
 
 
 HOSTILE_EXE = "/tmp/\x1b[2J\x1b[31mfake\nimdsguard: PROTECTED"

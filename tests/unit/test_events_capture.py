@@ -28,25 +28,12 @@ from imdsguard.events.nfqueue import QueuedPacket
 from imdsguard.events.packet import IPPROTO_TCP, TCP_SYN, Packet
 from imdsguard.events.sockdiag import SocketInfo
 from imdsguard.netlink import NF_INET_FORWARD, NF_INET_LOCAL_OUT
+from imdsguard_testing.fakes import RecordingLogger
 
 #: What every event has; forwarded traffic adds FORWARDED_FIELDS.
 CONTRACT_FIELDS = [f for f in EVENT_FIELDS if f not in FORWARDED_FIELDS]
 
 SYN = Packet("ipv4", IPPROTO_TCP, "192.0.2.1", "169.254.169.254", 40000, 80, TCP_SYN)
-
-
-class FakeLogger:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def info(self, event: str, **kw: Any) -> None:
-        self.lines.append(("info", event, kw))
-
-    def warning(self, event: str, **kw: Any) -> None:
-        self.lines.append(("warning", event, kw))
-
-    def error(self, event: str, **kw: Any) -> None:
-        self.lines.append(("error", event, kw))
 
 
 def test_rfc3339() -> None:
@@ -80,7 +67,7 @@ def test_bad_mode_is_refused_at_the_config_boundary(tmp_path: Path) -> None:
         parse_config("mode: block\n")
     component = CaptureComponent(
         parse_config("mode: audit\naction: drop\n"),
-        FakeLogger(),
+        RecordingLogger(),
         event_log=EventLog(str(tmp_path / "e")),
     )
     assert component.capture.mode is Mode.AUDIT and component.capture.action is Action.DROP
@@ -94,7 +81,7 @@ def _capture(tmp_path: Path, mode: str = "enforce", action: str = "reject", **kw
         mode=mode,
         action=action,
         event_log=EventLog(str(tmp_path / "events.jsonl")),
-        logger=FakeLogger(),
+        logger=RecordingLogger(),
         **kw,
     )
 
@@ -156,7 +143,7 @@ def test_writer_rate_limits_and_summarises(tmp_path: Path) -> None:
     stats = cap.stats()
     assert (stats["events"], stats["attributed"], stats["suppressed"]) == (4, 3, 2)
     logger = cap.log
-    assert isinstance(logger, FakeLogger)
+    assert isinstance(logger, RecordingLogger)
     names = [name for _, name, _ in logger.lines]
     assert names == ["imds_access_blocked"] * 4 + [SUMMARY]
     summary = logger.lines[-1][2]
@@ -217,17 +204,15 @@ def test_portless_packets_are_never_folded(tmp_path: Path) -> None:
 
 
 def test_daemon_metrics_read_the_per_process_counts(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
     from imdsguard.config import Config
-    from imdsguard.daemon import Daemon
+    from imdsguard_testing.fakes import fake_daemon
 
-    component = CaptureComponent(Config(), FakeLogger(), event_log=EventLog(str(tmp_path / "e")))
+    component = CaptureComponent(
+        Config(), RecordingLogger(), event_log=EventLog(str(tmp_path / "e"))
+    )
     component.capture._write(
         build_event(Mode.ENFORCE, SYN, Attribution(user="a", exe="/x"), 1.0), 0
     )
-    daemon = Daemon(None, logger=None)
-    daemon.config = Config()
-    daemon.backend = SimpleNamespace(name="nftables")  # type: ignore[assignment]
+    daemon = fake_daemon(Config())
     daemon._components["capture"] = component
     assert daemon.metrics_snapshot()["blocked_by"] == {("a", "/x"): 1}

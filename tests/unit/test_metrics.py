@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imdsguard import metrics
 from imdsguard.config import Config, MetricsConfig
-from imdsguard.daemon import Daemon
 from imdsguard.errors import ImdsGuardError
+from imdsguard_testing.fakes import fake_daemon
 
 SNAP: dict[str, Any] = {
     "version": "0.1.0",
@@ -142,9 +142,7 @@ def test_blocked_total_counts_rate_limited_attempts(monkeypatch: pytest.MonkeyPa
         def health(self) -> dict[str, Any]:
             return {"events": 300, "suppressed": 1700, "dropped": 2, "by_process": {}}
 
-    daemon = Daemon(None, logger=None)
-    daemon.config = Config()
-    daemon.backend = SimpleNamespace(name="nftables")  # type: ignore[assignment]
+    daemon = fake_daemon(Config())
     daemon._components["capture"] = Capture()  # type: ignore[assignment]
     snap = daemon.metrics_snapshot()
     assert snap["blocked_total"] == 2002
