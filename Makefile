@@ -94,7 +94,7 @@ test: lint typecheck
 # `make test`) and the fuzzers with 10x the examples: about 8 minutes.
 test-long: deps
 	$(VPY) -m pytest -q -m long tests
-	IMDSGUARD_FUZZ_EXAMPLES=3000 $(VPY) -m pytest -q tests/unit/test_config_fuzz.py tests/unit/test_broker_fuzz.py
+	IMDSGUARD_FUZZ_EXAMPLES=3000 $(VPY) -m pytest -q tests/unit/config/test_validate_fuzz.py tests/unit/broker/test_server_fuzz.py
 
 # The tests marked `kernel` on Debian's stock kernel (nft_queue, cgroup v2), booted
 # under QEMU: tests/vm/run.sh. VM_TESTS picks other pytest arguments.

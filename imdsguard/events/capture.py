@@ -103,7 +103,7 @@ def build_event(
     event["imds_version"] = "unknown"
     if forwarded:
         event["iface"] = iface
-    return cast(Event, event)  # its keys: tests/unit/test_events_event.py
+    return cast(Event, event)  # its keys: tests/unit/events/test_event.py
 
 
 class _ContainerCache:

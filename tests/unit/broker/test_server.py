@@ -39,7 +39,7 @@ from imdsguard.errors import BrokerError
 from imdsguard.imds import ImdsClient
 from imdsguard_testing.imds_sim import ImdsSimulator, SimConfig
 
-REPO = str(Path(__file__).resolve().parents[2])
+REPO = str(Path(__file__).resolve().parents[3])
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (other uids)")
 
 

@@ -130,7 +130,7 @@ def test_defaults_to_dict() -> None:
     }
 
 
-SHIPPED = Path(__file__).resolve().parents[2] / "packaging" / "config.yaml"
+SHIPPED = Path(__file__).resolve().parents[3] / "packaging" / "config.yaml"
 
 
 def _uncommented(text: str) -> str:

@@ -1,6 +1,7 @@
 """imdsguard.firewall.nftables without the kernel: the rendered batch (golden files) and drift.
 
-Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/unit/test_nftables_render.py``
+Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest
+tests/unit/firewall/nftables/test_render.py``
 and review the diff.
 """
 
@@ -33,7 +34,7 @@ from imdsguard.firewall.nftables import (
 )
 from imdsguard.policy import RuleSet, build_ruleset
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 GROUPS = {4343: (5001, 5002), 0: (0,)}
 
 UNITS = "allow: {users: [], units: [amazon-ssm-agent.service, stopped.service]}\n"

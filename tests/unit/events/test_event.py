@@ -7,7 +7,7 @@ from pathlib import Path
 
 from imdsguard.events.event import EVENT_FIELDS, FORWARDED_FIELDS, Event
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def _readme_fields() -> list[str]:

@@ -32,7 +32,7 @@ from imdsguard_testing.imds_sim import (
     parse_listen,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CREDS_PATH = f"/latest/meta-data/iam/security-credentials/{DEFAULT_ROLE}"
 RFC3339_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 

@@ -1,6 +1,7 @@
 """imdsguard.firewall.iptables without the kernel: rendered rules (golden files) and drift.
 
-Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest tests/unit/test_iptables_render.py``
+Regenerate the golden files with ``UPDATE_GOLDEN=1 pytest
+tests/unit/firewall/iptables/test_render.py``
 and review the diff.
 """
 
@@ -31,7 +32,7 @@ from imdsguard.firewall.iptables import (
 )
 from imdsguard.policy import RuleSet, build_ruleset
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 MULTI = "endpoints: [169.254.169.254, 169.254.170.2, 'fd00:ec2::254', 169.254.170.23]\n"
 
 
