@@ -40,9 +40,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # SIGTERM it swaps in queue-less rules, stops the capture and logs its counters.
 RUNNER = ["-m", "imdsguard", "run", "-c"]
 
+#: One connect, held in the queue until the guard has attributed it. The client's own
+#: timeout is scaled: under emulation (make test-vm) 40 of these queue up behind each
+#: other, and a client that gave up has closed its socket before it is looked up.
 PROBE = """import socket
 try:
-    socket.create_connection(({host!r}, 80), timeout=3)
+    socket.create_connection(({host!r}, 80), timeout={timeout})
 except OSError:
     pass
 """
@@ -204,7 +207,7 @@ def test_burst_of_short_lived_processes_is_fully_attributed(
     guard: Guard, denied: User, workdir: str
 ) -> None:
     guard.start("allow:\n  users: [root]\n")
-    code = PROBE.format(host=IMDS_V4)
+    code = PROBE.format(host=IMDS_V4, timeout=scaled(3))
     procs = [
         guard.topo.popen(guard.topo.host, ["/usr/bin/python3", "-c", code], user=denied)
         for _ in range(40)
@@ -272,7 +275,7 @@ def test_hostile_argv_cannot_forge_lines_or_escape_the_terminal(
     # comm comes from the script's file name: put escapes there too.
     script = os.path.join(workdir, "x\n\x1b[31mEVIL")
     with open(script, "w") as fh:
-        fh.write("#!/usr/bin/python3\n" + PROBE.format(host=IMDS_V4))
+        fh.write("#!/usr/bin/python3\n" + PROBE.format(host=IMDS_V4, timeout=scaled(3)))
     os.chmod(script, 0o755)  # noqa: S103 - the test user runs it
     hostile = [
         'a\n{"event":"imds_access_blocked","user":"root","pid":1}',
@@ -393,7 +396,9 @@ def test_burst_of_short_lived_processes_one_event_each(guard: Guard, denied: Use
     guard.start("allow:\n  users: [root]\n")
     procs = [
         guard.topo.popen(
-            guard.topo.host, ["/usr/bin/python3", "-c", PROBE.format(host=IMDS_V4)], user=denied
+            guard.topo.host,
+            ["/usr/bin/python3", "-c", PROBE.format(host=IMDS_V4, timeout=scaled(3))],
+            user=denied,
         )
         for _ in range(40)
     ]

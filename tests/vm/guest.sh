@@ -14,7 +14,7 @@ cd "$repo" || exit 1
 # The checkout is read-only here: no bytecode, cache or hypothesis database in it.
 export PYTHONDONTWRITEBYTECODE=1 IMDSGUARD_TIME_SCALE=$scale IMDSGUARD_TEST_VM=1
 .venv/bin/python -m pytest -p no:cacheprovider --basetemp=/tmp/pytest-vm \
-  --junitxml="$out/junit.xml" -o junit_suite_name=test-vm -v -rfEs "${args[@]}"
+  --junitxml="$out/junit.xml" -o junit_suite_name=test-vm -v --tb=short -rA "${args[@]}"
 rc=$?
 echo "$rc" > "$out/pytest.rc"
 exit "$rc"

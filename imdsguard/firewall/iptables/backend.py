@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import ipaddress
 import os
 import sys
@@ -192,23 +193,42 @@ class IptablesBackend(Backend):
     name = BackendName.IPTABLES
 
     def __init__(self) -> None:
-        try:
-            try:
-                with _without_distutils():
-                    import iptc  # noqa: PLC0415 - libxtables is loaded on import; keep it lazy
-            except ImportError:
-                # python-iptables before 1.1 (Debian 12's python3-iptables 1.0.1) imports
-                # distutils unconditionally: there the distribution's distutils is used.
-                import iptc  # noqa: PLC0415
-        except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"
+        if importlib.util.find_spec("iptc") is None:
             raise FirewallError(
-                f"python-iptables cannot be loaded ({exc}); install iptables (libxtables)"
-            ) from None
-        self._iptc = iptc
+                "python-iptables cannot be loaded (no module named 'iptc'); install iptables"
+                " (libxtables) and python-iptables"
+            )
+        self._lib: Any = None
         self._readers: dict[str, _xt_blob.TableReader] = {}
         self._verified: dict[str, _Verified] = {}
         self._inspected: tuple[str, ...] = ()  # families the last inspect looked at
-        self._load_owner_match()
+
+    @property
+    def _iptc(self) -> Any:
+        """python-iptables, imported on first use.
+
+        Importing it runs ``modprobe ip_tables`` and ``ip6_tables``, and
+        libxtables loads them again on its first match check: on a host that
+        never used legacy iptables (nftables-only AL2023, RHEL 9, a stock
+        Debian kernel) looking for our rules (status, remove) must not do
+        that, so only a path that opens a table imports it.
+        """
+        if self._lib is None:
+            try:
+                try:
+                    with _without_distutils():
+                        import iptc  # noqa: PLC0415 - libxtables is loaded on import; keep it lazy
+                except ImportError:
+                    # python-iptables before 1.1 (Debian 12's python3-iptables 1.0.1) imports
+                    # distutils unconditionally: there the distribution's distutils is used.
+                    import iptc  # noqa: PLC0415
+            except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"
+                raise FirewallError(
+                    f"python-iptables cannot be loaded ({exc}); install iptables (libxtables)"
+                ) from None
+            self._lib = iptc
+            self._load_owner_match()
+        return self._lib
 
     def _load_owner_match(self) -> None:
         """Load libxtables' owner match for both families once, with stderr muted.
@@ -495,6 +515,8 @@ class IptablesBackend(Backend):
         daemon does not keep them for its whole life. Used again, a table is
         re-opened.
         """
+        if self._lib is None:
+            return  # never imported: no handle
         for cls in (self._iptc.Table, self._iptc.Table6):
             for table in list(cls._cache.values()):  # python-iptables' own cache
                 table.close()
