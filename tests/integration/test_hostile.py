@@ -35,7 +35,7 @@ from imdsguard.events.log import read_events
 from imdsguard_testing.netns import User, wait_for
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import _client_recipe
-from tests.unit.test_redact import CORPUS, SECRETS
+from tests.unit.events.test_redact import CORPUS, SECRETS
 
 METRICS = ("127.0.0.1", 9721)
 IDLE_CONNECTIONS = 2000
