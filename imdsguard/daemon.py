@@ -25,10 +25,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Optional, Protocol, cast
+from typing import Any, Callable, Optional, cast
 
 from imdsguard import __version__, _locks, _state, cgroups, paths, transaction
 from imdsguard._log import Logger
+from imdsguard.components import Component, component_problems, in_phase, make_components
 from imdsguard.config import Config, load_config
 from imdsguard.domain import Capture, Mode
 from imdsguard.errors import ImdsGuardError
@@ -37,38 +38,12 @@ from imdsguard.firewall.detect import choose, leftovers, make_backend
 from imdsguard.identity import service_uids
 from imdsguard.notify import Notifier
 from imdsguard.policy import RuleSet, build_ruleset, capture_for
-
-#: Components that must run before the rules go in (the capture listens before
-#: the rules that queue packets to it); the others (the broker above all: its
-#: IMDS requests need the rules that allow its uid) start once they are in.
-BEFORE_RULES = frozenset({"capture"})
-
-
-def _in_phase(name: str, before: bool | None) -> bool:
-    """``before``: True, the components that precede the rules; False, the rest; None, all."""
-    return before is None or (name in BEFORE_RULES) == before
-
+from imdsguard.trouble import Trouble
 
 DEFAULT_INTERVAL = 0.25  # polling backends (x_tables has no change notification)
 QUICK_INTERVAL = 0.025  # polling backends with a cheap change test (iptables: table headers)
 WATCHED_INTERVAL = 2.0  # notifying backends: a safety net, and /etc/group re-expansion
 HEARTBEAT = 5.0
-
-
-class Component(Protocol):
-    """A part of the daemon with threads of its own (capture, broker)."""
-
-    def start(self) -> None:
-        """Start serving; raise ImdsGuardError when impossible."""
-
-    def stop(self) -> None:
-        """Stop and release everything."""
-
-    def reconfigure(self, config: Config) -> None:
-        """Adopt a new valid configuration."""
-
-    def health(self) -> _state.ComponentHealth:
-        """A JSON-able summary for ``status`` (never secrets, see ``_state.ComponentHealth``)."""
 
 
 @dataclass
@@ -77,69 +52,6 @@ class _Counters:
     reloads: int = 0
     reload_failures: int = 0
     last_problems: list[str] = field(default_factory=list)
-
-
-class Trouble:
-    """Failures of the periodic paths: each logged (rate-limited) and published until it passes.
-
-    A local user can make the daemon short of resources (file descriptors,
-    memory) without being root: none of that may stop the loop that keeps
-    the rules in place. A path that fails (``check``, ``reload``,
-    ``publish``) logs its first error at once, then at most one line per
-    ``interval`` with how many it held back, and shows in ``status`` as
-    degraded; the first success after that logs ``periodic_recovered`` and
-    clears it.
-    """
-
-    def __init__(self, logger: Logger, interval: float = 30.0) -> None:
-        self.log = logger
-        self.interval = interval
-        self._open: dict[str, dict[str, Any]] = {}
-
-    def failed(self, path: str, event: str, exc: BaseException) -> None:
-        """``path`` failed with ``exc``; ``event`` names its log line."""
-        now = time.monotonic()
-        error = f"{type(exc).__name__}: {exc}"
-        entry = self._open.get(path)
-        if entry is None:
-            entry = self._open[path] = {"since": time.time(), "count": 0, "held": 0, "last": None}
-        entry["count"] += 1
-        entry["error"] = error
-        if entry["last"] is not None and now - entry["last"] < self.interval:
-            entry["held"] += 1
-            return
-        entry["last"] = now
-        self.log.error(event, path=path, error=error, repeated=entry["held"], effect=_EFFECT)
-        entry["held"] = 0
-
-    def failures(self, path: str) -> int:
-        """How many times ``path`` failed since it last succeeded."""
-        entry = self._open.get(path)
-        return 0 if entry is None else int(entry["count"])
-
-    def ok(self, path: str) -> bool:
-        """``path`` succeeded: clear its trouble (logging the recovery once); True if it had one."""
-        entry = self._open.pop(path, None)
-        if entry is None:
-            return False
-        self.log.info(
-            "periodic_recovered",
-            path=path,
-            failures=entry["count"],
-            seconds=round(time.time() - entry["since"], 1),
-        )
-        return True
-
-    def reasons(self) -> list[str]:
-        """For ``status``: one line per path still failing."""
-        return [
-            f"periodic {path} failing ({e['count']} times since "
-            f"{time.strftime('%H:%M:%S', time.gmtime(e['since']))} UTC): {e['error']}"
-            for path, e in sorted(self._open.items())
-        ]
-
-
-_EFFECT = "the rules in the kernel stay; the daemon retries on its next tick"
 
 
 class Signals:
@@ -658,7 +570,7 @@ class Daemon:
         for name, component in self.wiring.components(
             config, self.log, self.backend, self.metrics_snapshot, None
         ).items():
-            if _in_phase(name, before):
+            if in_phase(name, before):
                 self._start_one(name, component)
 
     def _start_one(self, name: str, component: Component) -> None:
@@ -677,8 +589,8 @@ class Daemon:
         wanted = self.wiring.components(
             config, self.log, self.backend, self.metrics_snapshot, self._components
         )
-        wanted = {name: c for name, c in wanted.items() if _in_phase(name, before)}
-        for name in [n for n in self._components if _in_phase(n, before)]:
+        wanted = {name: c for name, c in wanted.items() if in_phase(name, before)}
+        for name in [n for n in self._components if in_phase(n, before)]:
             if name not in wanted:
                 self._components.pop(name).stop()
         for name, component in wanted.items():
@@ -733,7 +645,7 @@ class Daemon:
             "degraded": self.degraded
             + ([self.rollback_problem] if self.rollback_problem else [])
             + self.trouble.reasons()
-            + _component_problems(components),
+            + component_problems(components),
             "units": {u: None if cg is None else cg.path for u, cg in self._unit_cgroups.items()},
             "attribution": cast(_state.Attribution, self._attribution()),
             "limits": self._limits(),
@@ -755,11 +667,6 @@ def _reserve() -> int | None:
         return None
 
 
-def _component_problems(health: dict[str, _state.ComponentHealth]) -> list[str]:
-    """What components say is wrong (their health's ``degraded`` line), for ``status``."""
-    return [f"{name}: {h['degraded']}" for name, h in sorted(health.items()) if h.get("degraded")]
-
-
 def _drain(fd: int | socket.socket) -> None:
     """Empty a wake-up pipe or notification socket (its content does not matter)."""
     while True:
@@ -771,38 +678,6 @@ def _drain(fd: int | socket.socket) -> None:
             return  # e.g. ENOBUFS after a burst: we re-check everything anyway
         if not data:
             return
-
-
-def _make_components(
-    config: Config,
-    logger: Logger,
-    backend: Backend,
-    collect: Callable[[], dict[str, Any]],
-    existing: dict[str, Component] | None = None,
-) -> dict[str, Component]:
-    """The components ``config`` asks for on ``backend``, reusing running ones."""
-    existing = existing or {}
-    wanted: dict[str, Component] = {}
-    from imdsguard.events.capture import CaptureComponent  # noqa: PLC0415
-
-    # Where the kernel cannot queue from nftables, the capture reads a log group instead
-    # (the rule set it runs with is built the same way: see policy.capture_for).
-    hold = capture_for(backend.capabilities(), capturing=True) == Capture.QUEUE
-    capture = existing.get("capture")
-    if not isinstance(capture, CaptureComponent) or capture.hold != hold:
-        capture = CaptureComponent(config, logger, hold=hold)
-    wanted["capture"] = capture
-    if config.broker.enabled:
-        from imdsguard.broker.supervisor import BrokerSupervisor  # noqa: PLC0415
-
-        wanted["broker"] = existing.get("broker") or BrokerSupervisor(config, logger)
-    if config.metrics.textfile or config.metrics.listen:
-        from imdsguard.metrics import MetricsExporter  # noqa: PLC0415
-
-        wanted["metrics"] = existing.get("metrics") or MetricsExporter(
-            config.metrics, collect, logger
-        )
-    return wanted
 
 
 def _backend_for(config: Config, current: Backend | None) -> Backend:
@@ -836,7 +711,7 @@ class Wiring:
 
     load_config: ConfigLoader = load_config
     backend_for: BackendFactory = _backend_for
-    components: ComponentFactory = _make_components
+    components: ComponentFactory = make_components
     leftovers: LeftoverFinder = leftovers
 
 

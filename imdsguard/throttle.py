@@ -112,6 +112,10 @@ class IntervalLimiter:
         self._evict()
         return True, held
 
+    def forget(self, key: Hashable = None) -> None:
+        """Start ``key`` afresh: its next line is allowed (the shared ``total`` cap aside)."""
+        self._seen.pop(key, None)
+
     def _evict(self) -> None:
         while len(self._seen) > self.max_keys:
             self._seen.popitem(last=False)

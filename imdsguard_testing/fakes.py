@@ -24,8 +24,9 @@ from typing import Any, Callable, ClassVar
 import structlog
 
 from imdsguard._log import Logger
+from imdsguard.components import Component
 from imdsguard.config import Config
-from imdsguard.daemon import Component, Daemon, Wiring
+from imdsguard.daemon import Daemon, Wiring
 from imdsguard.domain import BackendName, Capture, FamilyState
 from imdsguard.errors import FirewallError, ImdsGuardError
 from imdsguard.firewall.base import Backend, Capabilities, Inspection
@@ -189,7 +190,7 @@ class FakeIptablesBackend(FakeBackend):
 
 
 class FakeComponent(_Failing):
-    """A daemon component (``imdsguard.daemon.Component``) that only records.
+    """A daemon component (``imdsguard.components.Component``) that only records.
 
     ``configs`` is every config it was started with or reconfigured to, in
     order; ``running`` whether it is started. :meth:`fail` ``start``,

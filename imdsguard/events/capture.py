@@ -486,7 +486,7 @@ def _max_bytes() -> int:
 
 
 class CaptureComponent:
-    """:class:`Capture` as a daemon component (``imdsguard.daemon.Component``).
+    """:class:`Capture` as a daemon component (``imdsguard.components.Component``).
 
     ``start``/``stop`` as Capture; ``reconfigure(config)`` takes the new
     mode and action; ``health()`` is :meth:`Capture.stats`.
