@@ -56,8 +56,9 @@ RELOAD = {
 CLIENT = r"""
 import json, socket, sys, time
 end = time.monotonic() + float(sys.argv[1])
-attempts, through = 0, []
+attempts, through, started = 0, [], []
 while time.monotonic() < end:
+    started.append(round(time.monotonic(), 4))
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(0.5)
     try:
@@ -69,7 +70,7 @@ while time.monotonic() < end:
         s.close()
     attempts += 1
     time.sleep(0.001)
-print(json.dumps({"attempts": attempts, "through": through}))
+print(json.dumps({"attempts": attempts, "through": through, "started": started}))
 """
 
 
@@ -80,6 +81,20 @@ class Race:
     attempts: int
     through: list[float]
     reloads: list[float] = field(default_factory=list)  # monotonic start of each reload
+    started: list[float] = field(default_factory=list)  # monotonic start of each attempt
+
+    def uncovered(self) -> list[int]:
+        """The reloads with no attempt between their start and the next reload's.
+
+        An empty list means the client was trying all through every reload,
+        however slow its pace (a loaded or emulated machine): the race was real.
+        """
+        bounds = [*self.reloads, float("inf")]
+        return [
+            i
+            for i in range(len(self.reloads))
+            if not any(bounds[i] <= t < bounds[i + 1] for t in self.started)
+        ]
 
     def windows_ms(self) -> list[float]:
         """Per reload that let something through: its start to the last connection through."""
@@ -123,7 +138,7 @@ def race(
         time.sleep(0.3 + rng.uniform(0, 0.3))
     out, _ = client.communicate(timeout=duration + 30)
     doc = json.loads(out)
-    return Race(doc["attempts"], doc["through"], starts)
+    return Race(doc["attempts"], doc["through"], starts, doc.get("started", []))
 
 
 def _bench(backend: str, reloads: int) -> Race:
