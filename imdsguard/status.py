@@ -8,6 +8,7 @@ are compared with what the firewall holds right now.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,21 +61,61 @@ def expected_rulesets(
     """What should be in the kernel, most likely first.
 
     With a daemon running: the rule set it applied, as ``state.json`` records
-    it (capture included), and nothing else. Without one: the config's policy
-    as ``apply`` leaves it (capture ``none``) and, when the last daemon's
-    record says it captured (it was killed before handing over), with that
-    capture too. No state file and no config: nothing to check.
+    it (capture included), and nothing else; a record from before
+    ``capture`` may mean queue or log rules, and a daemon with no record yet
+    (or none readable) may hold the config's policy with any capture.
+    Without one: the config's policy as ``apply`` leaves it (capture
+    ``none``) and, when the last daemon's record says it captured (it was
+    killed before handing over), with that capture too. A record this
+    version cannot read counts as none. No record and no config: nothing.
     """
-    recorded = RuleSet.from_json(state["ruleset"]) if state and state.get("ruleset") else None
-    if daemon_running and recorded is not None:
+    recorded = _recorded(state)
+    if daemon_running and recorded is not None and _has_capture(state):
         return [recorded]
+    if daemon_running and recorded is not None:
+        # A record from before ``capture``: its queue number meant "queue" where the
+        # kernel could, "log" where it could not; either may be in force.
+        return [recorded, *([dataclasses.replace(recorded, capture=Capture.LOG)]
+                            if recorded.capture == Capture.QUEUE else [])]  # fmt: skip
     if config is None:
         return []
     plain = build_ruleset(config, extra_uids=extra_uids, unit_cgroups=unit_cgroups)
     out = [plain]
-    if recorded is not None and recorded.capture != Capture.NONE:
-        out.append(dataclasses.replace(plain, capture=recorded.capture))
+    if daemon_running:
+        # Running but no record yet (its first publish comes after the rules) or
+        # none readable: it captures one way or the other.
+        captures: tuple[Capture, ...] = (Capture.QUEUE, Capture.LOG)
+    elif recorded is not None and recorded.capture != Capture.NONE:
+        captures = (recorded.capture,)
+        if not _has_capture(state) and recorded.capture == Capture.QUEUE:
+            captures += (Capture.LOG,)
+    else:
+        captures = ()
+    out += [dataclasses.replace(plain, capture=c) for c in captures]
     return out
+
+
+def _recorded(state: dict[str, Any] | None) -> RuleSet | None:
+    """The rule set ``state.json`` records, or None when there is none it can read.
+
+    A record written by another version (a downgrade, a value this one does
+    not know) is no record: status then checks against the config instead of
+    failing.
+    """
+    if not state or not state.get("ruleset"):
+        return None
+    try:
+        return RuleSet.from_json(state["ruleset"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _has_capture(state: dict[str, Any] | None) -> bool:
+    """True when the record names its capture (written since ``RuleSet.capture``)."""
+    try:
+        return bool(state) and "capture" in json.loads(state["ruleset"])  # type: ignore[index]
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def gather(config_path: str | None) -> dict[str, Any]:

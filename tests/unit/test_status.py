@@ -101,3 +101,37 @@ def test_a_killed_daemons_capture_is_tried_after_none(
     doc = status.gather(None)
     assert [r.capture for r in stub.asked] == [Capture.NONE, Capture.QUEUE]
     assert doc["rules"] == {"ipv4": "ok", "ipv6": "ok"}
+
+
+def _old_format(ruleset: RuleSet) -> str:
+    """``ruleset`` as a daemon before ``RuleSet.capture`` recorded it (``queue_num``)."""
+    data = json.loads(ruleset.to_json())
+    capture = data.pop("capture")
+    data["queue_num"] = 5421 if capture != "none" else None
+    return json.dumps(data)
+
+
+def test_an_old_daemons_queue_number_may_mean_queue_or_log_rules() -> None:
+    """Before capture, the nftables backend turned a queue number into log rules on a
+    kernel without nft_queue: status must accept either while such a daemon runs."""
+    queued = build_ruleset(Config(), capabilities=QUEUEING, capturing=True)
+    state = {"ruleset": _old_format(queued)}
+    expected = status.expected_rulesets(state, True, Config())
+    assert [r.capture for r in expected] == [Capture.QUEUE, Capture.LOG]
+    stopped = status.expected_rulesets(state, False, Config())
+    assert [r.capture for r in stopped] == [Capture.NONE, Capture.QUEUE, Capture.LOG]
+
+
+def test_a_record_this_version_cannot_read_is_no_record() -> None:
+    """A value from another version (downgrade) must not crash status."""
+    data = json.loads(build_ruleset(Config()).to_json())
+    data["capture"] = "nfqueue"
+    state = {"ruleset": json.dumps(data)}
+    assert [r.capture for r in status.expected_rulesets(state, False, Config())] == [Capture.NONE]
+    assert status.expected_rulesets({"ruleset": "{not json"}, False, None) == []
+
+
+def test_a_running_daemon_without_a_record_yet_may_capture_either_way() -> None:
+    """Its first publish follows the rules: until then any of its rule sets is fine."""
+    expected = status.expected_rulesets(None, True, Config())
+    assert [r.capture for r in expected] == [Capture.NONE, Capture.QUEUE, Capture.LOG]
