@@ -3,7 +3,8 @@
 What a firewall reload does to our rules, per backend, against the real
 daemon in a throw-away EC2-like topology: a denied user loops ``connect()``
 to IMDS (one attempt a millisecond at most) while the host's firewall is
-reloaded 20 times, 0.3-0.6 s apart, at random:
+reloaded 20 times, 0.3-0.6 s apart, at random (and never before the client
+has tried again since the last reload, however slow the machine):
 
 - nftables: ``nft -f`` of a ruleset file that starts with ``flush ruleset``
   (what ``nftables.service`` does on reload and stop on RHEL 9 / AL2023 and
@@ -22,17 +23,17 @@ The test suite (tests/integration/test_flush_race.py) runs the same race.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from imdsguard_testing.bench import guard_work, not_root
-from imdsguard_testing.netns import IMDS_V4, Topology, User
+from imdsguard_testing.netns import IMDS_V4, Topology, User, scaled
 
 NFT_RULESET = """\
 flush ruleset
@@ -54,24 +55,76 @@ RELOAD = {
 }
 
 CLIENT = r"""
-import json, socket, sys, time
-end = time.monotonic() + float(sys.argv[1])
-attempts, through, started = 0, [], []
-while time.monotonic() < end:
-    started.append(round(time.monotonic(), 4))
+import socket, sys, threading, time
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+attempts = 0
+while True:
+    print("S", round(time.monotonic(), 4), flush=True)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(0.5)
     try:
-        s.connect((sys.argv[2], 80))
-        through.append(time.monotonic())
+        s.connect((sys.argv[1], 80))
+        print("T", time.monotonic(), flush=True)
     except OSError:
         pass
     finally:
         s.close()
     attempts += 1
+    if stop.is_set():
+        break
     time.sleep(0.001)
-print(json.dumps({"attempts": attempts, "through": through, "started": started}))
+print("E", attempts, flush=True)
 """
+"""The denied client: one line per attempt started (``S t``) and per connect that
+got through (``T t``), until its stdin closes; then one more attempt and ``E count``."""
+
+
+class _Client:
+    """The denied client in the host namespace, its lines read as they come."""
+
+    def __init__(self, topo: Topology, denied: User) -> None:
+        self.started: list[float] = []
+        self.through: list[float] = []
+        self.attempts = -1
+        self._proc = topo.popen(
+            topo.host,
+            [sys.executable, "-c", CLIENT, IMDS_V4],
+            user=denied,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            kind, _, value = line.partition(" ")
+            if kind == "S":
+                self.started.append(float(value))
+            elif kind == "T":
+                self.through.append(float(value))
+            elif kind == "E":
+                self.attempts = int(value)
+
+    def wait_attempt_since(self, since: float, timeout: float) -> None:
+        """Return once an attempt started at or after ``since``, or after ``timeout``."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self._proc.poll() is None:
+            if self.started and self.started[-1] >= since:
+                return
+            time.sleep(0.01)
+
+    def finish(self, timeout: float) -> None:
+        """Tell the client to stop (it makes one more attempt) and collect its figures."""
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        self._proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        if self.attempts < 0:
+            raise RuntimeError(f"the denied client exited {self._proc.returncode} without figures")
 
 
 @dataclass
@@ -120,25 +173,20 @@ def race(
     """
     rng = random.Random(seed)  # noqa: S311 - reload timing, not secrets
     argv, text = RELOAD[backend]
-    duration = 0.5 + reloads * 0.7
-    client = topo.popen(
-        topo.host,
-        [sys.executable, "-c", CLIENT, str(duration), IMDS_V4],
-        user=denied,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(0.3)
-    starts = []
+    client = _Client(topo, denied)
+    # However slow the machine (an emulated VM starts Python in seconds), the client
+    # is trying before the first reload and again after each one before the next.
+    client.wait_attempt_since(0.0, scaled(10))
+    starts: list[float] = []
     for i in range(reloads):
         starts.append(time.monotonic())
         topo.run(topo.host, argv, input=text, check=True)
         if between is not None:
             between(i)
         time.sleep(0.3 + rng.uniform(0, 0.3))
-    out, _ = client.communicate(timeout=duration + 30)
-    doc = json.loads(out)
-    return Race(doc["attempts"], doc["through"], starts, doc.get("started", []))
+        client.wait_attempt_since(starts[-1], scaled(5))
+    client.finish(scaled(30))
+    return Race(client.attempts, client.through, starts, client.started)
 
 
 def _bench(backend: str, reloads: int) -> Race:

@@ -45,6 +45,7 @@ def test_flush_ruleset_reloads_let_nothing_through(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
     found = start_and_race(daemon, test_users)
+    print(f"[flushrace] nftables: {found.attempts} attempts over {len(found.reloads)} reloads")
     # The client really looped: natively its pace; anywhere, an attempt during every
     # reload (under emulation the pace falls with the machine, coverage must not).
     assert found.attempts > 1000 / time_scale() or time_scale() > 1, found.attempts
@@ -110,6 +111,7 @@ def test_kill_9_while_reloading_stays_closed(
         daemon.topo, "nftables", test_users["imdsg-denied"], reloads=14, between=kill_and_restart
     )
     assert killed == [-signal.SIGKILL]
+    print(f"[flushrace] kill -9: {found.attempts} attempts over {len(found.reloads)} reloads")
     assert found.attempts > 500 / time_scale() or time_scale() > 1, found.attempts
     assert found.uncovered() == [], f"no attempt during reloads {found.uncovered()}"
     assert found.through == [], f"{len(found.through)} denied connects got through"
