@@ -28,10 +28,14 @@ CHECKOUT_ONLY = frozenset({"demo"})
 
 EXIT_STATUS = (
     ("0", "success; for status: protected"),
-    ("1", "for status: degraded (protection in place but something is wrong, or audit mode); "
-          "for audit: a high finding; for credentials: refused"),
-    ("2", "bad configuration (file:line: key: reason); for status: unprotected"),
-    ("3", "for status and audit: unknown, something could not be checked (e.g. not root)"),
+    ("1", "a failure the message on stderr explains (firewall, broker, IMDS, lock timeout; "
+          "a second daemon); for status: degraded (protection in place but something is "
+          "wrong, or audit mode); for audit: a high finding; for credentials: refused"),
+    ("2", "bad configuration (file:line: key: reason) or a usage error; "
+          "for status: unprotected"),
+    ("3", "permission: the command needs root, or a file is root's only; "
+          "for status and audit: unknown, something could not be checked (e.g. not root)"),
+    ("130", "interrupted (Ctrl-C)"),
 )  # fmt: skip
 
 FILES = (

@@ -3,14 +3,18 @@ simulated IMDS on loopback with a given status document (never the real IMDS).""
 
 from __future__ import annotations
 
+import ast
 import gzip
 import ipaddress
+import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from imdsguard import audit
 from imdsguard.audit import exit_code, guard_findings, render_text, run_audit, scan_secrets
 from imdsguard.config import Config
 from imdsguard.imds import TOKEN_PATH
@@ -240,3 +244,40 @@ def test_guard_finding_reaches_the_report(
     ids = _ids(report)
     assert present in ids and absent not in ids
     assert report["guard"]["daemon_running"] is True
+
+
+def _findings_in_code() -> dict[str, set[str]]:
+    """Finding id -> the severities audit.py gives it literally (``Finding("id", "sev", ...)``)."""
+    tree = ast.parse(Path(audit.__file__).read_text())
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Finding":
+            ident, severity = node.args[0], node.args[1]
+            assert isinstance(ident, ast.Constant), ast.dump(node)
+            severities = found.setdefault(ident.value, set())
+            if isinstance(severity, ast.Constant):
+                severities.add(severity.value)
+            elif isinstance(severity, ast.IfExp):  # "low" if degraded else "info"
+                severities |= {severity.body.value, severity.orelse.value}  # type: ignore[attr-defined]
+    return found
+
+
+def test_every_finding_is_in_the_readme_table_with_its_severities() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Posture: `imdsguard audit`", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `")]
+    documented: dict[str, set[str]] = {}
+    for ids, severity, _ in rows:
+        for ident in re.findall(r"`([a-z0-9-]+)`", ids):
+            documented[ident] = {s.strip() for s in severity.split("/")}
+    for ident, severities in _findings_in_code().items():
+        assert ident in documented, f"README's audit table lacks {ident}"
+        assert severities <= documented[ident], (ident, severities, documented[ident])
+    assert set(documented) == set(_findings_in_code())
+
+
+def test_every_finding_is_in_the_contract() -> None:
+    contract = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    section = contract.split("## `imdsguard audit`", 1)[1].split("\n## ", 1)[0]
+    for ident in _findings_in_code():
+        assert f"`{ident}`" in section, ident

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,21 @@ def test_error_classes_with_their_own_exit_code_are_in_the_exit_code_table() -> 
     for code, meaning in rows.items():
         for name in re.findall(r"`(\w+Error)`", meaning):
             assert getattr(errors, name).exit_code == code, name
+
+
+def test_the_man_page_names_every_exit_code_of_the_contract() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "manpage", CONTRACT.parents[1] / "packaging" / "manpage.py"
+    )
+    assert spec is not None and spec.loader is not None
+    manpage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(manpage)
+    documented = {row[0] for row in _rows(_section("Exit codes"))}
+    documented |= {row[0] for row in _rows(_section("`imdsguard status`"), first=0)}
+    assert {code for code, _ in manpage.EXIT_STATUS} == documented
+    page = manpage.render()
+    for code in documented:
+        assert f".TP\n\\fB{code}\\fR\n" in page, code
 
 
 # -- configuration -------------------------------------------------------------------
