@@ -10,6 +10,7 @@ DEB_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' imdsguard/__init_
 DEB_FILE := build/deb/imdsguard_$(DEB_VERSION)_all.deb
 DEB_INPUT_FILES = $(shell find imdsguard packaging/deb systemd -type f -not -path '*/__pycache__/*' -not -name '*.pyc') \
   README.md LICENSE docs/ami.md docs/fleet.md docs/rules.md docs/benchmarks.md docs/packaging.md \
+  docs/contract.md docs/architecture.md \
   packaging/config.yaml packaging/imdsguard.tmpfiles.conf packaging/manpage.py packaging/rpm/imdsguard.spec
 
 .PHONY: deb lintian

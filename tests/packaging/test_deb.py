@@ -49,6 +49,8 @@ def test_payload(deb: Path) -> None:
                  "/usr/share/doc/imdsguard/changelog.Debian.gz",
                  "/usr/share/man/man1/imdsguard.1.gz", f"{SITE}/imdsguard/py.typed"):  # fmt: skip
         assert path in files, path
+    docs = {f"/usr/share/doc/imdsguard/{p.name}" for p in (rpmpkg.REPO / "docs").glob("*.md")}
+    assert set(files) >= docs, sorted(docs - set(files))  # every document of docs/ ships
     ours = {
         f"{SITE}/{p.relative_to(rpmpkg.REPO).as_posix()}"
         for p in (rpmpkg.REPO / "imdsguard").rglob("*")

@@ -59,6 +59,8 @@ ALLOWED_PREFIXES = (
 def test_payload(rpm_file: Path) -> None:
     files = set(rpmpkg.query(rpm_file, "-l").split())
     assert files >= EXPECTED_FILES, sorted(EXPECTED_FILES - files)
+    docs = {f"/usr/share/doc/imdsguard/{p.name}" for p in (rpmpkg.REPO / "docs").glob("*.md")}
+    assert files >= docs, sorted(docs - files)  # every document of docs/ ships
     stray = sorted(f for f in files if not f.startswith(ALLOWED_PREFIXES))
     assert not stray, f"files outside the package's own paths: {stray}"
     # Everything of ours from the source tree is shipped.
