@@ -31,8 +31,11 @@ from typing import Any
 
 import pytest
 
+from imdsguard.domain import Capture
 from imdsguard.events.log import read_events
-from imdsguard_testing.netns import User, wait_for
+from imdsguard.firewall.nftables import NftablesBackend
+from imdsguard_testing.netns import User, scaled, wait_for
+from tests.conftest import require_kernel
 from tests.integration.conftest import DaemonHandle
 from tests.integration.test_broker import _client_recipe
 from tests.unit.events.test_redact import CORPUS, SECRETS
@@ -254,14 +257,20 @@ def test_exe_renaming_flood_keeps_other_users_events_long(
     _check_flood(_flood(daemon, test_users, LONG_FLOOD_SECONDS))
 
 
-# The queue holds the packet while the cmdline is read; this kernel has no nft_queue, and
-# nftables' NFLOG fallback finds no process once the reset closed the socket (0 of 36
-# attributed here), so the cmdline path is tested where the queue runs (the capture and
-# the redaction are the same code for both backends).
-@pytest.mark.parametrize("backend", ["iptables"])
+# The queue holds the packet while the cmdline is read. nftables' NFLOG fallback (a
+# kernel without nft_queue, as this development machine's) finds no process once the
+# reset closed the socket (0 of 36 attributed), so on nftables this needs nft_queue:
+# skipped natively here, run by `make test-vm` on Debian's stock kernel.
+@pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
 def test_no_secret_of_the_corpus_reaches_events_or_the_journal(
     daemon: DaemonHandle, test_users: dict[str, User]
 ) -> None:
+    if daemon.backend == "nftables":
+        require_kernel(
+            "nft_queue (CONFIG_NFT_QUEUE)",
+            NftablesBackend().capabilities().capture == Capture.QUEUE,
+        )
     daemon.env["IMDSGUARD_LOG_PRIORITY_PREFIX"] = "yes"  # and every line carries its priority
     daemon.write_config("allow:\n  users: [root]\n")
     daemon.start()
@@ -270,7 +279,12 @@ def test_no_secret_of_the_corpus_reaches_events_or_the_journal(
     events = os.path.join(daemon.env["IMDSGUARD_LOG_DIR"], "events.jsonl")
     for argv in CORPUS:  # the connecting process carries the tool's command line
         daemon.topo.run(daemon.topo.host, [python, "-I", "-c", CONNECT, *argv], user=user)
-    wait_for(lambda: len(read_events(events, 1000)) >= len(CORPUS), 15, "every event", daemon.proc)
+    wait_for(
+        lambda: len(read_events(events, 1000)) >= len(CORPUS),
+        scaled(15),
+        "every event",
+        daemon.proc,
+    )
     logged = read_events(events, 1000)
     assert all(e["attributed"] for e in logged), [e for e in logged if not e["attributed"]][:1]
     with open(events) as fh:
@@ -282,7 +296,11 @@ def test_no_secret_of_the_corpus_reaches_events_or_the_journal(
         assert secret not in journal, secret[:8]
     assert on_disk.count("[redacted]") >= len(CORPUS)
     # Priorities: every line had one (logs() checks), at the right level.
-    daemon.topo.run(daemon.topo.host, ["iptables-legacy", "-F", "OUTPUT"], check=True)
+    # Take rules out from under the daemon: its repair is a warning.
+    if daemon.backend == "nftables":  # our table is owned: a reload flushes the backstop
+        daemon.topo.run(daemon.topo.host, ["nft", "flush", "ruleset"], check=True)
+    else:
+        daemon.topo.run(daemon.topo.host, ["iptables-legacy", "-F", "OUTPUT"], check=True)
     daemon.wait_log("rules_restored")
     with open(daemon.log_path) as fh:
         raw = {json.loads(ln[3:])["event"]: ln[:3] for ln in fh if ln.endswith("\n")}
