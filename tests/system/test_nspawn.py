@@ -399,6 +399,23 @@ def test_logs_reach_journald_as_json(booted: Container) -> None:
     names = [e["event"] for e in events]
     # The capture listens before the rules that feed it go in, and READY comes after both.
     assert names[:4] == ["daemon_starting", "capture_started", "rules_applied", "daemon_ready"]
+    # journald took each line's priority from its <N> prefix (stripped from MESSAGE):
+    # an operator's `journalctl -p warning` holds only what needs a look.
+    entries = booted.journal("_SYSTEMD_UNIT=imdsguard.service")
+    priority = {json.loads(e["MESSAGE"])["event"]: e.get("PRIORITY") for e in entries}
+    assert priority["daemon_ready"] == "6" and priority["rules_applied"] == "6", priority
+    assert not any(e["MESSAGE"].startswith("<") for e in entries)
+    assert _warnings(booted) == []  # a healthy boot warns of nothing
+
+
+def _warnings(c: Container) -> list[str]:
+    """The daemon's events that ``journalctl -p warning`` shows for this boot."""
+    out = c.run(
+        ["journalctl", "-b", "-p", "warning", "-o", "cat", "--no-pager",
+         "_SYSTEMD_UNIT=imdsguard.service"],
+        check=True,
+    ).stdout  # fmt: skip
+    return [json.loads(line)["event"] for line in out.splitlines() if line.strip()]
 
 
 def test_the_daemon_runs_sandboxed(booted: Container) -> None:
@@ -595,6 +612,7 @@ def test_firewall_service_reload_leaves_no_gap(booted: Container) -> None:
 
         wait_for(lambda: bool(restored()), 10, "rules_restored in the journal")
         assert all("imdsguard_backstop" in str(e["problems"]) for e in restored()), restored()
+        assert "rules_restored" in _warnings(c)  # a repair is a warning in the journal
         assert c.run(["nft", "list", "table", "inet", "imdsguard"]).returncode == 0
     finally:
         c.run(["systemctl", "stop", "nftables.service"])  # its ExecStop flushes the ruleset too
