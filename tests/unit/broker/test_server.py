@@ -352,8 +352,10 @@ def test_slow_clients_do_not_stall_others(start_broker: StartBroker) -> None:
     finally:
         for s in slow:
             s.close()
+    # A stalled server would wait out a slow client's read timeout (3 s) per request;
+    # 0.5 s leaves room for a loaded CI machine's scheduler, not for a stall.
     assert statistics.median(times) - baseline < 0.1, (baseline, times)
-    assert max(times) - baseline < 0.1, (baseline, times)
+    assert max(times) - baseline < 0.5, (baseline, times)
 
 
 def test_connection_cap_per_uid(start_broker: StartBroker, logs: Logs) -> None:
@@ -486,7 +488,7 @@ def test_cached_credentials_served_through_imds_faults(
         status, doc = get(sock_of(broker))
         assert status == 200
         assert doc == first
-        assert time.monotonic() - start < 0.1
+        assert time.monotonic() - start < 0.5  # a request waiting on the refresh takes 2 s
     expected = "ok" if fault == "expire-tokens" else "degraded"
     assert broker.health()["status"] == expected
     status, health = get(sock_of(broker), "/v1/health")
