@@ -443,7 +443,12 @@ def test_imds_faults_do_not_interrupt_service(
     while_valid = [r for r in out if r["t"] < serve_until - 0.5]
     assert len(while_valid) > 100 / time_scale()  # one fetch every 0.1 s plus its time
     assert all(r["ok"] for r in while_valid), [r for r in while_valid if not r["ok"]][:3]
-    assert all(r["ms"] < scaled(200) for r in while_valid), max(r["ms"] for r in while_valid)
+    # Served from the cache, never waiting on IMDS: a fetch that waited on the broker's
+    # refresh would take the 3 s timeout fault. The typical fetch is fast; the slowest
+    # is allowed a loaded machine's scheduling hiccup (282 ms seen at load 4), not a wait.
+    took = sorted(r["ms"] for r in while_valid)
+    assert took[int(0.95 * len(took))] < scaled(200), took[-10:]
+    assert took[-1] < scaled(1000), took[-10:]
     for r in out:  # never a set about to expire
         if r["ok"]:
             assert datetime_epoch(r["exp"]) - r["t"] > 3, r

@@ -23,9 +23,11 @@ from tests.integration.conftest import DaemonHandle
 
 pytestmark = pytest.mark.kernel
 
-#: Longest window an iptables table replace may open: the quick check's 10 ms
+#: The typical window an iptables table replace opens: the quick check's 25 ms
 #: interval plus a repair (~20 ms here), with room for a loaded 2-core VM.
-IPTABLES_WINDOW_MS = scaled(150)
+IPTABLES_MEDIAN_WINDOW_MS = scaled(75)
+#: The longest: below the 250 ms full check that would find it without the quick one.
+IPTABLES_WINDOW_MS = scaled(220)
 
 
 def start_and_race(daemon: DaemonHandle, test_users: dict[str, User]) -> Race:
@@ -163,8 +165,14 @@ def test_iptables_restore_window_is_bounded(
     found = start_and_race(daemon, test_users)
     assert found.attempts > 1000, found.attempts
     assert found.uncovered() == [], f"no attempt during reloads {found.uncovered()}"
-    windows = found.windows_ms()
-    assert max(windows, default=0.0) <= IPTABLES_WINDOW_MS, windows
+    windows = sorted(found.windows_ms())
+    # The quick check finds a replace within ~30 ms (its 25 ms interval plus the
+    # repair): the median window says the mechanism works. Without it the full check
+    # (every 250 ms) would, for a median near 150 ms and a worst near 270 ms; the
+    # worst window is bounded below that (161 ms seen once at load 4).
+    if windows:  # (none at all: nothing got through)
+        assert windows[len(windows) // 2] <= IPTABLES_MEDIAN_WINDOW_MS, windows
+        assert windows[-1] <= IPTABLES_WINDOW_MS, windows
     restored = daemon.wait_log("rules_restored", count=20)
     assert len(restored) >= 20
     status = status_of(daemon)
