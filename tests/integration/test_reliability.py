@@ -440,10 +440,20 @@ RELOAD_CONFIGS = [
     "endpoints: ['169.254.169.254', 'fd00:ec2::254', '169.254.170.2']\n",
     "allow:\n  users: []\n",
 ]
-#: Slack on RSS between the end of warm-up and the end: CPython's allocator keeps
-#: freed arenas, and the event path's bounded tables (flows, rate limiter, per-
-#: process counters) fill up to their caps under a hammer. A leak per reload would
-#: show as growth proportional to N; the long run (100) is held to the same bound.
+#: Slack on RSS over the second half of the reloads. RSS is a plateau, not a
+#: baseline: CPython's allocator keeps freed arenas, so it stays at the high-water
+#: mark of the event path's bounded tables (flows, rate limiter, per-process
+#: counters). That mark is set by a switch to ``action: drop`` while the hammer's
+#: backlog of denied SYNs is read: every flow is then pending with its whole event
+#: (up to the flow table's cap of 8192, ~8 MiB), for ``drop_idle`` seconds. How
+#: high a switch takes it is luck, so the warm-up's two switches do not always
+#: reach it: measured on nftables with the broker, 43.9 MiB after the warm-up,
+#: 47.2 at the next switch to drop, then 47.8, 47.9 and 47.9 MiB after 20, 50 and
+#: 100 reloads (and 47.6 / 47.6 / 47.6 / 47.6 MiB in a run whose warm-up reached
+#: it). A leak per reload grows with N: measured from the midpoint, the short run
+#: (20 reloads) still fails one of more than 154 KiB per reload, the long run (50)
+#: one of more than 62 KiB; the warm-up end is still the baseline for fds, sockets
+#: and threads.
 RSS_SLACK_KIB = 3 * 1024
 
 
@@ -483,7 +493,7 @@ def reloading(
         setup.close()  # stops the daemon, takes the topology down
 
 
-@pytest.mark.parametrize("reloads", sizes(20, 100))
+@pytest.mark.parametrize("reloads", sizes(40, 100))
 def test_sighup_under_load_never_opens_and_leaks_nothing(
     reloading: Reloading, denied: User, test_users: dict[str, User], reloads: int
 ) -> None:
@@ -519,7 +529,12 @@ def test_sighup_under_load_never_opens_and_leaks_nothing(
         time.sleep(FlowTable("enforce", "reject").reject_linger + scaled(1))
         before = settled_resources(pid)
         rss: list[int] = []
-        for _ in range(reloads):
+        for _ in range(reloads // 2):
+            reload(1)
+            assert_alive(daemon)
+            rss.append(resources(pid)["rss_kib"])
+        midpoint = settled_resources(pid)  # past the high-water mark (see RSS_SLACK_KIB)
+        for _ in range(reloads - reloads // 2):
             reload(1)
             assert_alive(daemon)
             rss.append(resources(pid)["rss_kib"])
@@ -533,7 +548,7 @@ def test_sighup_under_load_never_opens_and_leaks_nothing(
     assert log.errors == [], log.errors[:3]
     for key in ("fds", "sockets", "threads"):
         assert after[key] <= before[key], (key, before, after)
-    grown = after["rss_kib"] - before["rss_kib"]
+    grown = after["rss_kib"] - midpoint["rss_kib"]
     assert_one_copy(daemon, running_ruleset(daemon))
     if reloading.broker is not None:  # restarted by most reloads; still hands out credentials
         assert log.counts["broker_started"] > reloads // 2, log.counts
@@ -554,16 +569,11 @@ def test_sighup_under_load_never_opens_and_leaks_nothing(
         fds=f"{before['fds']}->{after['fds']}",
         sockets=f"{before['sockets']}->{after['sockets']}",
         threads=f"{before['threads']}->{after['threads']}",
-        rss_mib=f"{before['rss_kib'] / 1024:.1f}->{after['rss_kib'] / 1024:.1f}",
+        rss_mib=f"{before['rss_kib'] / 1024:.1f}->{midpoint['rss_kib'] / 1024:.1f}"
+        f"->{after['rss_kib'] / 1024:.1f}",
         rss_peak_mib=f"{max(rss) / 1024:.1f}",
     )
-    if grown > RSS_SLACK_KIB and reloading.broker is not None and daemon.backend == "nftables":
-        # Open finding (2026-12-02): with the broker in its own process and the nftables
-        # backend through libnftables, 20 reloads grew the daemon's RSS 4.8 MiB (43.1 ->
-        # 48.0 MiB, twice); every other variant stays within the slack. Not yet explained;
-        # reported as xfail (every other assertion above still holds) until it is.
-        pytest.xfail(f"RSS grew {grown} KiB over {reloads} reloads (broker, nftables): open")
-    assert grown <= RSS_SLACK_KIB, (before, after)
+    assert grown <= RSS_SLACK_KIB, (before, midpoint, after)
 
 
 # --- 3. kill -9 at random points ------------------------------------------------------
