@@ -367,9 +367,10 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None]:
     names a unit (the firewall's ``allow.units`` matches that hierarchy, and
     the broker's ``broker.clients.units`` must agree); else (cgroup v1, where
     v2 is not systemd's) the ``name=systemd`` hierarchy. On a unified host a
-    ``name=systemd`` hierarchy is not systemd's: nspawn makes one for a
-    legacy container, and a user in a user and cgroup namespace may mount
-    one, where every other process sits at ``/``. The container id is the
+    ``name=systemd`` hierarchy is not systemd's (root makes one, as nspawn
+    does for a legacy container; the kernel creates hierarchies only from
+    the initial cgroup namespace), and every other process sits at its
+    ``/``. The container id is the
     64-hex id docker, containerd/CRI, cri-o and podman put in the path
     (their ``conmon`` helper scopes are not containers).
     """

@@ -86,9 +86,9 @@ CGROUPS = {
         "sshd.service",
         None,
     ),
-    # On a unified host a v1 hierarchy named systemd is foreign (nspawn makes one for a
-    # legacy container; a user in a user+cgroup namespace may be able to mount one):
-    # every process sits at its root there. The unit is the one cgroup v2 names.
+    # On a unified host a v1 hierarchy named systemd is foreign (root makes one, as nspawn
+    # does for a legacy container): every other process sits at its root there. The unit
+    # is the one cgroup v2 names.
     "v2-foreign-name-systemd-hierarchy": (
         "1:name=systemd:/\n0::/system.slice/my-app.service\n",
         "my-app.service",
