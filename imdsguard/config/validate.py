@@ -160,8 +160,13 @@ def _groups(doc: Doc, key: str, value: Any) -> tuple[Principal, ...]:
     )
 
 
-def _units(doc: Doc, key: str, value: Any) -> tuple[str, ...]:
-    """systemd unit names (``foo.service``), checked for syntax; the host must be cgroup v2."""
+def _units(doc: Doc, key: str, value: Any, slices: bool = True) -> tuple[str, ...]:
+    """systemd unit names (``foo.service``), checked for syntax; the host must be cgroup v2.
+
+    ``slices``: whether a slice may be named (the firewall matches a cgroup
+    and all below it; the broker knows a client by its unit only, which is
+    never a slice, so a slice there would silently match nobody).
+    """
     result: list[str] = []
     for i, item in enumerate(_list(doc, key, value, "systemd unit names")):
         ikey = f"{key}[{i}]"
@@ -170,6 +175,12 @@ def _units(doc: Doc, key: str, value: Any) -> tuple[str, ...]:
         problem = cgroups.unit_name_problem(item)
         if problem:
             raise doc.error(ikey, f"{printable(item)!r} {problem}")
+        if not slices and item.endswith(".slice"):
+            raise doc.error(
+                ikey,
+                f"{item!r} is a slice: a broker client is known by its unit (the first "
+                "cgroup below the slices), never a slice; list the units in it",
+            )
         if item not in result:
             result.append(item)
     if result:
@@ -302,7 +313,7 @@ def _validate(data: dict[str, Any], doc: Doc) -> Config:
                 users=_users(doc, "broker.clients.users", clients_raw.get("users")),
                 groups=_groups(doc, "broker.clients.groups", clients_raw.get("groups")),
                 exes=tuple(exes),
-                units=_units(doc, "broker.clients.units", clients_raw.get("units")),
+                units=_units(doc, "broker.clients.units", clients_raw.get("units"), slices=False),
             ),
             limits=_limits(doc, limits_raw),
         ),

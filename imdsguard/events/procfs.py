@@ -363,8 +363,14 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None]:
     The unit is what ``systemctl status <pid>`` names: the first path
     component after the leading slices (``system.slice/nginx.service`` ->
     ``nginx.service``; ``user.slice/user-1000.slice/user@1000.service/...``
-    -> ``user@1000.service``). On cgroup v1 the ``name=systemd`` hierarchy
-    tells it; on v2 the single ``0::`` line. The container id is the
+    -> ``user@1000.service``). The cgroup v2 ``0::`` line tells it when it
+    names a unit (the firewall's ``allow.units`` matches that hierarchy, and
+    the broker's ``broker.clients.units`` must agree); else (cgroup v1, where
+    v2 is not systemd's) the ``name=systemd`` hierarchy. On a unified host a
+    ``name=systemd`` hierarchy is not systemd's (root makes one, as nspawn
+    does for a legacy container; the kernel creates hierarchies only from
+    the initial cgroup namespace), and every other process sits at its
+    ``/``. The container id is the
     64-hex id docker, containerd/CRI, cri-o and podman put in the path
     (their ``conmon`` helper scopes are not containers).
     """
@@ -376,7 +382,7 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None]:
     systemd_path = paths.get("name=systemd", paths.get(""))
     if systemd_path is None and paths:
         systemd_path = next(iter(paths.values()))
-    unit = _unit(systemd_path or "")
+    unit = _unit(paths.get("", ""), v2=True) or _unit(systemd_path or "")
     container = None
     for path in [systemd_path or "", *paths.values()]:
         container = _container(path)
@@ -385,9 +391,16 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None]:
     return unit, container
 
 
-def _unit(path: str) -> str | None:
+def _unit(path: str, v2: bool = False) -> str | None:
+    """The first component after the leading slices, if it is a unit.
+
+    On cgroup v1 containerd's ``<pod>.slice:cri-containerd:<id>`` (its
+    cgroupsPath spelled out as a directory) counts as that slice. On v2 a
+    component is a whole name: ``:`` is valid in unit names, so
+    ``app.service:x.service`` is that unit, never ``app.service``.
+    """
     for component in path.split("/"):
-        part = component.split(":", 1)[0]  # "<pod>.slice:cri-containerd:<id>" (containerd)
+        part = component if v2 else component.split(":", 1)[0]
         if not part or part.endswith(".slice"):
             continue
         return part if part.endswith(_UNIT_SUFFIXES) else None

@@ -135,3 +135,30 @@ def test_own_path(tmp_path: Path) -> None:
     f.write_text("1:name=systemd:/x\n0::/system.slice/imdsguard.service\n")
     assert cgroups.own_path(str(f)) == "system.slice/imdsguard.service"
     assert cgroups.own_path(str(tmp_path / "none")) == ""
+
+
+@pytest.mark.parametrize(
+    "lookalike",
+    [
+        # A user's own manager (Delegate=yes): any name, even a slice named like the system's.
+        "user.slice/user-1000.slice/user@1000.service/system.slice/amazon-ssm-agent.service",
+        "user.slice/user-1000.slice/user@1000.service/amazon-ssm-agent.service",
+        # A container's own systemd below its delegated unit (nspawn's payload, a pod's scope).
+        "machine.slice/systemd-nspawn@c.service/payload/system.slice/amazon-ssm-agent.service",
+        "kubepods.slice/kubepods-pod1.slice/cri-containerd-1.scope/system.slice/"
+        "amazon-ssm-agent.service",
+    ],
+)
+def test_a_delegated_lookalike_is_never_the_unit(tmp_path: Path, lookalike: str) -> None:
+    """While the real unit is stopped (or restarting), a same-named cgroup that its owner
+    made below a delegated unit is not found, by a search or from the last answer."""
+    (tmp_path / "system.slice").mkdir()
+    (tmp_path / lookalike).mkdir(parents=True)
+    unit = "amazon-ssm-agent.service"
+    assert resolve([unit], root=str(tmp_path)) == {unit: None}
+    (tmp_path / "system.slice" / unit).mkdir()
+    running = resolve([unit], root=str(tmp_path))
+    cg = running[unit]
+    assert cg is not None and cg.path == f"system.slice/{unit}"
+    (tmp_path / "system.slice" / unit).rmdir()
+    assert resolve([unit], root=str(tmp_path), known=running) == {unit: None}

@@ -127,19 +127,27 @@ def render(ruleset: RuleSet, family: str) -> Rendered:
     return Rendered(jumps, chains)
 
 
+#: What xt_comment holds (XT_MAX_COMMENT_LEN 256, with its NUL); a unit name may have 255.
+_MAX_COMMENT = 255
+
+
 def _unit_rule(unit: str, path: str, inode: int) -> XtRule:
     """A running unit's sockets pass (xt_cgroup revision 1+, cgroup v2 path; Linux 4.5).
 
     The kernel looks ``path`` up when the table is loaded and holds that
     cgroup; the comment carries its inode, so a unit restarted into a new
-    cgroup renders a different rule, which the daemon then loads.
+    cgroup renders a different rule, which the daemon then loads. A name
+    too long for the comment is cut there, the inode kept whole
+    (libxtables refuses a longer ``--comment``, and the apply with it).
     """
+    tail = f" cgroup {inode}"
+    name = unit[: _MAX_COMMENT - len("imdsguard unit ") - len(tail)]
     return XtRule(
         CHAIN,
         "RETURN",
         matches=(
             ("cgroup", (("path", path),)),
-            ("comment", (("comment", f"imdsguard unit {unit} cgroup {inode}"),)),
+            ("comment", (("comment", f"imdsguard unit {name}{tail}"),)),
         ),
     )
 

@@ -25,7 +25,7 @@ from imdsguard.broker.peer import (
     peer_inode,
 )
 from imdsguard.config import BrokerClients, Principal
-from imdsguard.events.procfs import Holder, ProcessInfo, socket_holders
+from imdsguard.events.procfs import Holder, ProcessInfo, parse_cgroup, socket_holders
 
 PYTHON = os.path.realpath(sys.executable)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as root")
@@ -81,6 +81,24 @@ def test_allowed_by_unit_only_from_a_verified_read() -> None:
     # The process may have gone and its pid been reused: its cgroup proves nothing.
     assert not clients.decide(Peer(0, 0, 4242, (), None, None, False, inside)).allowed
     assert not clients.decide(Peer(0, 0, 4242, ())).allowed
+
+
+@pytest.mark.parametrize(
+    "cgroup",
+    [
+        # A v1 "name=systemd" line that is not systemd's (a unified host): the firewall
+        # matches the cgroup v2 one, and so must the broker.
+        "1:name=systemd:/system.slice/app.service\n0::/user.slice/user-1000.slice/session-3.scope\n",
+        # Another unit whose name starts with "app.service:".
+        "0::/system.slice/app.service:x.service\n",
+    ],
+)
+def test_allowed_by_unit_only_for_the_units_own_cgroup_v2(cgroup: str) -> None:
+    clients = ClientPolicy(BrokerClients(units=("app.service",)))
+    unit, _ = parse_cgroup(cgroup)
+    info = ProcessInfo(pid=4242, uid=1000, cgroup=cgroup, unit=unit)
+    peer = Peer(1000, 1000, 4242, (), PYTHON, exe_id(PYTHON), True, info)
+    assert not clients.decide(peer).allowed
 
 
 def test_refused_with_a_reason() -> None:

@@ -594,6 +594,8 @@ UNIT_ERRORS = [
     ("allow:\n  units: ['.service']\n", 2, "allow.units[0]", "not a valid systemd unit"),
     ("allow:\n  units: ['']\n", 2, "allow.units[0]", "must not be empty"),
     (f"allow:\n  units: [{'a' * 250}.service]\n", 2, "allow.units[0]", "longer than 255"),
+    # The broker names a client's unit, never a slice: a slice would match nobody.
+    ("broker:\n  clients:\n    units: [app.slice]\n", 3, "broker.clients.units[0]", "a slice"),
     (
         'broker:\n  clients:\n    units: [x.service, "y\\n.service"]\n',
         3,

@@ -86,6 +86,25 @@ CGROUPS = {
         "sshd.service",
         None,
     ),
+    # On a unified host a v1 hierarchy named systemd is foreign (root makes one, as nspawn
+    # does for a legacy container): every other process sits at its root there. The unit
+    # is the one cgroup v2 names.
+    "v2-foreign-name-systemd-hierarchy": (
+        "1:name=systemd:/\n0::/system.slice/my-app.service\n",
+        "my-app.service",
+        None,
+    ),
+    "v2-wins-over-a-foreign-name-systemd-path": (
+        "1:name=systemd:/system.slice/my-app.service\n0::/user.slice/user-1000.slice/session-3.scope\n",
+        "session-3.scope",
+        None,
+    ),
+    # ":" is a valid character of unit names: a v2 directory is the unit's whole name.
+    "v2-colon-in-a-unit-name": (
+        "0::/system.slice/my-app.service:x.service\n",
+        "my-app.service:x.service",
+        None,
+    ),
     "v1-not-a-container-32hex": (
         "4:memory:/process_api/34a1a6705ff24046c85445446347b2b7\n9:name=systemd:/\n0::/\n",
         None,

@@ -391,3 +391,21 @@ def test_a_restarted_unit_renders_a_different_rule() -> None:
     assert any("--path system.slice/amazon-ssm-agent.service" in ln for ln in after.lines())
     assert not any("stopped.service" in ln for ln in after.lines())
     assert config.allow_units == ()
+
+
+def test_unit_comment_fits_xt_comment() -> None:
+    """xt_comment holds 255 characters; a unit name may have 255 (systemd's limit)."""
+    from imdsguard.firewall.iptables.render import _unit_rule
+
+    long = "a" * 247 + ".service"
+    comments = [
+        dict(params)["comment"]
+        for rule in (_unit_rule(long, f"system.slice/{long}", 4026531835), _unit_rule(long, "x", 1))
+        for name, params in rule.matches
+        if name == "comment"
+    ]
+    assert all(len(c) <= 255 for c in comments), [len(c) for c in comments]
+    # The inode (what tells a restarted unit's rule apart) is kept whole.
+    assert comments[0].endswith(" cgroup 4026531835") and comments[1].endswith(" cgroup 1")
+    short = _unit_rule("amazon-ssm-agent.service", "p", 8812).matches[1][1]
+    assert short == (("comment", "imdsguard unit amazon-ssm-agent.service cgroup 8812"),)
