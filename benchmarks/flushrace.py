@@ -149,6 +149,15 @@ class Race:
             if not any(bounds[i] <= t < bounds[i + 1] for t in self.started)
         ]
 
+    def median_gap_ms(self) -> float:
+        """The client's typical time from one attempt to the next: how finely it samples.
+
+        A window shorter than this can be missed and a longer one is measured
+        short by up to this much; infinite with fewer than two attempts.
+        """
+        gaps = sorted(b - a for a, b in zip(self.started, self.started[1:]))
+        return gaps[len(gaps) // 2] * 1000 if gaps else float("inf")
+
     def windows_ms(self) -> list[float]:
         """Per reload that let something through: its start to the last connection through."""
         last: dict[float, float] = {}

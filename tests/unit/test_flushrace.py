@@ -15,3 +15,9 @@ def test_uncovered_names_the_reloads_without_an_attempt() -> None:
 def test_windows_run_from_each_reload_to_its_last_connect_through() -> None:
     race = Race(attempts=5, through=[10.01, 10.05, 12.02], reloads=[10.0, 11.0, 12.0])
     assert [round(w) for w in race.windows_ms()] == [50, 20]
+
+
+def test_median_gap_is_the_client_s_typical_time_between_attempts() -> None:
+    race = Race(attempts=5, through=[], started=[1.0, 1.01, 1.02, 1.05, 1.30])
+    assert round(race.median_gap_ms()) == 30  # gaps 10, 10, 30, 250 ms
+    assert Race(1, [], started=[1.0]).median_gap_ms() == float("inf")
